@@ -101,8 +101,12 @@ class ModelConfig:
             )
         scaling = None
         if rope_type == "llama3":
-            keys = ("factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings")
+            keys = (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            )
             missing = [k for k in keys if k not in rope]
             if missing:
                 raise UnsupportedConfigError(

@@ -68,9 +68,14 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
 def param_shapes(cfg: ModelConfig) -> dict:
     """The params pytree with, at each leaf, its shape (same structure as the axes)."""
     size = {
-        "layers": cfg.num_layers, "embed": cfg.hidden_size, "norm": cfg.hidden_size,
-        "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size,
+        "layers": cfg.num_layers,
+        "embed": cfg.hidden_size,
+        "norm": cfg.hidden_size,
+        "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "mlp": cfg.intermediate_size,
+        "vocab": cfg.vocab_size,
     }
     return jax.tree.map(
         lambda names: tuple(size[n] for n in names),
@@ -82,18 +87,16 @@ def param_shapes(cfg: ModelConfig) -> dict:
 def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
     """Random params: N(0, std²) matrices and biases, unit norm weights (HF's init)."""
     shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys, strict=True):
-        name = path[-1].key
-        if name.endswith("norm"):
-            out.append(jnp.ones(shape, cfg.weight_dtype))
-        else:
-            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.weight_dtype))
-    return jax.tree.unflatten(treedef, out)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    n = len(jax.tree.leaves(shapes, is_leaf=is_shape))
+    keys = iter(jax.random.split(key, n))
+
+    def one(path, shape):
+        if path[-1].key.endswith("norm"):
+            return jnp.ones(shape, cfg.weight_dtype)
+        return (std * jax.random.normal(next(keys), shape)).astype(cfg.weight_dtype)
+
+    return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=is_shape)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
@@ -113,8 +116,9 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
     wavelen = 2 * math.pi / inv
     a = (context / wavelen - low) / (high - low)
     blended = (1 - a) * inv / factor + a * inv
-    return jnp.where(wavelen < context / high, inv,
-                     jnp.where(wavelen > context / low, inv / factor, blended))
+    return jnp.where(
+        wavelen < context / high, inv, jnp.where(wavelen > context / low, inv / factor, blended)
+    )
 
 
 def rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
