@@ -1,0 +1,297 @@
+"""Orbax save / resume of the whole training state, and preemption (SIGTERM) handling.
+
+A checkpoint of step s lives in `<workdir>/checkpoints/<s>/` and holds two items:
+
+- `state`: any pytree of jax arrays (params, optimizer state, DARO weights, step, PRNG key as
+  `jax.random.key_data` or a typed key), saved sharded by every process together;
+- `meta`: a small JSON dict (data iterator position, the config as a dict, …).
+
+Orbax writes a step into `<s>.orbax-checkpoint-tmp` and renames it when complete (on GCS it
+writes `commit_success.txt` last), so a crash mid-save leaves a directory that `latest_step`
+ignores and the next `Checkpointer` deletes. Saves are asynchronous: `save` returns once the
+arrays are copied to host memory (so the state may be donated to the next step right away) and
+the files are written in the background; `wait`/`close` block until they are on disk.
+
+Multi-host: every process must make the same calls (`save`, `restore`, `any_process_preempted`)
+in the same order; orbax coordinates the writes.
+
+Typical loop:
+
+    install_sigterm_handler()
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.ckpt_every)
+    if (meta := ckpt.restore_meta()) is not None:
+        check_compatible(meta["config"], config.to_dict())
+        state, meta = ckpt.restore(abstract_state)
+    for step in range(start, steps):
+        state = train_step(state, ...)
+        stop = any_process_preempted()
+        ckpt.save(step + 1, state, {"data_position": ..., "config": ...}, force=stop)
+        if stop:
+            break
+    ckpt.save(final_step, state, meta, force=True)
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+# Config fields that must not change when a run resumes from its checkpoint.
+COMPAT_KEYS = ("model.path", "algo.name", "algo.k", "train.batch_prompts", "data.source")
+
+_ABSENT = "<absent>"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint was written by a run whose config differs in a field that matters."""
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run in `<workdir>/checkpoints`.
+
+    `every` is the save interval in steps (`should_save(step)` ⇔ every > 0 and step % every
+    == 0); `save(..., force=True)` saves at any step (end of run, preemption).
+    `workdir` is a local path or a `gs://` URL.
+    """
+
+    def __init__(self, workdir: str | epath.PathLike, keep: int, every: int, async_save=True):
+        if keep < 1:
+            raise ValueError(
+                f"keep={keep}: must keep at least 1 checkpoint (train.keep_checkpoints)."
+            )
+        if every < 0:
+            raise ValueError(
+                f"every={every}: must be ≥ 0 steps (train.ckpt_every; 0 = only forced)."
+            )
+        self.every = every
+        self.directory = epath.Path(workdir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def should_save(self, step: int) -> bool:
+        """True when `step` falls on the save interval."""
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], force: bool = False) -> bool:
+        """Saves `state` and `meta` as step `step` if it is due (or `force`) and not saved yet.
+
+        Returns whether a save was started. Collective: call it on every process.
+        """
+        if not (force or self.should_save(step)) or step in self.all_steps():
+            return False
+        _check_json(meta)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk (and of a save in flight), ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None when the run has no checkpoint."""
+        return self._manager.latest_step()
+
+    def restore_meta(self, step: int | None = None) -> dict | None:
+        """The `meta` dict of `step` (default: latest), or None when there is no checkpoint."""
+        step = self._resolve_step(step)
+        if step is None:
+            return None
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args).meta
+
+    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+        """Restores `(state, meta)` of `step` (default: latest), or None without a checkpoint.
+
+        `target_state` is the abstract state of this run: a pytree of `jax.ShapeDtypeStruct`
+        with `.sharding` (e.g. `jax.eval_shape` of the jitted init with out_shardings). Each
+        array is read straight onto its target sharding (any mesh, any layout); structure,
+        shapes and dtypes must match the checkpoint exactly.
+        """
+        step = self._resolve_step(step)
+        if step is None:
+            return None
+        self._check_target(step, target_state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target_state), meta=ocp.args.JsonRestore()
+        )
+        restored = self._manager.restore(step, args=args)
+        return restored.state, restored.meta
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for the save in flight and releases orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _resolve_step(self, step: int | None) -> int | None:
+        if step is None:
+            return self.latest_step()
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {self.directory}; "
+                f"available steps: {self.all_steps()}."
+            )
+        return step
+
+    def _check_target(self, step: int, target_state: Any) -> None:
+        """Raises ValueError naming every leaf whose path, shape or dtype differs on disk."""
+        saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step).state.tree)
+        wanted = ocp.tree.to_flat_dict(target_state)
+        problems = [
+            f"{_path(p)}: in this run, not in the checkpoint" for p in wanted.keys() - saved.keys()
+        ]
+        problems += [
+            f"{_path(p)}: in the checkpoint, not in this run" for p in saved.keys() - wanted.keys()
+        ]
+        for p in sorted(wanted.keys() & saved.keys()):
+            shape, dtype = _stored_shape_dtype(wanted[p])
+            if (tuple(saved[p].shape), np.dtype(saved[p].dtype)) != (shape, dtype):
+                problems.append(
+                    f"{_path(p)}: checkpoint {np.dtype(saved[p].dtype)}{list(saved[p].shape)}, "
+                    f"this run {dtype}{list(shape)}"
+                )
+        if problems:
+            raise ValueError(
+                f"The checkpoint of step {step} in {self.directory} does not match this run's "
+                "state (different model or optimizer config?):\n  "
+                + "\n  ".join(sorted(problems))
+                + "\nResume with the config that wrote it, or use a fresh --workdir."
+            )
+
+
+def _path(keys: Sequence[str]) -> str:
+    return "/".join(str(k) for k in keys)
+
+
+def _stored_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype as stored on disk: a typed PRNG key is stored as its key data."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+
+def _check_json(meta: Mapping[str, Any]) -> None:
+    for key, value in meta.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"checkpoint meta[{key!r}] is not JSON-serialisable ({e}); store plain "
+                "dicts/lists/str/numbers there (e.g. config.to_dict(), int(position))."
+            ) from e
+
+
+def _as_dict(config: Mapping[str, Any] | str) -> dict:
+    """A config as plain JSON data (tuples become lists), from a dict, ConfigDict or JSON str."""
+    if isinstance(config, str):
+        return json.loads(config)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=str))
+
+
+def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def check_compatible(
+    saved_config: Mapping[str, Any] | str,
+    current_config: Mapping[str, Any] | str,
+    keys: Sequence[str] = COMPAT_KEYS,
+) -> None:
+    """Raises IncompatibleCheckpointError naming each dotted key whose value differs.
+
+    Configs are nested dicts, ConfigDicts or their JSON strings; keys are dotted paths
+    ("algo.k"). Other fields (learning rate, steps, logging) may change on resume.
+    """
+    saved, current = _as_dict(saved_config), _as_dict(current_config)
+    diffs = [
+        f"{key}: checkpoint {_lookup(saved, key)!r}, this run {_lookup(current, key)!r}"
+        for key in keys
+        if _lookup(saved, key) != _lookup(current, key)
+    ]
+    if diffs:
+        raise IncompatibleCheckpointError(
+            "The checkpoint in --workdir was written by a run with a different config:\n  "
+            + "\n  ".join(diffs)
+            + "\nSet these fields back to the checkpoint's values to resume, "
+            "or pass a fresh --workdir to start a new run."
+        )
+
+
+_PREEMPTED = threading.Event()
+
+
+def install_sigterm_handler(callback: Callable[[int], None] | None = None):
+    """On SIGTERM, set the preemption flag (then call `callback(signum)`) instead of dying.
+
+    TPU VMs get SIGTERM before preemption; the loop polls `any_process_preempted()`, finishes
+    its step, saves and exits. Must be called from the main thread. Returns the previous
+    handler (for `signal.signal(signal.SIGTERM, previous)`).
+    """
+
+    def handler(signum, frame):
+        _PREEMPTED.set()
+        if callback is not None:
+            callback(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def preemption_requested() -> bool:
+    """True once this process has received SIGTERM (after `install_sigterm_handler`)."""
+    return _PREEMPTED.is_set()
+
+
+def clear_preemption() -> None:
+    """Resets the preemption flag."""
+    _PREEMPTED.clear()
+
+
+def any_process_preempted() -> bool:
+    """True on every process when any process has received SIGTERM.
+
+    Collective when there are several processes (an all-gather of one flag each): call it at
+    the same point of the loop everywhere, so that all processes stop at the same step.
+    """
+    local = preemption_requested()
+    if jax.process_count() == 1:
+        return local
+    flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+    return bool(np.asarray(flags).any())

@@ -1,0 +1,229 @@
+"""Checkpointer: sharded round trip, keep-last-M, atomicity, config compatibility, SIGTERM."""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from daro_jax import checkpoint as ck
+
+
+def _state(mesh):
+    """A train-state-like pytree: f32/bf16 params sharded over `mesh`, adam state, int, keys."""
+
+    def put(x, spec):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    rng = np.random.default_rng(0)
+    params = {
+        "embed": put(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32), P("fsdp", "tensor")),
+        "layers": [
+            put(jnp.asarray(rng.normal(size=(4, 8)), jnp.bfloat16), P("data", None)),
+            put(jnp.asarray(rng.normal(size=(6,)), jnp.float32), P()),
+        ],
+    }
+    opt_state = optax.adamw(1e-3).init(params)
+    opt_state = jax.tree.map(lambda x: x + 0.5, opt_state)  # not all zeros
+    return {
+        "params": params,
+        "opt": opt_state,
+        "daro": {"log_w": put(jnp.linspace(-1.0, 1.0, 8), P("data"))},
+        "step": jnp.int32(7),
+        "tokens": put(jnp.arange(16, dtype=jnp.int32).reshape(2, 8), P(None, "tensor")),
+        "rng": jax.random.key_data(jax.random.key(42)),
+        "typed_rng": jax.random.key(3),
+    }
+
+
+def _abstract(state, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+
+
+def _host(tree):
+    """Values as NumPy (typed keys as their key data) to compare independently of layout."""
+    return jax.tree.map(
+        lambda x: np.asarray(
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        ),
+        tree,
+    )
+
+
+META = {"data_position": 123, "config": {"algo": {"name": "daro", "k": 8}}}
+
+
+@pytest.fixture(scope="module")
+def mesh3():
+    return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+
+
+def test_round_trip_onto_other_sharding(tmp_path, mesh3):
+    state = _state(mesh3)
+    expected = _host(state)
+    with ck.Checkpointer(tmp_path, keep=2, every=1) as ckpt:
+        assert ckpt.save(5, state, META)
+        # Donation safety: the async save must not read the device buffers after returning.
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()
+        ckpt.wait()
+
+    # Restore on a different (8,) mesh: everything sharded on its leading axis when possible.
+    mesh8 = jax.make_mesh((8,), ("x",))
+    flat = jax.tree.map(
+        lambda x: NamedSharding(mesh8, P("x") if x.ndim and x.shape[0] % 8 == 0 else P()),
+        expected,
+    )
+    abstract = _abstract(jax.eval_shape(lambda: _state(mesh3)), flat)
+    with ck.Checkpointer(tmp_path, keep=2, every=1) as ckpt:
+        assert ckpt.latest_step() == 5
+        restored, meta = ckpt.restore(abstract)
+    assert meta == META
+    assert jax.tree.structure(restored) == jax.tree.structure(abstract)
+    for got, target in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), strict=True):
+        assert got.dtype == target.dtype and got.shape == target.shape
+        assert got.sharding == target.sharding
+    host = jax.tree.leaves(_host(restored))
+    for got, want in zip(host, jax.tree.leaves(expected), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert jax.random.key_data(restored["typed_rng"]).tolist() == expected["typed_rng"].tolist()
+
+
+def test_keep_last_and_interval(tmp_path):
+    state = {"w": jnp.arange(4.0)}
+    with ck.Checkpointer(tmp_path, keep=2, every=2) as ckpt:
+        assert ckpt.latest_step() is None
+        started = [ckpt.save(s, {"w": state["w"] * s}, {"step": s}) for s in range(1, 8)]
+        assert started == [False, True, False, True, False, True, False]
+        assert ckpt.save(7, {"w": state["w"] * 7}, {"step": 7}, force=True)
+        assert not ckpt.save(7, state, {"step": 7}, force=True)  # already saved: no error
+        ckpt.wait()
+        assert ckpt.all_steps() == [6, 7]
+        assert ckpt.latest_step() == 7
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
+    with ck.Checkpointer(tmp_path, keep=2, every=2) as ckpt:
+        abstract = jax.eval_shape(lambda: state)
+        w, meta = ckpt.restore(abstract, step=6)
+        np.testing.assert_array_equal(w["w"], np.arange(4.0) * 6)
+        assert meta == {"step": 6} and ckpt.restore_meta() == {"step": 7}
+
+
+def test_no_checkpoint(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=1, every=0) as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.restore(jax.eval_shape(lambda: {"w": jnp.zeros(2)})) is None
+        assert ckpt.restore_meta() is None
+        assert not ckpt.save(10, {"w": jnp.zeros(2)}, {})  # every=0: only forced saves
+        with pytest.raises(FileNotFoundError, match="step 3"):
+            ckpt.restore_meta(step=3)
+
+
+def test_leftover_tmp_dir_is_ignored(tmp_path):
+    state = {"w": jnp.arange(6.0)}
+    with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt:
+        ckpt.save(2, state, {"step": 2})
+    # A crash during the save of step 4: orbax's temporary directory, half written.
+    root = tmp_path / "checkpoints"
+    tmp = root / "4.orbax-checkpoint-tmp"
+    shutil.copytree(root / "2", tmp)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\0garbage")
+    with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt:
+        assert ckpt.latest_step() == 2
+        restored, meta = ckpt.restore(jax.eval_shape(lambda: state))
+        np.testing.assert_array_equal(restored["w"], np.arange(6.0))
+        assert meta == {"step": 2}
+        assert not tmp.exists()  # removed when the Checkpointer opened the directory
+        assert ckpt.save(4, {"w": state["w"] + 1}, {"step": 4})
+        ckpt.wait()
+        restored, _ = ckpt.restore(jax.eval_shape(lambda: state))
+        np.testing.assert_array_equal(restored["w"], np.arange(6.0) + 1)
+    assert sorted(os.listdir(root)) == ["2", "4"]
+
+
+def test_mismatched_target_names_the_leaves(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=1, every=1) as ckpt:
+        ckpt.save(1, {"a": jnp.zeros((4, 2)), "b": {"c": jnp.zeros(3, jnp.int32)}}, {})
+        ckpt.wait()
+        target = jax.eval_shape(
+            lambda: {"a": jnp.zeros((4, 3)), "b": {"c": jnp.zeros(3)}, "d": jnp.zeros(1)}
+        )
+        with pytest.raises(ValueError) as e:
+            ckpt.restore(target)
+    msg = str(e.value)
+    assert "a: checkpoint float32[4, 2], this run float32[4, 3]" in msg
+    assert "b/c: checkpoint int32[3], this run float32[3]" in msg
+    assert "d: in this run, not in the checkpoint" in msg
+
+
+def test_meta_must_be_json(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=1, every=1) as ckpt:
+        with pytest.raises(TypeError, match="meta\\['position'\\]"):
+            ckpt.save(1, {"w": jnp.zeros(1)}, {"position": np.zeros(2)})
+        assert ckpt.latest_step() is None
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="keep=0"):
+        ck.Checkpointer("/nonexistent", keep=0, every=1)
+    with pytest.raises(ValueError, match="every=-1"):
+        ck.Checkpointer("/nonexistent", keep=1, every=-1)
+
+
+def test_check_compatible():
+    saved = {
+        "model": {"path": "Qwen/Qwen2.5-Math-1.5B"},
+        "algo": {"name": "daro", "k": 8},
+        "train": {"batch_prompts": 32, "lr_like": 1e-6},
+        "mesh": {"shape": [1, -1, 1]},
+        "data": {"source": "generated"},
+    }
+    current = {
+        "model": {"path": "Qwen/Qwen2.5-Math-1.5B"},
+        "algo": {"name": "daro", "k": 8},
+        "train": {"batch_prompts": 32, "lr_like": 2e-6},
+        "mesh": {"shape": (1, -1, 1)},
+        "data": {"source": "generated"},
+    }
+    ck.check_compatible(saved, current)  # lr may change on resume
+    ck.check_compatible(saved, current, keys=("mesh.shape",))  # tuple == its JSON list
+    current["algo"]["k"] = 16
+    current["model"]["path"] = "other"
+    with pytest.raises(ck.IncompatibleCheckpointError) as e:
+        ck.check_compatible(json.dumps(saved), current)
+    msg = str(e.value)
+    assert "algo.k: checkpoint 8, this run 16" in msg
+    assert "model.path: checkpoint 'Qwen/Qwen2.5-Math-1.5B', this run 'other'" in msg
+    assert "algo.name" not in msg and "batch_prompts" not in msg
+    with pytest.raises(ck.IncompatibleCheckpointError, match="algo.missing: checkpoint '<absent>'"):
+        ck.check_compatible(saved, {**saved, "algo": {"missing": 1}}, keys=("algo.missing",))
+
+
+def test_sigterm_sets_flag():
+    calls = []
+    ck.clear_preemption()
+    previous = ck.install_sigterm_handler(calls.append)
+    try:
+        assert not ck.preemption_requested() and not ck.any_process_preempted()
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not ck.preemption_requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ck.preemption_requested() and ck.any_process_preempted()
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ck.clear_preemption()
+    assert not ck.preemption_requested()
