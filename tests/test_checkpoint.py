@@ -4,7 +4,11 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +231,69 @@ def test_sigterm_sets_flag():
         signal.signal(signal.SIGTERM, previous)
         ck.clear_preemption()
     assert not ck.preemption_requested()
+
+
+def _two_process_worker(process_id, port, workdir):
+    """One of 2 CPU processes (4 devices each): preemption agreement, collective save/restore."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    mesh = jax.make_mesh((8,), ("x",))
+    full = np.arange(64, dtype=np.float32).reshape(8, 8)
+    w = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("x")), lambda i: full[i])
+    ck.install_sigterm_handler()
+    assert not ck.any_process_preempted()
+    if process_id == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not ck.preemption_requested():
+            time.sleep(0.01)
+    agreed = ck.any_process_preempted()
+    with ck.Checkpointer(workdir, keep=1, every=1) as ckpt:
+        ckpt.save(3, {"w": w}, {"pos": 3})
+        ckpt.wait()
+        target = NamedSharding(mesh, P(None, "x"))
+        state, meta = ckpt.restore({"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=target)})
+    shards_ok = all(
+        np.array_equal(np.asarray(s.data), full[s.index]) for s in state["w"].addressable_shards
+    )
+    ok = shards_ok and state["w"].sharding == target and meta == {"pos": 3}
+    print(json.dumps({"local": ck.preemption_requested(), "agreed": agreed, "restored": ok}))
+
+
+def test_two_processes_save_collectively_and_agree_on_preemption(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(root),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(i), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results == [
+        {"local": False, "agreed": True, "restored": True},
+        {"local": True, "agreed": True, "restored": True},
+    ]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+if __name__ == "__main__":
+    _two_process_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
