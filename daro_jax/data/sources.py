@@ -1,0 +1,214 @@
+"""Training problems from local .jsonl / .json / .parquet files, a local folder or a Hugging
+Face hub id (through `datasets`, imported only then), with a problem/answer column mapping;
+malformed rows are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from daro_jax.data.generated import GENERATED_TRAIN_SIZE, generate_problems
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[begin:i]
+    return None
+
+
+def _as_text(value: Any) -> str | None:
+    """A cell as stripped text, or None when it cannot be a problem or an answer.
+
+    Accepted: non-empty strings; integers (not bools); finite floats (integral ones written
+    as integers, since public AMC copies store 27 as 27.0); a one-element list of those
+    (OlympiadBench's `final_answer`). Anything else is malformed.
+    """
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def read_file(path: Path) -> list[Any]:
+    """Rows of a .jsonl (one object per line; undecodable lines become None rows), .json
+    (a list of objects or an object of equal-length column lists) or .parquet file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append(None)
+        return rows
+    data = json.loads(text)
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) == 1:
+            return [
+                dict(zip(data, cells, strict=True)) for cells in zip(*data.values(), strict=True)
+            ]
+    raise ValueError(
+        f"{path}: expected a JSON list of objects or an object of equal-length column lists"
+    )
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.endswith(FILE_SUFFIXES) or source.startswith(("/", ".", "~")) or "\\" in source
+
+
+def _load_hf(source: str, split: str, subset: str | None) -> list[Any]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"reading {source!r} needs the `datasets` package: pip install -r requirements.txt"
+        ) from err
+    try:
+        return datasets.load_dataset(source, name=subset, split=split).to_list()
+    except Exception as err:
+        raise ValueError(
+            f"data source {source!r} is neither a local .jsonl/.json/.parquet file nor a "
+            f"dataset that `datasets.load_dataset` could load (split={split!r}, "
+            f"subset={subset!r}): {err}"
+        ) from err
+
+
+def _read_rows(source: str, split: str, subset: str | None) -> list[Any]:
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix not in FILE_SUFFIXES:
+            raise ValueError(f"{path}: unsupported file type; use one of {FILE_SUFFIXES}")
+        return read_file(path)
+    if path.is_dir() or not _looks_like_path(source):
+        return _load_hf(source, split, subset)
+    raise FileNotFoundError(
+        f"data file {source!r} does not exist; set data.source to an existing "
+        f".jsonl/.json/.parquet file, a hub dataset id, or 'generated'"
+    )
+
+
+def rows_to_examples(
+    rows: Sequence[Any],
+    problem_key: str,
+    answer_key: str,
+    answer_from_boxed: bool = False,
+    origin: str = "data",
+) -> tuple[list[dict[str, str]], int]:
+    """Examples from raw rows and the number of malformed rows skipped.
+
+    Raises ValueError naming the missing column and the columns present when no row has
+    `problem_key` or `answer_key`. A row is malformed when it is not an object, lacks a
+    column, or a cell fails `_as_text`; with `answer_from_boxed` the answer is the last
+    `\\boxed{}` of the answer cell (e.g. a MATH/Minerva solution) and a cell without one is
+    malformed too.
+    """
+    columns = sorted({key for row in rows if isinstance(row, dict) for key in row})
+    for field, key in (("problem_key", problem_key), ("answer_key", answer_key)):
+        if rows and key not in columns:
+            raise ValueError(
+                f"{origin}: no column {key!r} (the {field} of the column mapping); "
+                f"columns present: {columns}"
+            )
+    examples, skipped = [], 0
+    for row in rows:
+        problem = answer = None
+        if isinstance(row, dict):
+            problem, answer = _as_text(row.get(problem_key)), _as_text(row.get(answer_key))
+            if answer is not None and answer_from_boxed:
+                answer = last_boxed(answer)
+                answer = answer.strip() if answer and answer.strip() else None
+        if problem is None or answer is None:
+            skipped += 1
+        else:
+            examples.append({"problem": problem, "answer": answer})
+    return examples, skipped
+
+
+def load_examples(
+    source: str,
+    *,
+    split: str = "train",
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    subset: str | None = None,
+    answer_from_boxed: bool = False,
+) -> tuple[list[dict[str, str]], int]:
+    """Examples of a local .jsonl/.json/.parquet file, a local folder or a hub id, and the
+    number of malformed rows skipped (see `rows_to_examples`).
+
+    A local folder or a hub id (e.g. "open-r1/OpenR1-Math-220k", needs network) goes through
+    `datasets.load_dataset(source, name=subset, split=split)`; `split` is ignored for files.
+    A path that does not exist (one ending in a data suffix or starting with /, ., ~) raises
+    FileNotFoundError.
+    """
+    rows = _read_rows(source, split, subset)
+    return rows_to_examples(rows, problem_key, answer_key, answer_from_boxed, origin=source)
+
+
+def load_train_set(
+    source: str,
+    *,
+    seed: int,
+    split: str = "train",
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    generated_kind: str = "arithmetic",
+    generated_difficulty: int = 1,
+    num_generated: int = GENERATED_TRAIN_SIZE,
+    subset: str | None = None,
+    answer_from_boxed: bool = False,
+) -> list[dict[str, str]]:
+    """The training problems of config section `data`: "generated" gives `num_generated`
+    problems of the train split; anything else goes to `load_examples`. Logs one line with
+    the counts; raises ValueError when no usable problem remains."""
+    if source == "generated":
+        examples, skipped = (
+            generate_problems(generated_kind, generated_difficulty, seed, num_generated),
+            0,
+        )
+    else:
+        examples, skipped = load_examples(
+            source,
+            split=split,
+            problem_key=problem_key,
+            answer_key=answer_key,
+            subset=subset,
+            answer_from_boxed=answer_from_boxed,
+        )
+    logging.info("data %s: %d problems, %d malformed rows skipped", source, len(examples), skipped)
+    if not examples:
+        raise ValueError(f"data source {source!r} has no usable problem ({skipped} malformed)")
+    return examples
