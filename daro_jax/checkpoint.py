@@ -61,10 +61,13 @@ class Checkpointer:
 
     `every` is the save interval in steps (`should_save(step)` ⇔ every > 0 and step % every
     == 0); `save(..., force=True)` saves at any step (end of run, preemption).
-    `workdir` is a local path or a `gs://` URL.
+    `workdir` is a local path or a `gs://` URL. `async_save=False` makes `save` block until
+    the checkpoint is on disk.
     """
 
-    def __init__(self, workdir: str | epath.PathLike, keep: int, every: int, async_save=True):
+    def __init__(
+        self, workdir: str | epath.PathLike, keep: int, every: int, async_save: bool = True
+    ):
         if keep < 1:
             raise ValueError(
                 f"keep={keep}: must keep at least 1 checkpoint (train.keep_checkpoints)."
@@ -107,11 +110,14 @@ class Checkpointer:
         return self._manager.save(step, args=args, force=True)
 
     def all_steps(self) -> list[int]:
-        """Steps of the complete checkpoints on disk (and of a save in flight), ascending."""
+        """Steps of the checkpoints on disk and of a save in flight, ascending."""
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest complete step, or None when the run has no checkpoint."""
+        """The newest of `all_steps()`, or None when the run has no checkpoint.
+
+        On opening, only complete checkpoints count (a crash mid-save leaves none).
+        """
         return self._manager.latest_step()
 
     def restore_meta(self, step: int | None = None) -> dict | None:
