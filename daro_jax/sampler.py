@@ -1,0 +1,426 @@
+"""Rollout generation: prefill each prompt once, then decode K samples from its KV cache.
+
+One jitted function per static shape (prompt length bucket P, max new tokens N, K) does:
+
+1. prefill: the B left-padded prompts run once through the decoder into a [L, B, P, KV, Dh]
+   cache; the logits of each prompt's last position give the first sampled token;
+2. the cache is padded to S = P + N slots and repeated K times on the batch axis
+   (row r = b·K + j is sample j of prompt b: prompt-major);
+3. decode: a `lax.while_loop` feeds the token sampled at step i − 1 (position
+   n_b + i − 1, cache slot P + i − 1, n_b = number of real prompt tokens) and samples token
+   i from the new logits, until N tokens or until every row has emitted a stop token.
+   The loop state (cache, token buffers) is carried in place; nothing returns to the host
+   until the loop ends.
+
+Completion conventions (what the trainer relies on):
+- `tokens[r, i]` is the i-th completion token; the stop token itself is part of the
+  completion (mask 1); every slot after it is padding: token `PAD_ID`, mask 0, logprob 0;
+- `lengths[r] = Σ_i mask[r, i]`; `truncated[r]` is true when no stop token was emitted
+  within N tokens;
+- `logprobs[r, i] = log p(tokens[r, i])` under the distribution the token was drawn from:
+  p = softmax(logits / T) restricted to the top-k and then the top-p nucleus and
+  renormalised (so with T = 1 and no top-k/top-p it equals the training forward's
+  log π_θ). For greedy decoding (T = 0) the distribution used is a point mass (log-prob 0),
+  so the untempered model log-probability log softmax(logits)[argmax] is returned instead.
+
+Randomness: token i is drawn with key `fold_in(rng, i)` by Gumbel-max over the whole
+[B·K, V] logits; with JAX's partitionable threefry the noise does not depend on how the
+arrays are sharded, so the same seed gives the same samples on one device and on a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+
+from daro_jax import sharding
+from daro_jax.models import decoder
+from daro_jax.models.config import ModelConfig
+
+PAD_ID = 0
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+MIN_PROMPT_BUCKET = 16
+
+
+def select_tokens(
+    logits: jnp.ndarray,
+    key: jax.Array,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Draw one token per row of `logits` [N, V]; returns (tokens [N] int32, logprobs [N]).
+
+    z = logits / T; top-k keeps z_v ≥ the k-th largest z; top-p then keeps the smallest set
+    of highest-probability tokens whose mass reaches top_p (token v is kept when the mass of
+    the tokens strictly more likely than it is < top_p; ties at the threshold are kept);
+    the token is argmax(z̃ + Gumbel noise) with z̃ = z on kept tokens and −∞ elsewhere, i.e.
+    a draw from softmax(z̃), and its logprob is z̃_v − logsumexp(z̃). T = 0 is greedy
+    (argmax of the logits, logprob under softmax(logits), see the module docstring).
+    """
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], -1)[:, 0]
+    z = logits / temperature
+    vocab = z.shape[-1]
+    ranked = None
+    if 0 < top_k < vocab:
+        ranked = lax.top_k(z, top_k)[0]
+        z = jnp.where(z >= ranked[:, -1:], z, -jnp.inf)
+    if top_p < 1.0:
+        if ranked is None:
+            ranked = -jnp.sort(-z, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+        z = jnp.where(z >= threshold, z, -jnp.inf)
+    tokens = jax.random.categorical(key, z, axis=-1)
+    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), chosen - jax.nn.logsumexp(z, axis=-1)
+
+
+def prompt_bucket(length: int) -> int:
+    """The static prompt length used for `length` real tokens: the next power of two ≥ 16."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+
+
+def _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_k) -> None:
+    checks = (
+        (k >= 1, f"k={k} must be ≥ 1"),
+        (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be ≥ 1"),
+        (prompt_len >= 1, f"prompt_len={prompt_len} must be ≥ 1"),
+        (temperature >= 0, f"temperature={temperature} must be ≥ 0 (0 = greedy)"),
+        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1 = off)"),
+        (top_k >= 0, f"top_k={top_k} must be ≥ 0 (0 = off)"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"sampler: {message}.")
+
+
+def _constrain_cache(c: jnp.ndarray) -> jnp.ndarray:
+    return sharding.constrain(c, decoder.CACHE_LOGICAL_AXES)
+
+
+class Sampler:
+    """A compiled rollout function for one static shape; build it with `make_sampler`.
+
+    `sampler(params, prompt_tokens [B, P], prompt_mask [B, P], rng)` returns a dict of
+    device arrays over the B·K rows (prompt-major): tokens [B·K, N] int32, mask [B·K, N]
+    int32, logprobs [B·K, N] float32, lengths [B·K] int32, truncated [B·K] bool. Prompts
+    are left-padded (mask 1 on real tokens, each row with at least one). New params,
+    prompts and keys of the same shapes reuse the compiled function; a new B compiles once.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        k: int,
+        max_new_tokens: int,
+        prompt_len: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        stop_token_ids: tuple[int, ...],
+        mesh: Mesh | None,
+    ):
+        _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_k)
+        bad = [t for t in stop_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"sampler: stop_token_ids {bad} are outside the vocabulary [0, {cfg.vocab_size})."
+            )
+        self.cfg = cfg
+        self.k = k
+        self.max_new_tokens = max_new_tokens
+        self.prompt_len = prompt_len
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k)
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.mesh = mesh
+        self.param_shardings = None
+        if mesh is not None:
+            self.param_shardings = sharding.tree_shardings(
+                decoder.param_logical_axes(cfg), decoder.param_shapes(cfg), mesh
+            )
+        self.jitted = jax.jit(self._rollout)
+
+    def __call__(self, params, prompt_tokens, prompt_mask, rng) -> dict[str, jax.Array]:
+        b, p = np.shape(prompt_tokens)
+        if p != self.prompt_len or np.shape(prompt_mask) != (b, p):
+            raise ValueError(
+                f"sampler: prompt_tokens {np.shape(prompt_tokens)} and prompt_mask "
+                f"{np.shape(prompt_mask)} must both be [B, prompt_len={self.prompt_len}]; "
+                "pad the prompts (on the left) to the sampler's prompt_len."
+            )
+        prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+        prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+        if self.mesh is not None:
+            batch = NamedSharding(
+                self.mesh, sharding.logical_spec(("batch", "length"), (b, p), self.mesh)
+            )
+            params = jax.device_put(params, self.param_shardings)
+            prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), batch)
+            rng = jax.device_put(rng, NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return self.jitted(params, prompt_tokens, prompt_mask, rng)
+
+    def _rollout(self, params, prompt_tokens, prompt_mask, rng):
+        if self.mesh is None:
+            return self._decode(params, prompt_tokens, prompt_mask, rng)
+        with sharding.use_mesh(self.mesh):
+            return self._decode(params, prompt_tokens, prompt_mask, rng)
+
+    def _select(self, logits, rng, step):
+        key = jax.random.fold_in(rng, step)
+        return select_tokens(
+            logits, key, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
+        )
+
+    def _decode(self, params, prompt_tokens, prompt_mask, rng):
+        cfg, k, n_new, p = self.cfg, self.k, self.max_new_tokens, self.prompt_len
+        rows = prompt_tokens.shape[0] * k
+        positions = decoder.positions_from_mask(prompt_mask)
+        cache = decoder.init_cache(cfg, prompt_tokens.shape[0], p)
+        hidden, cache = decoder.forward(params, cfg, prompt_tokens, positions, prompt_mask, cache)
+        logits = decoder.lm_logits(params, cfg, hidden[:, -1])
+
+        def expand(c):
+            return _constrain_cache(
+                jnp.pad(jnp.repeat(c, k, axis=1), ((0, 0), (0, 0), (0, n_new), (0, 0), (0, 0)))
+            )
+
+        cache = jax.tree.map(expand, cache)
+        logits = sharding.constrain(jnp.repeat(logits, k, axis=0), ("batch", "vocab"))
+        prompt_mask = jnp.repeat(prompt_mask, k, axis=0)
+        next_position = jnp.sum(prompt_mask, axis=-1)
+        stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
+
+        def record(state, step, tokens, logp):
+            """Write the step's tokens (padding on rows already stopped) into the buffers."""
+            live = ~state["done"]
+            tokens = jnp.where(live, tokens, PAD_ID)
+            column = lambda buf, x: lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)  # noqa: E731
+            return state | {
+                "tokens": column(state["tokens"], tokens),
+                "logprobs": column(state["logprobs"], jnp.where(live, logp, 0.0)),
+                "mask": column(state["mask"], live.astype(jnp.int32)),
+                "done": state["done"] | (live & jnp.isin(tokens, stop_ids)),
+                "last": tokens,
+            }
+
+        def cond(state):
+            return (state["step"] < n_new) & ~jnp.all(state["done"])
+
+        def body(state):
+            step = state["step"]
+            slot = p + step - 1
+            kv_mask = jnp.concatenate(
+                [prompt_mask, jnp.broadcast_to(jnp.arange(n_new) < step, (rows, n_new))], axis=1
+            ).astype(jnp.int32)
+            hidden, cache = decoder.forward(
+                params,
+                cfg,
+                state["last"][:, None],
+                (next_position + step - 1)[:, None],
+                kv_mask,
+                state["cache"],
+                slot,
+            )
+            logits = decoder.lm_logits(params, cfg, hidden[:, 0])
+            tokens, logp = self._select(logits, rng, step)
+            new = record(state, step, tokens, logp)
+            return new | {"cache": jax.tree.map(_constrain_cache, cache), "step": step + 1}
+
+        empty = {
+            "tokens": jnp.full((rows, n_new), PAD_ID, jnp.int32),
+            "logprobs": jnp.zeros((rows, n_new), jnp.float32),
+            "mask": jnp.zeros((rows, n_new), jnp.int32),
+            "done": jnp.zeros((rows,), bool),
+            "last": jnp.zeros((rows,), jnp.int32),
+        }
+        empty = {
+            name: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+            for name, x in empty.items()
+        }
+        tokens, logp = self._select(logits, rng, 0)
+        state = record(empty, 0, tokens, logp) | {"cache": cache, "step": jnp.int32(1)}
+        state = lax.while_loop(cond, body, state)
+        lengths = jnp.sum(state["mask"], axis=-1)
+        stopped = jnp.any(jnp.isin(state["tokens"], stop_ids) & (state["mask"] > 0), axis=-1)
+        return {
+            "tokens": state["tokens"],
+            "mask": state["mask"],
+            "logprobs": state["logprobs"],
+            "lengths": lengths,
+            "truncated": ~stopped,
+        }
+
+
+@functools.lru_cache(maxsize=32)
+def make_sampler(
+    cfg: ModelConfig,
+    *,
+    k: int,
+    max_new_tokens: int,
+    prompt_len: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: tuple[int, ...] = (),
+    mesh: Mesh | None = None,
+) -> Sampler:
+    """The (cached) compiled sampler for these static settings; see `Sampler`.
+
+    Under `mesh`, params are placed with the decoder's logical-axis shardings (a no-op when
+    they already are), rows are split over ("data", "fsdp") and heads over "tensor", and the
+    KV cache follows `decoder.CACHE_LOGICAL_AXES`.
+    """
+    return Sampler(
+        cfg,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        prompt_len=prompt_len,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=tuple(int(t) for t in stop_token_ids),
+        mesh=mesh,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """B·K completions, prompt-major (the K samples of prompt 0 first); NumPy arrays.
+
+    tokens, mask, logprobs [B·K, N]; lengths, truncated [B·K]; texts: the completions
+    decoded without special tokens; prompt_tokens, prompt_mask [B·K, P]: each row's prompt,
+    left-padded, so concatenate(prompt_tokens, tokens) with concatenate(prompt_mask, mask)
+    is the full sequence the trainer scores (positions = cumsum(mask) − 1).
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+    texts: list[str]
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+
+
+def default_stop_token_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
+    """The model's EOS ids, the tokenizer's EOS and any chat end-of-turn token it knows.
+
+    End-of-turn tokens: SmolLM2 and Qwen `<|im_end|>` (and `<|endoftext|>`), Llama 3
+    `<|eot_id|>` (and `<|end_of_text|>`).
+    """
+    ids = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[name] for name in END_OF_TURN_TOKENS if name in vocab)
+    return tuple(sorted(ids))
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt: as one user turn of the chat template (with the assistant
+    header appended), or the raw text with the tokenizer's special tokens."""
+    if isinstance(prompts, str):
+        raise TypeError("generate: prompts must be a list of strings, not one string.")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        if chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            row = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            row = tokenizer(prompt)["input_ids"]
+        if not row:
+            raise ValueError(f"generate: prompt {i} encodes to no tokens; give a non-empty prompt.")
+        ids.append(list(row))
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, length] int32 tokens (PAD_ID on the left) and the mask of real tokens."""
+    tokens = np.full((len(rows), length), PAD_ID, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"prompt {i} has {len(row)} tokens, more than length={length}.")
+        tokens[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
+    return tokens, mask
+
+
+def _params_mesh(params) -> Mesh | None:
+    """The mesh the params are laid out on, if they carry a NamedSharding."""
+    placement = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return placement.mesh if isinstance(placement, NamedSharding) else None
+
+
+def generate(
+    model,
+    prompts: list[str],
+    *,
+    k: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    chat_template: bool = True,
+    stop_token_ids: Sequence[int] | None = None,
+) -> Rollouts:
+    """K sampled completions of each prompt (temperature 0 = greedy); see `Rollouts`.
+
+    `model` has .config, .params and .tokenizer (daro_jax.models.load). Prompts are padded
+    to a power-of-two bucket (≥ 16) so that few shapes are compiled. Stop tokens default to
+    `default_stop_token_ids`; pass [] to always generate max_new_tokens. The run uses the
+    mesh the params are placed on, if any.
+    """
+    tokenizer, cfg = model.tokenizer, model.config
+    rows = encode_prompts(tokenizer, prompts, chat_template)
+    prompt_tokens, prompt_mask = left_pad(rows, prompt_bucket(max(len(r) for r in rows)))
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(tokenizer, cfg)
+    sampler = make_sampler(
+        cfg,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        prompt_len=prompt_tokens.shape[1],
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        stop_token_ids=tuple(int(t) for t in stop_token_ids),
+        mesh=_params_mesh(model.params),
+    )
+    out = jax.device_get(sampler(model.params, prompt_tokens, prompt_mask, jax.random.key(seed)))
+    texts = [
+        tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+        for row, n in zip(out["tokens"], out["lengths"], strict=True)
+    ]
+    return Rollouts(
+        tokens=out["tokens"],
+        mask=out["mask"],
+        logprobs=out["logprobs"],
+        lengths=out["lengths"],
+        truncated=out["truncated"],
+        texts=texts,
+        prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
+        prompt_mask=np.repeat(prompt_mask, k, axis=0),
+    )
