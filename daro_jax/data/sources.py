@@ -54,13 +54,30 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
-def read_file(path: Path) -> list[Any]:
+def check_columns(origin: object, present: Sequence[str], problem_key: str, answer_key: str):
+    """Raise ValueError naming the missing column and the columns present, if one is missing."""
+    for field, key in (("problem_key", problem_key), ("answer_key", answer_key)):
+        if key not in present:
+            raise ValueError(
+                f"{origin}: no column {key!r} (the {field} of the column mapping); "
+                f"columns present: {sorted(present)}"
+            )
+
+
+def read_file(path: Path, columns: tuple[str, str] | None = None) -> list[Any]:
     """Rows of a .jsonl (one object per line; undecodable lines become None rows), .json
-    (a list of objects or an object of equal-length column lists) or .parquet file."""
+    (a list of objects or an object of equal-length column lists) or .parquet file.
+
+    With `columns` (problem, answer), a parquet file is checked for them and only they are
+    read; other formats are read whole and checked by `rows_to_examples`.
+    """
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        if columns is not None:
+            check_columns(path, pq.read_schema(path).names, *columns)
+            columns = list(dict.fromkeys(columns))
+        return pq.read_table(path, columns=columns).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
@@ -74,12 +91,10 @@ def read_file(path: Path) -> list[Any]:
     data = json.loads(text)
     if isinstance(data, list):
         return data
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        lengths = {len(v) for v in data.values()}
-        if len(lengths) == 1:
-            return [
-                dict(zip(data, cells, strict=True)) for cells in zip(*data.values(), strict=True)
-            ]
+    lists = isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values())
+    if lists and len({len(v) for v in data.values()}) == 1:
+        cells = zip(*data.values(), strict=True)
+        return [dict(zip(data, row, strict=True)) for row in cells]
     raise ValueError(
         f"{path}: expected a JSON list of objects or an object of equal-length column lists"
     )
@@ -89,7 +104,8 @@ def _looks_like_path(source: str) -> bool:
     return source.endswith(FILE_SUFFIXES) or source.startswith(("/", ".", "~")) or "\\" in source
 
 
-def _load_hf(source: str, split: str, subset: str | None) -> list[Any]:
+def _load_hf(source: str, split: str, subset: str | None, columns: tuple[str, str]) -> list[Any]:
+    """The two `columns` of a local folder or hub dataset, through `datasets.load_dataset`."""
     try:
         import datasets
     except ImportError as err:
@@ -97,23 +113,25 @@ def _load_hf(source: str, split: str, subset: str | None) -> list[Any]:
             f"reading {source!r} needs the `datasets` package: pip install -r requirements.txt"
         ) from err
     try:
-        return datasets.load_dataset(source, name=subset, split=split).to_list()
+        table = datasets.load_dataset(source, name=subset, split=split)
     except Exception as err:
         raise ValueError(
             f"data source {source!r} is neither a local .jsonl/.json/.parquet file nor a "
             f"dataset that `datasets.load_dataset` could load (split={split!r}, "
             f"subset={subset!r}): {err}"
         ) from err
+    check_columns(source, table.column_names, *columns)
+    return table.select_columns(list(dict.fromkeys(columns))).to_list()
 
 
-def _read_rows(source: str, split: str, subset: str | None) -> list[Any]:
+def _read_rows(source: str, split: str, subset: str | None, columns: tuple[str, str]) -> list:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in FILE_SUFFIXES:
             raise ValueError(f"{path}: unsupported file type; use one of {FILE_SUFFIXES}")
-        return read_file(path)
+        return read_file(path, columns)
     if path.is_dir() or not _looks_like_path(source):
-        return _load_hf(source, split, subset)
+        return _load_hf(source, split, subset, columns)
     raise FileNotFoundError(
         f"data file {source!r} does not exist; set data.source to an existing "
         f".jsonl/.json/.parquet file, a hub dataset id, or 'generated'"
@@ -129,19 +147,14 @@ def rows_to_examples(
 ) -> tuple[list[dict[str, str]], int]:
     """Examples from raw rows and the number of malformed rows skipped.
 
-    Raises ValueError naming the missing column and the columns present when no row has
-    `problem_key` or `answer_key`. A row is malformed when it is not an object, lacks a
-    column, or a cell fails `_as_text`; with `answer_from_boxed` the answer is the last
-    `\\boxed{}` of the answer cell (e.g. a MATH/Minerva solution) and a cell without one is
-    malformed too.
+    Raises ValueError (`check_columns`) when no row has `problem_key` or `answer_key`. A row
+    is malformed when it is not an object, lacks a column, or a cell fails `_as_text`; with
+    `answer_from_boxed` the answer is the last `\\boxed{}` of the answer cell (e.g. a
+    MATH/Minerva solution) and a cell without one is malformed too.
     """
-    columns = sorted({key for row in rows if isinstance(row, dict) for key in row})
-    for field, key in (("problem_key", problem_key), ("answer_key", answer_key)):
-        if rows and key not in columns:
-            raise ValueError(
-                f"{origin}: no column {key!r} (the {field} of the column mapping); "
-                f"columns present: {columns}"
-            )
+    if rows:
+        present = {key for row in rows if isinstance(row, dict) for key in row}
+        check_columns(origin, present, problem_key, answer_key)
     examples, skipped = [], 0
     for row in rows:
         problem = answer = None
@@ -174,7 +187,7 @@ def load_examples(
     A path that does not exist (one ending in a data suffix or starting with /, ., ~) raises
     FileNotFoundError.
     """
-    rows = _read_rows(source, split, subset)
+    rows = _read_rows(source, split, subset, (problem_key, answer_key))
     return rows_to_examples(rows, problem_key, answer_key, answer_from_boxed, origin=source)
 
 
