@@ -35,8 +35,10 @@ of the batch's valid prompts for batch_std; eps = std_eps):
     group_mean  A_i = r_i - mean_q                        (Dr. GRPO)
     batch_std   A_i = (r_i - mean_q) / (std_batch + eps)  (LIPO)
 
-With DAPO's overlong shaping the rewards used for the advantages get the soft length
-penalty (see `overlong_penalty`); groups are always formed from the verifier's correctness.
+With DAPO's overlong shaping, `group_advantages` adds the soft length penalty
+(daro_jax.rewards.overlong_penalty, L_max = max_response_len, L_cache = overlong_cache) to
+the rewards the advantages use; groups are always formed from the verifier's correctness, so
+pass the unshaped verifier rewards.
 
 DARO weights: one parameter per mu = 1/K ... (K-1)/K, an array of length K - 1 (index k - 1
 for group k). `daro_parameterization` "log" stores theta = ln w (w = exp(theta), init 0),
@@ -71,6 +73,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from daro_jax.rewards.shaping import overlong_penalty
 
 ALGORITHMS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
 AGGREGATIONS = ("seq_mean", "token_sum_const", "token_mean", "group_token_mean")
@@ -235,11 +239,12 @@ def _validate(s: AlgoSpec) -> None:
     if not isinstance(s.max_response_len, int) or s.max_response_len < 1:
         raise ValueError(f"max_response_len={s.max_response_len!r}: need a positive integer.")
     if s.overlong_shaping:
-        if not 0 < s.overlong_cache < s.max_response_len:
+        if not 0 < s.overlong_cache <= s.max_response_len:
             raise _fail(
                 "overlong_cache",
                 s.overlong_cache,
-                f"need 0 < L_cache < max_response_len={s.max_response_len}",
+                f"need 0 < L_cache <= max_response_len={s.max_response_len} "
+                "(sampler.max_new_tokens)",
             )
         if s.overlong_penalty < 0.0:
             raise _fail("overlong_penalty", s.overlong_penalty, "need >= 0")
@@ -257,17 +262,6 @@ class Groups(NamedTuple):
     stats: dict[str, jax.Array]  # rollout metrics, see `group_advantages`
 
 
-def overlong_penalty(lengths: jax.Array, spec: AlgoSpec) -> jax.Array:
-    """DAPO's soft overlong punishment, scaled by `overlong_penalty`:
-    0 if len <= L_max - L_cache;  (L_max - L_cache - len) / L_cache if up to L_max;  -1 beyond.
-    """
-    start = spec.max_response_len - spec.overlong_cache
-    lengths = lengths.astype(jnp.float32)
-    ramp = (start - lengths) / spec.overlong_cache
-    pen = jnp.where(lengths <= start, 0.0, jnp.where(lengths <= spec.max_response_len, ramp, -1.0))
-    return spec.overlong_penalty * pen
-
-
 def group_advantages(rewards: jax.Array, lengths: jax.Array, spec: AlgoSpec) -> Groups:
     """Pass-rate groups and advantages of a batch of B prompts x K responses.
 
@@ -283,7 +277,12 @@ def group_advantages(rewards: jax.Array, lengths: jax.Array, spec: AlgoSpec) -> 
     k = correct.sum(axis=1).astype(jnp.int32)
     group_ids = jnp.broadcast_to(k[:, None], rewards.shape)
     if spec.overlong_shaping:
-        rewards = rewards + overlong_penalty(lengths, spec)
+        rewards = rewards + overlong_penalty(
+            lengths.astype(jnp.float32),
+            spec.max_response_len,
+            spec.overlong_cache,
+            spec.overlong_penalty,
+        )
     mean_q = rewards.mean(axis=1, keepdims=True)
     centred = rewards - mean_q
     valid = (lengths > 0).any(axis=1)

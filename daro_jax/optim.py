@@ -30,6 +30,7 @@ Trainer-facing API:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
@@ -124,6 +125,11 @@ class LazyAdamState(NamedTuple):
     nu: optax.Updates
 
 
+def _one_minus_pow(b: float, count: jax.Array) -> jax.Array:
+    """1 - b**count, accurate in float32 for b near 1 (Adam's bias correction)."""
+    return -jnp.expm1(count * (math.log(b) if b > 0 else -math.inf))
+
+
 def lazy_adam_projected(
     learning_rate: optax.Schedule, b1: float, b2: float, bounds: tuple[float, float]
 ) -> optax.GradientTransformation:
@@ -136,7 +142,7 @@ def lazy_adam_projected(
         count = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.int32), params)
         return LazyAdamState(jnp.zeros((), jnp.int32), count, zeros, zeros)
 
-    def update(grads, state, params):
+    def update(grads, state, params=None):
         if params is None:
             raise ValueError("the DARO optimizer projects onto bounds: pass params to update.")
         lr = learning_rate(state.step)
@@ -151,7 +157,9 @@ def lazy_adam_projected(
 
         def project(p, m, v, c, on):
             c = jnp.maximum(c, 1).astype(m.dtype)
-            step = -lr * (m / (1.0 - b1**c)) / (jnp.sqrt(v / (1.0 - b2**c)) + ADAM_EPS)
+            step = (
+                -lr * (m / _one_minus_pow(b1, c)) / (jnp.sqrt(v / _one_minus_pow(b2, c)) + ADAM_EPS)
+            )
             return jnp.clip(p + jnp.where(on, step, 0.0), lo, hi) - p
 
         updates = jax.tree.map(project, params, mu, nu, count, present)
