@@ -26,7 +26,8 @@ tokens of group g is then  w_g L_g - ln w_g  with L_g the token mean of l inside
 
 The -ln w_g term is apportioned over the group's tokens, so it appears exactly once in the
 sum over micro-batches and hosts, and a group absent from the minibatch gets exactly zero
-gradient.
+gradient. A KL term (kl_beta > 0) is part of l, hence of L_g: under DARO the groups
+mu in {0, 1} carry none.
 
 Advantages (population std, ddof = 0, over the K rewards of a prompt, or over all rewards
 of the batch's valid prompts for batch_std; eps = std_eps):
@@ -67,7 +68,7 @@ globally sharded arrays this is automatic), so that contributions of all hosts a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -76,7 +77,6 @@ import numpy as np
 
 from daro_jax.rewards.shaping import overlong_penalty
 
-ALGORITHMS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
 AGGREGATIONS = ("seq_mean", "token_sum_const", "token_mean", "group_token_mean")
 ADVANTAGES = ("group_std", "group_mean", "batch_std")
 PARAMETERIZATIONS = ("log", "direct")
@@ -138,6 +138,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+ALGORITHMS = tuple(PRESETS)
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgoSpec:
     """Every loss knob, resolved from the preset and the overrides. Hashable (jit-static)."""
@@ -175,11 +178,11 @@ def _fail(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"config.algo.{field}={value!r} is invalid: {allowed}.")
 
 
-def resolve(algo_cfg, *, max_response_len: int) -> AlgoSpec:
+def resolve(algo_cfg: Mapping[str, Any], *, max_response_len: int) -> AlgoSpec:
     """Build the AlgoSpec of `algo_cfg` (config.algo): preset of `algo_cfg.name`, then every
     field of `algo_cfg` that is not None wins. `max_response_len` (sampler.max_new_tokens) is
     Dr. GRPO's constant and DAPO's L_max. Raises ValueError naming the bad field."""
-    cfg = dict(algo_cfg.items()) if hasattr(algo_cfg, "items") else dict(algo_cfg)
+    cfg = dict(algo_cfg.items())
     name = cfg.get("name")
     if name not in PRESETS:
         raise _fail("name", name, f"choose one of {ALGORITHMS}")

@@ -4,7 +4,9 @@ The train state is one pytree  {"model": params, "daro": weights [K-1]}  (see
 daro_jax/losses.py for the DARO parameterisation). One `optax.multi_transform` updates it:
 
     model (not frozen)  clip_by_global_norm(grad_clip) -> AdamW(lr_t, b1, b2, weight_decay)
-    model (frozen)      set_to_zero: no update and no optimizer state
+    model (frozen)      set_to_zero: no update and no optimizer state; frozen = the
+                        slash-joined path inside state["model"] (e.g. "params/embed/embedding")
+                        fully matches a regex of optim.frozen
     daro                lazy Adam(weight_lr_multiplier * lr_t, b1, b2), then projection of the
                         parameters onto losses.daro_param_bounds(spec)
 
