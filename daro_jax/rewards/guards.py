@@ -8,6 +8,8 @@
 - `set_tuple_mismatch`: math-verify equates the set `\\{1,2\\}` with `(1,2)` (it reads the
   latter as an open interval, then compares it as a pair); a set literal never equals an
   ordered pair or an interval.
+- `percent_value`: math-verify accepts `25` for `25\\%` (integers only); the verifier
+  also accepts `12.5` for `12.5\\%` (either side may carry the percent sign).
 - `numeric_disagreement`: math-verify compares numbers with `evalf(chop=True)` and
   6-decimal rounding, so tiny magnitudes collapse to equal (`1/2004!` vs `1/2006!`,
   `1/2^{99}` vs `1/2^{98}`, `1/2^{99}` vs `0.0`). A positive verdict on two numeric
@@ -20,7 +22,17 @@
 import math
 import re
 
-from sympy import Expr, Float, Integer, Pow, Rational, UnevaluatedExpr, binomial, factorial
+from sympy import (
+    Expr,
+    Float,
+    Integer,
+    Mul,
+    Pow,
+    Rational,
+    UnevaluatedExpr,
+    binomial,
+    factorial,
+)
 
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![A-Za-z])")
 _SET_BUILDER_RE = re.compile(r"\\mid|\||:|\\colon")
@@ -28,6 +40,7 @@ _LOG10_2 = math.log10(2.0)
 _EXACT_RTOL = 1e-20
 _FLOAT_RTOL = 1e-4
 _EVAL_DIGITS = 30
+_PERCENT = UnevaluatedExpr(Rational(1, 100))
 _MAX_EXP10 = 300.0  # 10.0 ** 300 still fits a float
 
 
@@ -105,6 +118,14 @@ def _bracket_kind(text: str) -> str:
 def set_tuple_mismatch(gold: str, answer: str) -> bool:
     """True if one side is a set literal `\\{..\\}` and the other a tuple or interval."""
     return {_bracket_kind(gold), _bracket_kind(answer)} == {"set", "ordered"}
+
+
+def percent_value(expr):
+    """x if `expr` is latex2sympy2_extended's percentage x% (x * UnevaluatedExpr(1/100)),
+    else None."""
+    if isinstance(expr, Mul) and len(expr.args) == 2 and expr.args[1] == _PERCENT:
+        return expr.args[0]
+    return None
 
 
 def _numeric_value(expr):

@@ -91,6 +91,10 @@ class RewardPool:
             rewards = pool.score(completions, golds)   # np.float32 [N] in {0, 1}
             counters = pool.pop_stats()                # counts since the last pop
 
+    Keyword options are those of `VerifierConfig` (fallback, max_chars, max_answer_chars,
+    max_digits), the worker's address-space headroom `memory_limit_mb`, the number of items
+    sent to a worker at once (`chunk_size`) and `start_method`.
+
     Counters ("items" and one per reason of `verify.REASONS`: correct, wrong, no_answer,
     too_long, prescreened, parse_failures, gold_failures, timeouts, memory_errors, errors,
     crashes; plus worker_restarts) are accumulated over `score` calls; `stats` reads them,
@@ -107,6 +111,7 @@ class RewardPool:
         memory_limit_mb: int = 1024,
         max_chars: int = 4000,
         max_answer_chars: int = 1000,
+        max_digits: float = 100_000.0,
         chunk_size: int = 16,
         start_method: str = "forkserver",
     ):
@@ -126,6 +131,7 @@ class RewardPool:
             timeout_s=timeout_s,
             max_chars=max_chars,
             max_answer_chars=max_answer_chars,
+            max_digits=max_digits,
         )
         self._memory_limit_mb = memory_limit_mb
         self._chunk_size = chunk_size
@@ -151,6 +157,11 @@ class RewardPool:
         return _Worker(process, parent_conn)
 
     @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (they change when a worker is replaced)."""
+        return [worker.process.pid for worker in self._workers]
+
+    @property
     def stats(self) -> dict[str, int]:
         """Counters accumulated since the last `pop_stats` (a copy)."""
         return dict(self._stats)
@@ -173,7 +184,10 @@ class RewardPool:
         n = len(completions)
         rewards = np.zeros(n, dtype=np.float32)
         cap = self._config.max_chars
-        items = [(i, c[-cap:], g) for i, (c, g) in enumerate(zip(completions, golds, strict=True))]
+        by_gold = {}
+        for i, gold in enumerate(golds):
+            by_gold.setdefault(gold, []).append(i)
+        items = [(i, completions[i][-cap:], golds[i]) for group in by_gold.values() for i in group]
         size = max(1, min(self._chunk_size, math.ceil(n / (2 * len(self._workers)))))
         todo = collections.deque(items[i : i + size] for i in range(0, n, size))
         remaining = n

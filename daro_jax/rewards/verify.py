@@ -5,29 +5,37 @@ Pipeline of `score_item` (every step after extraction runs under one deadline):
 1. `extract_answer`: last `\\boxed{}` (plus the configured fallback), capped lengths.
 2. refusals before SymPy: bracket nesting deeper than `max_nesting`, Python-like payloads
    (`__`), then, after parsing, expressions whose `digits_bound` exceeds `max_digits`.
-3. fast paths, which give exactly the verdict of step 4 without SymPy: the answer equals
-   the gold text (verdict of gold vs itself, cached per gold); both are plain rationals
-   (`-12`, `1,234`, `3/4`, `\\frac{3}{4}`, `2.50`) that are equal, or exact and unequal.
-4. math-verify: both sides go through `math_verify.parse` with only its LaTeX extraction
-   (latex2sympy2_extended builds SymPy objects without `eval`; math-verify's plain-
-   expression extraction, which calls `sympy.parse_expr`, is never used), wrapped as one
-   `\\boxed{...}` so an answer is read whole; then `math_verify.verify` and the corrections
-   of `guards` (set vs tuple, tiny magnitudes).
+3. `normalize`: math-verify's own normalization of a boxed answer (`normalize_latex` of
+   latex2sympy2_extended with math-verify's settings), after joining `1\\,234` groups.
+4. fast paths on the normalized text, which give exactly the verdict of step 5 without
+   SymPy: the answer equals the gold (the gold's verdict against itself, cached); both are
+   plain rationals (`-12`, `1,234`, `3/4`, `\\frac{3}{4}`, `2.50`), or the answer is
+   `x = <rational>` against a plain-rational gold, and the values are equal, or exact and
+   unequal.
+5. parse with latex2sympy2_extended through math-verify's `parse_latex_cached` (the call
+   math-verify's `parse` makes for a boxed answer; it builds SymPy objects without `eval`;
+   math-verify's plain-expression extraction, which calls `sympy.parse_expr`, is never
+   used), `math_verify.verify`, then the corrections of `guards` (set vs tuple, tiny
+   magnitudes).
 
-The gold is parsed once per distinct gold string (`parse_gold`, LRU-cached). No SymPy
-object is converted to text or logged here; only floats and reason names leave this module.
+Verdicts are LRU-cached per (answer, gold) (`judge`); a gold is normalized once
+(`parse_gold`) and parsed by SymPy once, only if a comparison needs it. No SymPy object is
+converted to text or logged here; only floats and reason names leave this module.
 """
 
+import dataclasses
+import math
 import re
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from typing import NamedTuple
 
-from math_verify import LatexExtractionConfig, parse, verify
+from latex2sympy2_extended.latex2sympy2 import normalize_latex
+from math_verify import LatexExtractionConfig, verify
+from math_verify.parser import parse_latex_cached
 from sympy import Basic, MatrixBase
 
 from daro_jax.rewards import guards
@@ -47,7 +55,9 @@ REASONS = (
     "crashes",
 )
 
-_LATEX_ONLY = (LatexExtractionConfig(),)
+_BOXED_NORMALIZATION = dataclasses.replace(
+    LatexExtractionConfig().normalization_config, boxed="last"
+)
 _INT = r"(?:0|[1-9]\d*|[1-9]\d{0,2}(?:,\d{3})+)"
 _RATIONAL_RE = re.compile(
     rf"(?P<sign>-?)(?:(?P<num>{_INT})(?:/(?P<den>[1-9]\d*))?"
@@ -55,9 +65,10 @@ _RATIONAL_RE = re.compile(
 )
 _DECIMAL_RE = re.compile(rf"-?{_INT}\.\d+")
 _THIN_SPACE_GROUP_RE = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")
+_ASSIGNMENT_RE = re.compile(r"[A-Za-z]\s*=\s*(?P<rhs>[^=]+)")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class VerifierConfig:
     """Settings of one verifier (picklable, shared by `math_reward` and the pool workers).
 
@@ -108,12 +119,23 @@ def deadline(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _parse(text: str) -> list:
-    """math-verify's LaTeX reading of `text` as one boxed answer: [SymPy object, string],
-    the string alone if it does not parse, or []. Thousands groups written with a LaTeX
-    space (`1\\,234`) are joined first (math-verify reads them as a product)."""
-    text = _THIN_SPACE_GROUP_RE.sub("", text)
-    return parse("\\boxed{" + text + "}", _LATEX_ONLY, parsing_timeout=None)
+def normalize(answer: str) -> str:
+    """The text latex2sympy2_extended parses for `\\boxed{answer}` in math-verify (its
+    `normalize_latex`: units, `\\text`, `\\left`, `0.5` -> `\\frac{1}{2}` ...), after
+    joining thousands groups written with a LaTeX space (`1\\,234`, read as a product)."""
+    answer = _THIN_SPACE_GROUP_RE.sub("", answer)
+    return normalize_latex("\\boxed{" + answer + "}", _BOXED_NORMALIZATION)
+
+
+def _parse(normalized: str) -> list:
+    """What math-verify's `parse` returns for a boxed answer: [SymPy object, normalized
+    text], or [normalized text] if it does not parse ([] if empty)."""
+    if not normalized:
+        return []
+    try:
+        return [parse_latex_cached(normalized), normalized]
+    except Exception:  # the grammar rejects the text: keep it for string comparison
+        return [normalized]
 
 
 def _first_sympy(parsed: list):
@@ -136,57 +158,89 @@ def rational_value(text: str) -> tuple[Fraction, bool] | None:
 
 
 class Gold(NamedTuple):
-    """A parsed gold answer: its text, math-verify's parse and its plain-number value."""
+    """A gold answer: its normalized text and its plain-number value (`rational_value`)."""
 
     text: str
-    parsed: list
     number: tuple[Fraction, bool] | None
 
 
 @lru_cache(maxsize=4096)
 def parse_gold(gold: str) -> Gold:
-    """Parse a gold answer once (LRU-cached on the string)."""
-    text = gold.strip()
-    return Gold(text, _parse(text), rational_value(text))
+    """Normalize a gold answer once (LRU-cached on the string)."""
+    text = normalize(gold)
+    return Gold(text, rational_value(text))
 
 
 @lru_cache(maxsize=4096)
-def _gold_matches_itself(gold: str) -> bool:
-    return _compare(gold.strip(), parse_gold(gold), fast=False)
+def _parse_gold_text(text: str) -> list:
+    """SymPy parse of a normalized gold, done once and only when a comparison needs it."""
+    return _parse(text)
 
 
-class _Refused(Exception):
-    """An item scored 0 for a counted reason other than a wrong answer."""
+@lru_cache(maxsize=4096)
+def _gold_matches_itself(text: str) -> bool:
+    """Verdict of a normalized gold against itself (`_parse` is deterministic, so the
+    gold's own parse stands for the answer's)."""
+    parsed = _parse_gold_text(text)
+    return _compare_parsed(parsed, parsed, math.inf) == "correct"
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
-
-def _compare(answer: str, gold: Gold, *, fast: bool = True, max_digits: float = 1e5) -> bool:
-    """Verdict of `answer` (extracted answer text) against `gold`. With fast=False the fast
-    paths are skipped (the tests use it to show that both give the same verdict)."""
+def _compare(answer: str, gold: Gold, *, fast: bool = True, max_digits: float = 1e5) -> str:
+    """Reason of the verdict of a normalized `answer`: "correct", "wrong", "parse_failures"
+    (it does not parse and is not equal to the gold as a string) or "prescreened"
+    (`guards.too_large`). fast=False skips the fast paths (the tests use it to show that
+    both give the same verdict)."""
     if fast:
-        if answer == gold.text:
-            return _gold_matches_itself(gold.text)
-        number = rational_value(answer)
-        if number is not None and gold.number is not None:
+        verdict = _fast_verdict(answer, gold)
+        if verdict is not None:
+            return "correct" if verdict else "wrong"
+    if guards.set_tuple_mismatch(gold.text, answer):
+        return "wrong"
+    return _compare_parsed(_parse(answer), _parse_gold_text(gold.text), max_digits)
+
+
+def _fast_verdict(answer: str, gold: Gold) -> bool | None:
+    """The verdict when it is known without SymPy (step 4 of the module docstring)."""
+    if gold.number is not None:
+        assignment = _ASSIGNMENT_RE.fullmatch(answer)
+        number = rational_value(assignment["rhs"] if assignment else answer)
+        if number is not None:
             if number[0] == gold.number[0]:
                 return True
             if number[1] and gold.number[1]:
                 return False
-    if guards.set_tuple_mismatch(gold.text, answer):
-        return False
-    pred = _parse(answer)
-    pred_expr = _first_sympy(pred)
-    if pred_expr is not None and guards.too_large(pred_expr, max_digits):
-        raise _Refused("prescreened")
-    if not verify(gold.parsed, pred, allow_set_relation_comp=True, timeout_seconds=None):
-        if pred_expr is None:
-            raise _Refused("parse_failures")
-        return False
-    gold_expr = _first_sympy(gold.parsed)
-    return not guards.numeric_disagreement(gold_expr, pred_expr)
+    if answer == gold.text:
+        return _gold_matches_itself(gold.text)
+    return None
+
+
+def _compare_parsed(pred: list, gold: list, max_digits: float) -> str:
+    pred_expr, gold_expr = _first_sympy(pred), _first_sympy(gold)
+    if pred_expr is None:
+        return "correct" if verify(gold, pred, timeout_seconds=None) else "parse_failures"
+    if guards.too_large(pred_expr, max_digits):
+        return "prescreened"
+    if not verify(gold, pred, allow_set_relation_comp=True, timeout_seconds=None):
+        gold_pct, pred_pct = guards.percent_value(gold_expr), guards.percent_value(pred_expr)
+        if (gold_pct is None) == (pred_pct is None):
+            return "wrong"
+        gold_expr = gold_expr if gold_pct is None else gold_pct
+        pred_expr = pred_expr if pred_pct is None else pred_pct
+        if not verify(gold_expr, pred_expr, timeout_seconds=None):
+            return "wrong"
+    return "wrong" if guards.numeric_disagreement(gold_expr, pred_expr) else "correct"
+
+
+@lru_cache(maxsize=16384)
+def judge(answer: str, gold: str, max_digits: float = 1e5) -> str:
+    """Reason of the verdict of an extracted `answer` against `gold`: "correct", "wrong",
+    "parse_failures", "prescreened" or "gold_failures" (an empty gold). LRU-cached:
+    rollouts of one prompt often repeat an answer. Timeouts and memory errors propagate
+    and are not cached."""
+    parsed_gold = parse_gold(gold)
+    if not parsed_gold.text:
+        return "gold_failures"
+    return _compare(normalize(answer), parsed_gold, max_digits=max_digits)
 
 
 def score_item(completion: str, gold: str, config: VerifierConfig) -> tuple[float, str]:
@@ -205,12 +259,7 @@ def score_item(completion: str, gold: str, config: VerifierConfig) -> tuple[floa
         return 0.0, "prescreened"
     try:
         with deadline(config.timeout_s):
-            gold_parsed = parse_gold(gold)
-            if not gold_parsed.parsed:
-                return 0.0, "gold_failures"
-            ok = _compare(answer, gold_parsed, max_digits=config.max_digits)
-    except _Refused as refused:
-        return 0.0, refused.reason
+            reason = judge(answer, gold, config.max_digits)
     except ItemTimeout:
         return 0.0, "timeouts"
     except MemoryError:
@@ -219,7 +268,7 @@ def score_item(completion: str, gold: str, config: VerifierConfig) -> tuple[floa
         return 0.0, "prescreened"
     except Exception:  # any other failure of the parser or of SymPy: scored 0, counted
         return 0.0, "errors"
-    return (1.0, "correct") if ok else (0.0, "wrong")
+    return (1.0 if reason == "correct" else 0.0), reason
 
 
 def math_reward(
