@@ -181,8 +181,10 @@ def main() -> None:
                 print(f"  differ [{label}] gold={gold!r} answer={box!r} mv={p} ours={o}")
     truth = [label == "correct" for *_, label in items]
     print(f"disagreements: {sum(differ.values())} {dict(differ)}")
-    print(f"agreement with construction labels: math_verify {_agree(peer, truth)}, ours "
-          f"{_agree(ours, truth)} of {len(items)}")
+    print(
+        f"agreement with construction labels: math_verify {_agree(peer, truth)}, ours "
+        f"{_agree(ours, truth)} of {len(items)}"
+    )
     print(f"pool counters: {stats}")
     print(f"pool start-up {startup_s:.2f} s (not timed below)")
     peer_rate, ours_rate = len(items) / peer_s, len(items) / ours_s

@@ -243,6 +243,13 @@ def judge(answer: str, gold: str, max_digits: float = 1e5) -> str:
     return _compare(normalize(answer), parsed_gold, max_digits=max_digits)
 
 
+def clear_caches() -> None:
+    """Empty this process's gold, parse and verdict caches (and math-verify's parse cache),
+    e.g. to measure or to test the uncached path."""
+    for cached in (parse_gold, _parse_gold_text, _gold_matches_itself, judge, parse_latex_cached):
+        cached.cache_clear()
+
+
 def score_item(completion: str, gold: str, config: VerifierConfig) -> tuple[float, str]:
     """(reward, reason) of one completion; reason is one of `REASONS` ("correct" or "wrong"
     when the answer was judged, otherwise why it scored 0)."""
