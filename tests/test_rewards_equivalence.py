@@ -296,7 +296,19 @@ def test_fast_paths_agree_with_full_comparison(kind, gold, answer, expected):
 
 
 NUMBER_FORMS = ["7", "-7", "1,234", "1234", "3/4", "\\frac{3}{4}", "\\dfrac{6}{8}", "0.75"]
-NUMBER_FORMS += ["-0.75", "2.50", "2.5", "0", "-0", "0.0", "x = 7", "y=-7", "n = 0.75"]
+NUMBER_FORMS += [
+    "-0.75",
+    "2.50",
+    "2.5",
+    "0",
+    "-0",
+    "0.0",
+    "x = 7",
+    "y=-7",
+    "n = 0.75",
+    "e = 7",
+    "I = 7",
+]
 
 
 @pytest.mark.parametrize("gold", ["7", "-7", "1234", "\\frac{3}{4}", "0.75", "2.5", "0"])

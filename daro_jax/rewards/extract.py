@@ -10,8 +10,9 @@ The answer of a completion is, in this order:
 3. with fallback "last_number": the last number of the text (`-12`, `1,234`, `3.5`, `3/4`,
    `**73**`), thousands separators removed.
 
-Markdown bold around an answer (`**73**`) is removed in every mode: math-verify reads
-`\\boxed{**73**}` as an unparsable string, a false negative.
+Markdown bold around an answer (`**73**`) and a sentence-final period after a digit
+(`\\boxed{3.}`) are removed in every mode: math-verify reads both as unparsable strings,
+false negatives.
 """
 
 import re
@@ -27,6 +28,7 @@ _NUMBER_RE = re.compile(r"(?<![\w.])[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?
 _BOLD_RE = re.compile(r"^(?:\*\*|__)(.+?)(?:\*\*|__)$", re.DOTALL)
 _TRAILING_PUNCT = ".,;:!?"
 _FINAL_PERIOD_RE = re.compile(r"\d\.$")
+_TOKEN_RE = re.compile(r"[^\s$]+")
 
 
 class Extraction(NamedTuple):
@@ -72,7 +74,7 @@ def last_boxed(text: str) -> str | None:
     if pos >= len(text):
         return None
     if text[pos] != "{":
-        token = re.match(r"[^\s$]+", text[pos:])
+        token = _TOKEN_RE.match(text, pos)
         return token.group(0) if token else None
     end = _closing_brace(text, pos)
     if end < 0:
