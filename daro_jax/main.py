@@ -1,0 +1,59 @@
+"""Entry point: `python -m daro_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v]`.
+
+Wires flags, multi-host initialisation and the trainer; everything else lives in
+trainer.py. A workdir that already holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/smollm2_135m.py", "Recipe file with get_config().", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: logs and checkpoints.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'auto' does it on multi-host TPU or when "
+    "JAX_COORDINATOR_ADDRESS is set (then JAX_NUM_PROCESSES and JAX_PROCESS_ID too).",
+)
+
+
+def init_distributed(mode: str) -> None:
+    """Start jax.distributed for multi-process runs (TPU pods or CPU processes with gloo)."""
+    import jax
+
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    on_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if mode == "off" or (mode == "auto" and not coordinator and not on_pod):
+        return
+    if coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (a directory for logs and checkpoints).")
+    init_distributed(_DISTRIBUTED.value)
+    from daro_jax import trainer
+
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,605 @@
+"""The RL loop: sample → verify → group → update, laid out in big_vision's order.
+
+One RL step s (B prompts per global batch, K responses each):
+
+1. prompts: this process's slice of the global batch (`data.PromptIterator`);
+2. rollouts: the jitted sampler, K per prompt from one prefill, key fold_in(seed, s);
+3. rewards: the verifier process pool on the decoded texts (beside the accelerator);
+4. pass-rate groups and advantages (`losses.group_advantages`, on the global batch);
+   with DAPO's dynamic sampling, prompts with μ ∈ {0, 1} are dropped and more are drawn,
+   up to `algo.dynamic_sampling_max_tries` batches; free rows are padding (mask 0);
+5. old-policy logprobs are recomputed only when the step makes several updates
+   (ppo_epochs × minibatches > 1); with one update the step is on-policy and
+   old_logp = stop_gradient(logp) exactly, so the importance ratio is exactly 1.
+   Reference logprobs are computed when the KL term is on;
+6. ppo_epochs × minibatches jitted updates (donated state), each accumulating the
+   gradient over micro-batches with `lax.scan`; the loss normalisers come from the whole
+   minibatch (losses.token_batch), so micro-batching is exact;
+7. metrics to TensorBoard (process 0) and the console; a checkpoint every
+   `train.ckpt_every` steps, at the end, and on SIGTERM.
+
+Log-probabilities in the update use logits / T with the sampling temperature T, exactly as
+the sampler does. Sequences are the prompt (left-padded to a fixed length P for the whole
+run) followed by the completion, cut to a power-of-two bucket of the longest completion of
+the step, so the update compiles once per bucket (at most log2(N/16) + 1 shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from daro_jax import checkpoint, data, losses, metrics, models, optim, rewards, sampler, sharding
+from daro_jax.models import decoder
+from daro_jax.models.config import ModelConfig
+
+MIN_COMPLETION_BUCKET = 16
+
+
+def completion_bucket(longest: int, max_new_tokens: int) -> int:
+    """Update length for completions of at most `longest` tokens: a power of two ≥ 16,
+    capped at max_new_tokens."""
+    return min(max_new_tokens, max(MIN_COMPLETION_BUCKET, 1 << max(0, longest - 1).bit_length()))
+
+
+# ---------------------------------------------------------------------------------------
+# Global arrays over the mesh (multi-host: each process holds its rows).
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    names = ("batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(mesh, sharding.logical_spec(names, shape, mesh))
+
+
+def to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The global array whose rows are every process's `local` rows, in process order."""
+    local = np.asarray(local)
+    shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, shape), local, shape)
+
+
+def to_local(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global row-sharded array (all of it on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+    rows = np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
+    if rows.shape[0] == x.shape[0]:  # replicated rows: take this process's slice
+        n = x.shape[0] // jax.process_count()
+        rows = rows[jax.process_index() * n : (jax.process_index() + 1) * n]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The jitted update.
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """Static settings of the compiled update and logprob functions."""
+
+    cfg: ModelConfig
+    spec: losses.AlgoSpec
+    temperature: float
+    prompt_len: int
+    microbatch_size: int  # 0: the whole minibatch at once
+    on_policy: bool
+
+
+def _microbatches(x: jax.Array, size: int) -> jax.Array:
+    """[N, ...] → [N / size, size, ...], micro-batch j holding rows j, j + N/size, …
+
+    Strided, so that each micro-batch stays spread over the batch-sharded devices.
+    """
+    n = x.shape[0]
+    size = size or n
+    return x.reshape(size, n // size, *x.shape[1:]).swapaxes(0, 1)
+
+
+def sequence_logprobs(model_params, tokens, attn_mask, s: UpdateSettings):
+    """log π(o_t | ·) and entropy at the completion positions, from logits / T.
+
+    tokens, attn_mask [n, P + C]; returns two [n, C] arrays.
+    """
+    positions = decoder.positions_from_mask(attn_mask)
+    hidden, _ = decoder.forward(model_params, s.cfg, tokens, positions, attn_mask)
+    p = s.prompt_len
+    return decoder.token_logprobs(
+        model_params, s.cfg, hidden[:, p - 1 : -1], tokens[:, p:], s.temperature
+    )
+
+
+def batch_logprobs(model_params, tokens, attn_mask, s: UpdateSettings) -> jax.Array:
+    """Completion logprobs [N, C] of a whole batch, micro-batch by micro-batch (rows in the
+    original order)."""
+
+    def one(args):
+        return sequence_logprobs(model_params, *args, s)[0]
+
+    size = s.microbatch_size or tokens.shape[0]
+    out = lax.map(one, (_microbatches(tokens, size), _microbatches(attn_mask, size)))
+    return out.swapaxes(0, 1).reshape(tokens.shape[0], -1)
+
+
+def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings):
+    """One optimizer update on a minibatch; returns (new state, metrics).
+
+    batch: tokens, attn_mask [N, P + C]; loss_mask, old_logp, sampler_logp [N, C];
+    advantages, group_ids [N]; optional ref_logp [N, C]. If the loss or the gradient norm is
+    not finite, the state is returned unchanged and metrics["finite"] is 0.
+    """
+    params = state["params"]
+    tb = losses.token_batch(
+        batch["old_logp"],
+        batch["loss_mask"],
+        batch["advantages"],
+        batch["group_ids"],
+        s.spec,
+        ref_logp=batch.get("ref_logp"),
+    )
+
+    def loss_fn(p, tokens, attn_mask, sampler_logp, mb):
+        logp, entropy = sequence_logprobs(p["model"], tokens, attn_mask, s)
+        if s.on_policy:
+            mb = mb._replace(old_logp=lax.stop_gradient(logp))
+        loss, sums = losses.microbatch_loss(p["daro"], logp, mb, s.spec, lax.stop_gradient(entropy))
+        gap = jnp.abs(lax.stop_gradient(logp) - sampler_logp) * mb.mask
+        return loss, (sums, gap.sum())
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def body(carry, xs):
+        grads, sums, gap = carry
+        g, (s_mb, gap_mb) = grad_fn(params, *xs)
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (grads, losses.accumulate_metrics(sums, s_mb), gap + gap_mb), None
+
+    size = s.microbatch_size
+    xs = (
+        _microbatches(batch["tokens"], size),
+        _microbatches(batch["attn_mask"], size),
+        _microbatches(batch["sampler_logp"], size),
+        jax.tree.map(lambda x: _microbatches(x, size), tb),
+    )
+    init = (
+        jax.tree.map(jnp.zeros_like, params),
+        losses.empty_metrics(s.spec, kl=tb.ref_logp is not None, entropy=True),
+        jnp.zeros((), jnp.float32),
+    )
+    (grads, sums, gap), _ = lax.scan(body, init, xs)
+    out = losses.finalize_metrics(sums, params["daro"], s.spec)
+    out["grad_norm"] = optax.global_norm(grads["model"])
+    out["sampler_logp_gap"] = gap / jnp.maximum(sums["tokens"], 1.0)
+    updates, opt_state = tx.update(grads, state["opt"], params)
+    new = {"params": optax.apply_updates(params, updates), "opt": opt_state}
+    finite = jnp.isfinite(out["loss"]) & jnp.isfinite(out["grad_norm"])
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    out["finite"] = finite.astype(jnp.float32)
+    return new, out
+
+
+def flat_advantages(rewards, lengths, spec: losses.AlgoSpec):
+    """Advantages and group ids flattened to rollout rows [B·K], and the rollout stats."""
+    groups = losses.group_advantages(rewards, lengths, spec)
+    return groups.advantages.reshape(-1), groups.group_ids.reshape(-1), groups.stats
+
+
+# ---------------------------------------------------------------------------------------
+# Rollouts and rewards of one batch of prompts (this process's rows).
+
+
+def _sample_and_score(
+    rollout_fn, params, examples, rng, mesh, tokenizer, pool, prompt_len, timers: dict
+) -> tuple[np.ndarray, dict]:
+    """Rollouts of `examples` (this process's rows, [b, K, ...]) and their rewards [b, K];
+    adds the seconds spent to timers["sampler_s"] and timers["reward_s"]."""
+    prompt_tokens, prompt_mask = sampler.left_pad([e["prompt_ids"] for e in examples], prompt_len)
+    t0 = time.perf_counter()
+    out = rollout_fn(params, to_global(prompt_tokens, mesh), to_global(prompt_mask, mesh), rng)
+    out = {name: to_local(value) for name, value in out.items()}
+    t1 = time.perf_counter()
+    b = len(examples)
+    k = out["tokens"].shape[0] // b
+    texts = tokenizer.batch_decode(
+        [row[:n].tolist() for row, n in zip(out["tokens"], out["lengths"], strict=True)],
+        skip_special_tokens=True,
+    )
+    golds = [e["answer"] for e in examples for _ in range(k)]
+    scores = pool.score(texts, golds).reshape(b, k)
+    timers["sampler_s"] += t1 - t0
+    timers["reward_s"] += time.perf_counter() - t1
+    rollout = {name: out[name].reshape(b, k, *out[name].shape[1:]) for name in out}
+    rollout["prompt_tokens"], rollout["prompt_mask"] = prompt_tokens, prompt_mask
+    return scores, rollout
+
+
+def _pad_prompts(tree, n: int):
+    """Pad every leaf to n rows with copies of row 0 whose lengths and masks are zero."""
+    have = jax.tree.leaves(tree)[0].shape[0]
+    if have == n:
+        return tree
+    idx = np.concatenate([np.arange(have), np.zeros(n - have, np.int64)])
+    tree = jax.tree.map(lambda x: x[idx], tree)
+    for name in ("mask", "lengths", "truncated"):
+        tree[name][have:] = 0
+    return tree
+
+
+# ---------------------------------------------------------------------------------------
+# The run.
+
+
+def _load_examples(config, tokenizer):
+    d = config.data
+    examples = data.load_train_set(
+        d.source,
+        seed=config.seed,
+        split=d.split,
+        problem_key=d.problem_key,
+        answer_key=d.answer_key,
+        generated_kind=d.generated_kind,
+        generated_difficulty=d.generated_difficulty,
+    )
+    examples, dropped = data.prepare_prompts(
+        tokenizer,
+        examples,
+        instruction=d.instruction,
+        max_prompt_tokens=config.sampler.max_prompt_tokens,
+        system_prompt=d.system_prompt,
+        chat_template=d.chat_template,
+    )
+    if not examples:
+        raise ValueError(
+            f"every prompt is longer than sampler.max_prompt_tokens="
+            f"{config.sampler.max_prompt_tokens}; raise it."
+        )
+    return examples, dropped
+
+
+def _check_batch(config, mesh: Mesh) -> None:
+    """Batch sizes must split evenly over processes, shards, minibatches and micro-batches."""
+    t = config.train
+    rows = t.batch_prompts * config.algo.k
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_prompts % jax.process_count():
+        raise ValueError(
+            f"train.batch_prompts={t.batch_prompts} must be divisible by the number of "
+            f"processes ({jax.process_count()})."
+        )
+    if rows % shards:
+        raise ValueError(
+            f"train.batch_prompts × algo.k = {rows} rollouts must be divisible by the "
+            f"{shards} data shards of mesh.shape={tuple(config.mesh.shape)} (data × fsdp)."
+        )
+    if t.minibatches < 1 or t.batch_prompts % t.minibatches:
+        raise ValueError(
+            f"train.minibatches={t.minibatches} must divide train.batch_prompts="
+            f"{t.batch_prompts} (minibatches hold whole prompts)."
+        )
+    per_mb = rows // t.minibatches
+    if t.microbatch_size < 0 or (t.microbatch_size and per_mb % t.microbatch_size):
+        raise ValueError(
+            f"train.microbatch_size={t.microbatch_size} must divide the {per_mb} rollouts of "
+            "a minibatch (or be 0 for the whole minibatch)."
+        )
+    if t.ppo_epochs < 1 or t.steps < 1:
+        raise ValueError("train.ppo_epochs and train.steps must be ≥ 1.")
+    if config.sampler.temperature <= 0:
+        raise ValueError(
+            f"sampler.temperature={config.sampler.temperature}: RL training samples, so it "
+            "must be > 0 (greedy decoding is for evaluation)."
+        )
+
+
+class Trainer:
+    """Everything one run holds: model, jitted functions, data, verifier, checkpoints."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        # Mesh, model, algorithm.
+        self.mesh = sharding.make_mesh(config.mesh.shape)
+        _check_batch(config, self.mesh)
+        m = config.model
+        model = models.load(
+            m.path,
+            m.dtype,
+            self.mesh,
+            param_dtype=m.param_dtype,
+            random_init=m.init_random,
+            seed=config.seed,
+            overrides=m.arch_overrides.to_dict(),
+        )
+        self.cfg = model.config.replace(remat=m.remat)
+        self.tokenizer = model.tokenizer
+        self.spec = losses.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+        # Data.
+        self.examples, self.dropped_prompts = _load_examples(config, self.tokenizer)
+        self.prompt_len = int(max(len(e["prompt_ids"]) for e in self.examples))
+        self.iterator = data.PromptIterator(
+            self.examples,
+            config.train.batch_prompts,
+            config.seed,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        # Train state and optimizer (shardings of params and Adam moments follow the model).
+        t = config.train
+        self.updates_per_step = t.ppo_epochs * t.minibatches
+        state = optim.init_train_state(model.params, self.spec)
+        state["daro"] = jax.device_put(state["daro"], NamedSharding(self.mesh, PartitionSpec()))
+        self.tx = optim.make_optimizer(
+            config.optim, state, t.steps * self.updates_per_step, self.spec
+        )
+        opt_state = jax.jit(self.tx.init)(state)
+        self.state = {"params": state, "opt": opt_state}
+        self.ref_params = jax.tree.map(jnp.copy, model.params) if self.spec.kl_beta > 0 else None
+        shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.settings = UpdateSettings(
+            self.cfg,
+            self.spec,
+            float(config.sampler.temperature),
+            self.prompt_len,
+            t.microbatch_size,
+            on_policy=self.updates_per_step == 1,
+        )
+        self.update = jax.jit(
+            update_step,
+            static_argnames=("tx", "s"),
+            donate_argnums=(0,),
+            out_shardings=(shardings, None),
+        )
+        self.logprobs = jax.jit(batch_logprobs, static_argnames=("s",))
+        s = config.sampler
+        self.sample = sampler.make_sampler(
+            self.cfg,
+            k=self.spec.k,
+            max_new_tokens=s.max_new_tokens,
+            prompt_len=self.prompt_len,
+            temperature=float(s.temperature),
+            top_p=float(s.top_p),
+            top_k=int(s.top_k),
+            stop_token_ids=sampler.default_stop_token_ids(self.tokenizer, self.cfg),
+            mesh=self.mesh,
+        )
+        self.advantages = jax.jit(functools.partial(flat_advantages, spec=self.spec))
+        self.take_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[rows], tree))
+        self.n_params = sum(x.size for x in jax.tree.leaves(model.params))
+        self.peak = metrics.peak_flops(jax.devices()[0])
+
+    # -- one RL step ----------------------------------------------------------------------
+
+    def _collect(self, step: int, pool, timers: dict):
+        """Rewards [b, K], rollouts [b, K, ...] of this process's prompts and extra metrics;
+        with dynamic sampling, the kept prompts padded to b with empty rows (None when no
+        prompt was kept)."""
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+        def sample_fn(attempt: int):
+            return _sample_and_score(
+                self.sample,
+                self.state["params"]["model"],
+                next(self.iterator),
+                jax.random.fold_in(rng, attempt),
+                self.mesh,
+                self.tokenizer,
+                pool,
+                self.prompt_len,
+                timers,
+            )
+
+        if not self.spec.dynamic_sampling:
+            scores, rollout = sample_fn(0)
+            return scores, rollout, {}
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                "algo.dynamic_sampling with several processes is not supported: each process "
+                "would draw a different number of batches. Set "
+                "--config.algo.dynamic_sampling=False or run on one host."
+            )
+        b = self.config.train.batch_prompts
+        scores, rollout, info = losses.dynamic_sampling(
+            sample_fn, b, self.spec.dynamic_sampling_max_tries
+        )
+        extra = {
+            "dynamic/tries": info.tries,
+            "dynamic/kept_prompts": info.kept_prompts,
+            "dynamic/sampled_prompts": info.sampled_prompts,
+            "dynamic/batch_full": float(info.full),
+        }
+        if info.kept_prompts == 0:
+            return scores, None, extra
+        pad = b - info.kept_prompts
+        scores = np.concatenate([scores, np.zeros((pad, self.spec.k), scores.dtype)])
+        return scores, _pad_prompts(rollout, b), extra
+
+    def _update_batch(self, rollout: dict, groups) -> dict:
+        """Global update arrays of the step, completions cut to the step's length bucket."""
+        b, k = rollout["lengths"].shape
+        c = completion_bucket(int(rollout["lengths"].max()), self.config.sampler.max_new_tokens)
+
+        def rows(x):
+            return x.reshape(b * k, -1)[:, :c]
+
+        local = {
+            "tokens": np.concatenate(
+                [np.repeat(rollout["prompt_tokens"], k, 0), rows(rollout["tokens"])], 1
+            ),
+            "attn_mask": np.concatenate(
+                [np.repeat(rollout["prompt_mask"], k, 0), rows(rollout["mask"])], 1
+            ),
+            "loss_mask": rows(rollout["mask"]).astype(np.float32),
+            "sampler_logp": rows(rollout["logprobs"]),
+        }
+        batch = {name: to_global(x, self.mesh) for name, x in local.items()}
+        batch["advantages"], batch["group_ids"] = groups
+        params = self.state["params"]["model"]
+        if self.settings.on_policy:
+            batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
+        else:
+            batch["old_logp"] = self.logprobs(
+                params, batch["tokens"], batch["attn_mask"], s=self.settings
+            )
+        if self.ref_params is not None:
+            batch["ref_logp"] = self.logprobs(
+                self.ref_params, batch["tokens"], batch["attn_mask"], s=self.settings
+            )
+        return batch
+
+    def _updates(self, step: int, batch: dict) -> list[dict]:
+        """ppo_epochs passes of `minibatches` updates over whole prompts; their metrics."""
+        t, k = self.config.train, self.spec.k
+        per = t.batch_prompts // t.minibatches
+        outs = []
+        for epoch in range(t.ppo_epochs):
+            order = np.random.default_rng([self.config.seed, step, epoch]).permutation(
+                t.batch_prompts
+            )
+            for i in range(t.minibatches):
+                if t.minibatches == 1:
+                    minibatch = batch
+                else:
+                    prompts = np.sort(order[i * per : (i + 1) * per])
+                    rows = (prompts[:, None] * k + np.arange(k)).reshape(-1)
+                    minibatch = self.take_rows(batch, jnp.asarray(rows))
+                self.state, out = self.update(self.state, minibatch, tx=self.tx, s=self.settings)
+                outs.append(out)
+        return jax.device_get(outs)
+
+    def step(self, step: int, pool) -> dict[str, float]:
+        """One RL step; returns its metrics as host floats."""
+        t_start = time.perf_counter()
+        timers = {"sampler_s": 0.0, "reward_s": 0.0}
+        scores, rollout, extra = self._collect(step, pool, timers)
+        out = {**extra, **{f"verifier/{n}": v for n, v in pool.pop_stats().items()}}
+        out |= {f"time/{name}": v for name, v in timers.items()}
+        if rollout is None:
+            logging.warning("step %d: no prompt with 0 < mu < 1 in any try; no update", step)
+            return out
+        advantages, group_ids, stats = self.advantages(
+            to_global(scores, self.mesh), to_global(rollout["lengths"], self.mesh)
+        )
+        t_update = time.perf_counter()
+        updates = self._updates(step, self._update_batch(rollout, (advantages, group_ids)))
+        update_s = time.perf_counter() - t_update
+        for i, m in enumerate(updates):
+            if not m["finite"]:
+                flat = metrics.flatten(m, self.spec.k)
+                bad = metrics.first_nonfinite(flat, ("loss", "grad_norm")) or "loss/grad_norm"
+                raise FloatingPointError(
+                    f"step {step} (update {i}): non-finite {bad}; the update was not applied "
+                    "and nothing was saved for this step (the last checkpoint is intact). "
+                    "Lower optim.lr, check the data, or use model.dtype=float32."
+                )
+        first, last = updates[0], updates[-1]
+        out |= metrics.flatten(first, self.spec.k)
+        for name in ("loss", "grad_norm", "ratio_mean", "clip_frac_low", "clip_frac_high"):
+            out[f"last_update/{name}"] = float(last[name])
+        lengths = rollout["lengths"]
+        real = lengths > 0
+        n_proc = jax.process_count()
+        sampled = float(lengths.sum()) * n_proc
+        trained = float(rollout["prompt_mask"].sum() * self.spec.k + lengths.sum()) * n_proc
+        stats = jax.device_get(stats)
+        out |= {
+            "reward": float(stats["reward"]),
+            "accuracy": float(stats["accuracy"]),
+            "length_mean": float(lengths[real].mean()) if real.any() else 0.0,
+            "length_correct": float(stats["length_correct"]),
+            "length_incorrect": float(stats["length_incorrect"]),
+            "truncated_frac": float(rollout["truncated"][real].mean()) if real.any() else 0.0,
+            "time/update_s": update_s,
+            "time/step_s": time.perf_counter() - t_start,
+            "throughput/sampler_tokens_per_s": sampled / max(timers["sampler_s"], 1e-9),
+            "throughput/update_tokens_per_s": trained * self.updates_per_step / update_s,
+        }
+        if self.spec.uses_daro_weights:
+            w = np.asarray(
+                jax.device_get(losses.daro_weights(self.state["params"]["daro"], self.spec))
+            )
+            for g, v in enumerate(w, start=1):
+                out[f"daro/w_after_update/mu={g}_{self.spec.k}"] = float(v)
+        if self.peak:
+            flops = 6.0 * self.n_params * trained * self.updates_per_step
+            out["throughput/update_mfu"] = flops / (update_s * self.peak * jax.device_count())
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def meta(self, step: int) -> dict:
+        return {
+            "step": step,
+            "data_position": self.iterator.state(),
+            "config": json.loads(self.config.to_json()),
+        }
+
+    def restore(self, ckpt: checkpoint.Checkpointer) -> int:
+        """Resume from the workdir's latest checkpoint; returns the step to start at."""
+        meta = ckpt.restore_meta()
+        if meta is None:
+            return 0
+        checkpoint.check_compatible(meta["config"], json.loads(self.config.to_json()))
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+        )
+        self.state, meta = ckpt.restore(target)
+        self.iterator.restore(meta["data_position"])
+        logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+        return int(meta["step"])
+
+
+def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) the RL loop of `config` in `workdir`; returns the last step's metrics.
+
+    `on_step(step, metrics)` is called after every step (tests and the study use it).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir)
+    writer = metrics.Writer(workdir)
+    checkpoint.install_sigterm_handler()
+    t = config.train
+    last: dict = {}
+    with (
+        checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt,
+        rewards.RewardPool(
+            config.reward.num_workers, config.reward.timeout_s, fallback=config.reward.fallback
+        ) as pool,
+    ):
+        start = trainer.restore(ckpt)
+        bar = tqdm(
+            range(start, t.steps),
+            initial=start,
+            total=t.steps,
+            desc="RL steps",
+            disable=jax.process_index() != 0,
+        )
+        step = start
+        for step in bar:
+            last = trainer.step(step, pool)
+            if on_step is not None:
+                on_step(step, last)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                writer.write(step + 1, last)
+                bar.write(metrics.summary_line(step + 1, last))
+            stop = checkpoint.any_process_preempted()
+            ckpt.save(step + 1, trainer.state, trainer.meta(step + 1), force=stop)
+            if stop:
+                logging.warning("SIGTERM: saved step %d, exiting", step + 1)
+                break
+        else:
+            ckpt.save(t.steps, trainer.state, trainer.meta(t.steps), force=True)
+    writer.close()
+    return last
