@@ -50,7 +50,7 @@ def get_config():
     c.algo.dynamic_sampling = placeholder(bool)
     c.algo.dynamic_sampling_max_tries = 3
     c.algo.overlong_shaping = placeholder(bool)
-    c.algo.overlong_cache = 64  # DAPO L_cache, tokens before the max length
+    c.algo.overlong_cache = 256  # DAPO L_cache: soft penalty in the last L_cache tokens
     c.algo.overlong_penalty = 1.0
     c.algo.daro_parameterization = "log"  # log | direct
     c.algo.daro_log_weight_bounds = (-10.0, 10.0)

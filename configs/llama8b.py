@@ -10,6 +10,7 @@ def get_config():
     c.model.param_dtype = "float32"
     c.model.remat = True
     c.tpu.accelerator = "v5p-64"
+    c.tpu.zone = "us-east5-a"
     c.mesh.shape = (1, -1, 1)
     c.algo.name = "daro"
     c.optim.lr = 1e-6

@@ -14,6 +14,7 @@ def get_config():
     c.model.path = "smollm2-gguf"
     c.algo.name = "daro"
     c.algo.k = 8
+    c.algo.overlong_cache = 16
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 2
     c.sampler.max_new_tokens = 48

@@ -13,7 +13,9 @@ def get_config():
     c.model.arch_overrides.num_key_value_heads = 2
     c.model.arch_overrides.head_dim = 16
     c.algo.k = 4
+    c.algo.overlong_cache = 2
     c.optim.lr = 1e-3
+    c.optim.weight_lr_multiplier = 10.0
     c.sampler.max_new_tokens = 8
     c.sampler.max_prompt_tokens = 64
     c.train.steps = 3
