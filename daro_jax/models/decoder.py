@@ -22,6 +22,13 @@ Two entry points share `forward`:
 - with a KV cache (prefill into a cache, then one-token decode steps): the T new tokens are
   written to cache slots [cache_pos, cache_pos + T), `mask` [B, S] marks the valid slots of
   the whole cache (the caller keeps it), and query t attends to slots s ≤ cache_pos + t.
+  The cache is {"k", "v"} of [L, B, KV, S, Dh] (slots next to the head dim, so attention
+  reads it without a transposed copy).
+
+`params["layers"]` (and the cache's "k", "v") may also be given unstacked, as lists of L
+per-layer pytrees (`unstack_layers`): the layers then run as a Python loop. The sampler's
+decode step does this on CPU, where slicing a layer out of the stacked arrays inside the
+scan copies its weights and cache at every step.
 """
 
 from __future__ import annotations
@@ -147,28 +154,34 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """Zeroed KV cache {"k", "v"}: [L, B, S, KV, Dh] in the compute dtype."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """Zeroed KV cache {"k", "v"}: [L, B, KV, S, Dh] in the compute dtype."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     return {"k": zeros, "v": zeros}
 
 
-CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+
+
+def unstack_layers(stacked):
+    """The list of L per-layer pytrees of a pytree whose leaves are stacked on axis 0."""
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
 
 
 def _attention(q, k, v, allowed, cfg: ModelConfig):
     """softmax(q·kᵀ/√Dh + mask)·v with H/KV query heads per key/value head.
 
-    q [B, T, H, Dh]; k, v [B, S, KV, Dh]; allowed [B, T, S] booleans.
+    q [B, T, H, Dh]; k, v [B, KV, S, Dh]; allowed [B, T, S] booleans.
     """
     b, t, _, dh = q.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(dh)
     scores = jnp.where(allowed[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, cfg.num_heads, dh)
 
 
@@ -182,11 +195,11 @@ def _layer(cfg: ModelConfig, inv_freq, positions, allowed, cache_pos, x, lp, cac
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
     q = sharding.constrain(rope(q, positions, inv_freq), ("batch", "length", "heads", None))
-    k = rope(k, positions, inv_freq)
+    k, v = rope(k, positions, inv_freq).swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KV, T, Dh]
     if cache_kv is not None:
         ck, cv = cache_kv
-        ck = lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_pos, axis=1)
-        cv = lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_pos, axis=1)
+        ck = lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_pos, axis=2)
+        cv = lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_pos, axis=2)
         cache_kv, k, v = (ck, cv), ck, cv
     attn = _attention(q, k, v, allowed, cfg)
     out = jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(dt))
@@ -229,8 +242,16 @@ def forward(
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    cache_in = None if cache is None else (cache["k"], cache["v"])
-    x, cache_out = lax.scan(body, x, (params["layers"], cache_in))
+    if isinstance(params["layers"], list | tuple):
+        cache_out = ([], [])
+        for i, lp in enumerate(params["layers"]):
+            x, cache_kv = body(x, (lp, None if cache is None else (cache["k"][i], cache["v"][i])))
+            if cache is not None:
+                cache_out[0].append(cache_kv[0])
+                cache_out[1].append(cache_kv[1])
+    else:
+        cache_in = None if cache is None else (cache["k"], cache["v"])
+        x, cache_out = lax.scan(body, x, (params["layers"], cache_in))
     new_cache = None if cache is None else {"k": cache_out[0], "v": cache_out[1]}
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
 
