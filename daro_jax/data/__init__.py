@@ -53,7 +53,6 @@ from daro_jax.data.prompts import (
 )
 from daro_jax.data.sources import (
     FILE_SUFFIXES,
-    last_boxed,
     load_examples,
     load_train_set,
     rows_to_examples,
@@ -78,7 +77,6 @@ __all__ = [
     "generate_problems",
     "heldout_problems",
     "is_heldout",
-    "last_boxed",
     "load_benchmark",
     "load_champ",
     "load_examples",

@@ -15,21 +15,9 @@ import numpy as np
 from absl import logging
 
 from daro_jax.data.generated import GENERATED_TRAIN_SIZE, generate_problems
+from daro_jax.rewards.extract import last_boxed
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth < 0:
-            return text[begin:i]
-    return None
 
 
 def _as_text(value: Any) -> str | None:
