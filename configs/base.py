@@ -89,6 +89,9 @@ def get_config():
     c.data.answer_key = "answer"
     c.data.generated_kind = "arithmetic"
     c.data.generated_difficulty = 1
+    c.data.generated_size = 10000  # generated training problems per epoch
+    c.data.subset = ""  # hub dataset config name (datasets.load_dataset(name=...)); "" = default
+    c.data.answer_from_boxed = False  # answer = last \boxed{} of the answer column (MATH-style)
     c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.data.system_prompt = placeholder(str)
     c.data.chat_template = True

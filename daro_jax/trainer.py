@@ -252,6 +252,9 @@ def _load_examples(config, tokenizer):
         answer_key=d.answer_key,
         generated_kind=d.generated_kind,
         generated_difficulty=d.generated_difficulty,
+        num_generated=d.generated_size,
+        subset=d.subset or None,
+        answer_from_boxed=d.answer_from_boxed,
     )
     examples, dropped = data.prepare_prompts(
         tokenizer,
