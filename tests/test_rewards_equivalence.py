@@ -217,6 +217,13 @@ CASES = {
         ("3\\frac{1}{4}", "\\frac{3}{4}", False),
         ("1\\frac{4}{5}", "1.45", False),
     ],
+    "number bases": [
+        ("52_8", "52_8", True),
+        ("52_8", "52_{8}", True),
+        ("4210_{5}", "4210_5", True),
+        ("40_9", "40_3", False),
+        ("2516_8", "2516_9", False),
+    ],
     "expressions": [
         ("p - q", "p-q", True),
         ("3+4i", "4i+3", True),
@@ -268,6 +275,8 @@ FIXES = [
     ("3", "3.", True, False),
     # relation answer against an interval gold
     ("(3, \\infty)", "x > 3", True, False),
+    # a base subscript is dropped by the parser: 40_3 read as 40_9
+    ("40_9", "40_3", False, True),
     # a percentage with a non-integer value (math-verify accepts 25 for 25% only)
     ("12.5\\%", "12.5", True, False),
     ("12.5", "12.5\\%", True, False),
@@ -295,7 +304,18 @@ def test_fast_paths_agree_with_full_comparison(kind, gold, answer, expected):
     assert _compare(normalized, parsed_gold, fast=True) == full
 
 
-NUMBER_FORMS = ["7", "-7", "1,234", "1234", "3/4", "\\frac{3}{4}", "\\dfrac{6}{8}", "0.75"]
+NUMBER_FORMS = [
+    "7",
+    "-7",
+    "1,234",
+    "1234",
+    "1,234.5",
+    "1234.50",
+    "3/4",
+    "\\frac{3}{4}",
+    "\\dfrac{6}{8}",
+    "0.75",
+]
 NUMBER_FORMS += [
     "-0.75",
     "2.50",
@@ -311,7 +331,7 @@ NUMBER_FORMS += [
 ]
 
 
-@pytest.mark.parametrize("gold", ["7", "-7", "1234", "\\frac{3}{4}", "0.75", "2.5", "0"])
+@pytest.mark.parametrize("gold", ["7", "-7", "1234", "1234.5", "\\frac{3}{4}", "0.75", "2.5", "0"])
 @pytest.mark.parametrize("answer", NUMBER_FORMS)
 def test_rational_fast_path_matches_full_comparison(gold, answer):
     normalized, parsed_gold = normalize(answer), parse_gold(gold)

@@ -8,6 +8,8 @@
 - `set_tuple_mismatch`: math-verify equates the set `\\{1,2\\}` with `(1,2)` (it reads the
   latter as an open interval, then compares it as a pair); a set literal never equals an
   ordered pair or an interval.
+- `base_mismatch`: latex2sympy2_extended drops a subscript, so `40_3` equals `40_9`; two
+  numbers written with different bases never match.
 - `percent_value`: math-verify accepts `25` for `25\\%` (integers only); the verifier
   also accepts `12.5` for `12.5\\%` (either side may carry the percent sign).
 - `numeric_disagreement`: math-verify compares numbers with `evalf(chop=True)` and
@@ -36,6 +38,7 @@ from sympy import (
 
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![A-Za-z])")
 _SET_BUILDER_RE = re.compile(r"\\mid|\||:|\\colon")
+_BASE_RE = re.compile(r"-?[0-9A-Za-z]+_\{?(\d+)\}?")
 _LOG10_2 = math.log10(2.0)
 _EXACT_RTOL = 1e-20
 _FLOAT_RTOL = 1e-4
@@ -126,6 +129,13 @@ def percent_value(expr):
     if isinstance(expr, Mul) and len(expr.args) == 2 and expr.args[1] == _PERCENT:
         return expr.args[0]
     return None
+
+
+def base_mismatch(gold: str, answer: str) -> bool:
+    """True if both are numbers with a base subscript (`52_8`, `4210_{5}`) and the bases
+    differ."""
+    gold_base, answer_base = _BASE_RE.fullmatch(gold.strip()), _BASE_RE.fullmatch(answer.strip())
+    return bool(gold_base and answer_base and int(gold_base[1]) != int(answer_base[1]))
 
 
 def _numeric_value(expr):

@@ -5,12 +5,15 @@ Workers start with the "forkserver" method by default (the server is a fresh int
 that imports this module once; workers fork from it, never from the trainer process, which
 has JAX and its threads loaded) or "spawn". Each worker caps its address space with
 RLIMIT_AS at its start-up size plus `memory_limit_mb`, ignores SIGINT (the parent owns
-shutdown), and scores chunks of consecutive items (rollouts of one prompt share a gold, so
-the worker's gold cache hits), sending back one (index, reward, reason) per item. The
+shutdown), and scores chunks of items grouped by gold (so its gold and verdict caches hit),
+sending back one (index, reward, reason) per item. The
 parent keeps a per-worker deadline of timeout_s + 0.5 s from the last result; a worker past
 it is killed (SIGKILL), its current item scores 0 ("timeouts"; "crashes" if the worker
 died), the rest of its chunk is re-queued and a new worker takes its place. Inside the
 worker, the same timeout is enforced first with SIGALRM, which costs no restart.
+
+As with any "spawn"/"forkserver" pool, workers re-import the parent's main module: start
+work in a script under `if __name__ == "__main__":`.
 """
 
 import collections

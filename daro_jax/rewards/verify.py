@@ -15,8 +15,8 @@ Pipeline of `score_item` (every step after extraction runs under one deadline):
 5. parse with latex2sympy2_extended through math-verify's `parse_latex_cached` (the call
    math-verify's `parse` makes for a boxed answer; it builds SymPy objects without `eval`;
    math-verify's plain-expression extraction, which calls `sympy.parse_expr`, is never
-   used), `math_verify.verify`, then the corrections of `guards` (set vs tuple, tiny
-   magnitudes).
+   used), `math_verify.verify`, then the corrections of `guards` (set vs tuple, number
+   bases, percentages, tiny magnitudes).
 
 Verdicts are LRU-cached per (answer, gold) (`judge`); a gold is normalized once
 (`parse_gold`) and parsed by SymPy once, only if a comparison needs it. No SymPy object is
@@ -194,7 +194,7 @@ def _compare(answer: str, gold: Gold, *, fast: bool = True, max_digits: float = 
         verdict = _fast_verdict(answer, gold)
         if verdict is not None:
             return "correct" if verdict else "wrong"
-    if guards.set_tuple_mismatch(gold.text, answer):
+    if guards.set_tuple_mismatch(gold.text, answer) or guards.base_mismatch(gold.text, answer):
         return "wrong"
     return _compare_parsed(_parse(answer), _parse_gold_text(gold.text), max_digits)
 
