@@ -41,13 +41,13 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 def flatten(metrics: Mapping[str, object], k: int) -> dict[str, float]:
-    """Scalars by name; per-group [K+1] arrays become `group/<name>/mu=<k>_<K>`."""
+    """Scalars by name; per-group [K+1] arrays become `group/<name>/<k>of<K>` (μ = k/K)."""
     out: dict[str, float] = {}
     for name, value in metrics.items():
         arr = np.asarray(value)
         if name in PER_GROUP:
             for g, v in enumerate(arr.reshape(-1)):
-                out[f"group/{PER_GROUP[name]}/mu={g}_{k}"] = float(v)
+                out[f"group/{PER_GROUP[name]}/{g}of{k}"] = float(v)
         elif arr.size == 1:
             out[name] = float(arr)
         else:

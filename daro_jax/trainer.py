@@ -181,7 +181,7 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
     )
     (grads, sums, gap), _ = lax.scan(body, init, xs)
     out = losses.finalize_metrics(sums, params["daro"], s.spec)
-    out["grad_norm"] = optax.global_norm(grads["model"])
+    out["grad_norm"] = optax.tree.norm(grads["model"])
     out["sampler_logp_gap"] = gap / jnp.maximum(sums["tokens"], 1.0)
     updates, opt_state = tx.update(grads, state["opt"], params)
     new = {"params": optax.apply_updates(params, updates), "opt": opt_state}
@@ -242,9 +242,10 @@ def _pad_prompts(tree, n: int):
 # The run.
 
 
-def _load_examples(config, tokenizer):
+def _load_problems(config) -> list[dict]:
+    """The training problems of config.data (fails fast on a bad path or column mapping)."""
     d = config.data
-    examples = data.load_train_set(
+    return data.load_train_set(
         d.source,
         seed=config.seed,
         split=d.split,
@@ -256,9 +257,14 @@ def _load_examples(config, tokenizer):
         subset=d.subset or None,
         answer_from_boxed=d.answer_from_boxed,
     )
+
+
+def _templated(config, tokenizer, problems: list[dict]) -> tuple[list[dict], int]:
+    """Problems with their templated prompt ids; the number dropped for length."""
+    d = config.data
     examples, dropped = data.prepare_prompts(
         tokenizer,
-        examples,
+        problems,
         instruction=d.instruction,
         max_prompt_tokens=config.sampler.max_prompt_tokens,
         system_prompt=d.system_prompt,
@@ -313,9 +319,12 @@ class Trainer:
     def __init__(self, config, workdir: str):
         self.config = config
         self.workdir = workdir
-        # Mesh, model, algorithm.
+        # Mesh, algorithm and data first: their errors come before the model loads.
         self.mesh = sharding.make_mesh(config.mesh.shape)
         _check_batch(config, self.mesh)
+        self.spec = losses.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+        problems = _load_problems(config)
+        # Model.
         m = config.model
         model = models.load(
             m.path,
@@ -328,9 +337,7 @@ class Trainer:
         )
         self.cfg = model.config.replace(remat=m.remat)
         self.tokenizer = model.tokenizer
-        self.spec = losses.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
-        # Data.
-        self.examples, self.dropped_prompts = _load_examples(config, self.tokenizer)
+        self.examples, self.dropped_prompts = _templated(config, self.tokenizer, problems)
         self.prompt_len = int(max(len(e["prompt_ids"]) for e in self.examples))
         self.iterator = data.PromptIterator(
             self.examples,
@@ -348,7 +355,8 @@ class Trainer:
             config.optim, state, t.steps * self.updates_per_step, self.spec
         )
         opt_state = jax.jit(self.tx.init)(state)
-        self.state = {"params": state, "opt": opt_state}
+        state = {"params": state, "opt": opt_state}
+        self.state = jax.device_put(state, jax.tree.map(self._named, state))
         self.ref_params = jax.tree.map(jnp.copy, model.params) if self.spec.kl_beta > 0 else None
         shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.settings = UpdateSettings(
@@ -382,6 +390,13 @@ class Trainer:
         self.take_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[rows], tree))
         self.n_params = sum(x.size for x in jax.tree.leaves(model.params))
         self.peak = metrics.peak_flops(jax.devices()[0])
+
+    def _named(self, x: jax.Array) -> NamedSharding:
+        """x's sharding as a NamedSharding on the mesh (replicated when it has none), so
+        the update's input and output shardings are identical and it compiles once."""
+        if isinstance(x.sharding, NamedSharding):
+            return x.sharding
+        return NamedSharding(self.mesh, PartitionSpec())
 
     # -- one RL step ----------------------------------------------------------------------
 
@@ -534,7 +549,7 @@ class Trainer:
                 jax.device_get(losses.daro_weights(self.state["params"]["daro"], self.spec))
             )
             for g, v in enumerate(w, start=1):
-                out[f"daro/w_after_update/mu={g}_{self.spec.k}"] = float(v)
+                out[f"daro/w_after_update/{g}of{self.spec.k}"] = float(v)
         if self.peak:
             flops = 6.0 * self.n_params * trained * self.updates_per_step
             out["throughput/update_mfu"] = flops / (update_s * self.peak * jax.device_count())
