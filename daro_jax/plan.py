@@ -1,0 +1,534 @@
+"""The memory plan: per-device HBM bytes of a recipe on its TPU type, nothing allocated.
+
+    python -m daro_jax.plan --config=configs/X.py [--config.a.b=v ...]
+
+Out-of-memory is the most common failure of RL runs, so before renting a pod this prints,
+for one device of the mesh `config.mesh.shape` laid over the chips of
+`config.tpu.accelerator`, what a run of `daro_jax.trainer` holds:
+
+resident for the whole run
+    params            `jax.eval_shape` of the decoder's init in `model.param_dtype`, each
+                      leaf's shard shape under its logical-axis NamedSharding
+    optimizer state   `jax.eval_shape` of the optax init (`optim.make_optimizer`); every
+                      moment has its parameter's sharding, counters are replicated
+    DARO weights      [K − 1] float32, replicated
+    reference model   a second copy of the params when algo.kl_beta > 0 (the GRPO preset)
+sampling (while rollouts are generated)
+    KV cache          k and v of [L, B·K, KV, P + N, Dh] in the compute dtype, rows over
+                      data × fsdp (decoder.CACHE_LOGICAL_AXES)
+    prefill           the prompt cache [L, B, KV, P, Dh] (alive while it is repeated K
+                      times), one layer's forward working set on the [B, P] prompts, one
+                      layer's weights gathered over fsdp, and the decode step's [B·K, V]
+                      float32 logits ×4 (logits, scaled, exp, block sums)
+update (one optimizer step; a micro-batch of b rows × T = P + N tokens at a time)
+    gradients         2 × params in float32: the accumulator and one micro-batch's gradient
+    gathered weights  the largest weight block used at once (one layer, or the output matrix
+                      for the logprob chunks), all-gathered over fsdp, in the compute dtype,
+                      plus its unsharded float32 gradient before the reduce-scatter
+    activations       with remat: the L saved layer inputs b × T × D; without: L layers'
+                      working sets (below)
+    layer working set recompute and backward of one layer: 3 × the float32 attention scores
+                      b × H × T × T, 6 × the MLP intermediates b × T × F, 4 × float32 q/k/v
+                      (rope), 10 × the residual stream b × T × D, the [b, T, T] bool mask
+    logprob chunk     3 × the float32 logits of b × min(128, N) positions × V
+    batch arrays      the step's tokens/masks [B·K, T] and per-token floats [B·K, N]
+
+Every activation is sized by its shard shape under the same logical-axis rules as the
+arrays of the run (`sharding.logical_spec`), so a micro-batch that the data × fsdp shards
+do not divide counts whole on every device, exactly as the run would replicate it.
+P = sampler.max_prompt_tokens and N = sampler.max_new_tokens (the longest step).
+
+peak = resident + max(sampling, update); the verdict is "fits" when the peak is at most
+(1 − RESERVE) of the chip's HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB), leaving
+RESERVE for XLA's own buffers and fragmentation.
+
+The model's architecture comes from config.json: a local checkpoint directory, the .gguf
+file or the SmolLM2 alias, read by the loader's own code; the three paper models are in
+`KNOWN_HF_CONFIGS`, so their plans work offline; any other hub id fetches config.json only
+(never weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+from daro_jax import losses, optim, sharding
+from daro_jax.models import decoder
+from daro_jax.models import model as model_io
+from daro_jax.models.config import ModelConfig
+
+GIB = 1 << 30
+RESERVE = 0.10  # share of HBM kept free for XLA's own buffers and fragmentation
+LOGPROB_CHUNK = 128  # positions per chunk in decoder.token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuFamily:
+    """A TPU generation: HBM per chip and how many TensorCores the type's number counts."""
+
+    hbm_gib: float
+    cores_per_chip: int  # v4-16 names 16 TensorCores = 8 chips; v5e-8 names 8 chips
+
+
+TPU_FAMILIES = {
+    "v4": TpuFamily(32.0, 2),
+    "v5p": TpuFamily(95.0, 2),
+    "v5e": TpuFamily(16.0, 1),
+    "v5litepod": TpuFamily(16.0, 1),
+    "v6e": TpuFamily(32.0, 1),
+}
+
+# config.json fields of the paper's models (huggingface.co/<id>/blob/main/config.json).
+_QWEN25_MATH = dict(
+    model_type="qwen2",
+    hidden_act="silu",
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    bos_token_id=151643,
+    eos_token_id=151643,
+    use_sliding_window=False,
+)
+KNOWN_HF_CONFIGS = {
+    "Qwen/Qwen2.5-Math-1.5B": _QWEN25_MATH
+    | dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2.5-Math-7B": _QWEN25_MATH
+    | dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama",
+        hidden_act="silu",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        attention_bias=False,
+        mlp_bias=False,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: TPU type, mesh, model architecture.
+
+
+def tpu_chips(accelerator: str) -> tuple[int, float]:
+    """(chips, HBM GiB per chip) of a TPU type such as "v4-16" (8 chips) or "v5e-8"."""
+    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", str(accelerator))
+    family = TPU_FAMILIES.get(match.group(1)) if match else None
+    if family is None:
+        known = ", ".join(f"{name}-N" for name in TPU_FAMILIES)
+        raise ValueError(
+            f"config.tpu.accelerator={accelerator!r} is not a TPU type the plan knows; "
+            f"use one of {known} (e.g. v4-16, v5p-64, v5e-8)."
+        )
+    cores = int(match.group(2))
+    if cores < family.cores_per_chip or cores % family.cores_per_chip:
+        raise ValueError(
+            f"config.tpu.accelerator={accelerator!r}: {match.group(1)} types count "
+            f"{family.cores_per_chip} TensorCores per chip, so N must be a multiple of "
+            f"{family.cores_per_chip}."
+        )
+    return cores // family.cores_per_chip, family.hbm_gib
+
+
+def abstract_mesh(shape, devices: int) -> AbstractMesh:
+    """The ("data", "fsdp", "tensor") mesh of `shape` (one −1 allowed) over `devices`."""
+    shape = [int(s) for s in shape]
+    if len(shape) != len(sharding.MESH_AXES) or shape.count(-1) > 1:
+        raise ValueError(
+            f"config.mesh.shape={tuple(shape)} needs 3 sizes for {sharding.MESH_AXES}, "
+            "at most one of them −1."
+        )
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape and known > 0 and devices % known == 0:
+        shape[shape.index(-1)] = devices // known
+    if any(s < 1 for s in shape) or math.prod(shape) != devices:
+        raise ValueError(
+            f"config.mesh.shape={tuple(shape)} does not lay out the {devices} chips of "
+            "config.tpu.accelerator; make the sizes multiply to the chip count (or use −1)."
+        )
+    return AbstractMesh(tuple(shape), sharding.MESH_AXES)
+
+
+def model_config(config) -> ModelConfig:
+    """The decoder config of `config.model`, from config.json without loading weights."""
+    m = config.model
+    overrides = m.arch_overrides.to_dict()
+    path = m.path
+    local = path == model_io.SMOLLM2_ALIAS or os.path.exists(path)
+    if local:
+        hf = model_io._hf_config(model_io._resolve(path), overrides)
+    elif path in KNOWN_HF_CONFIGS:
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump(KNOWN_HF_CONFIGS[path], f)
+            hf = model_io._hf_config(folder, overrides)
+    else:
+        try:
+            hf = model_io._hf_config(path, overrides)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"config.model.path={path!r}: no local checkpoint there and its config.json "
+                f"could not be fetched ({type(e).__name__}); point it at a directory holding "
+                f"config.json, or use one of {sorted(KNOWN_HF_CONFIGS)}."
+            ) from e
+    cfg = ModelConfig.from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype)
+    return cfg.replace(remat=bool(m.remat))
+
+
+# ---------------------------------------------------------------------------------------
+# Bytes per device.
+
+
+def shard_bytes(names, shape, dtype, mesh) -> int:
+    """Bytes on one device of an array of `shape` with logical axis `names` on `mesh`."""
+    spec = sharding.logical_spec(names, shape, mesh)
+    local = NamedSharding(mesh, spec).shard_shape(tuple(shape))
+    return math.prod(local) * jnp.dtype(dtype).itemsize
+
+
+def mirror_shardings(tree, state, state_shardings, replicated):
+    """Shardings of an optimizer-state pytree: a leaf whose key path ends with the path of
+    a leaf of `state` (and has its shape) takes that leaf's sharding; others `replicated`."""
+    by_path = {
+        tuple(path): (leaf.shape, s)
+        for (path, leaf), s in zip(
+            jax.tree_util.tree_flatten_with_path(state)[0],
+            jax.tree.leaves(state_shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf):
+        for start in range(len(path)):
+            shape, s = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Per-device activation bytes of one layer on b rows × t queries × s keys."""
+
+    scores: int  # float32 attention scores [b, H, t, s]
+    mlp: int  # one MLP intermediate [b, t, F] in the compute dtype
+    qkv: int  # float32 q + k + v [b, t, H + 2 KV, Dh] (rope runs in float32)
+    stream: int  # one residual-stream tensor [b, t, D] in the compute dtype
+    mask: int  # the [b, t, s] bool attention mask
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, rows: int, t: int, s: int, mesh) -> Activations:
+        dt = cfg.compute_dtype
+        heads = cfg.num_heads + 2 * cfg.num_kv_heads
+        return cls(
+            scores=shard_bytes(
+                ("batch", "heads", "length", None), (rows, cfg.num_heads, t, s), jnp.float32, mesh
+            ),
+            mlp=shard_bytes(("batch", "length", "mlp"), (rows, t, cfg.intermediate_size), dt, mesh),
+            qkv=shard_bytes(
+                ("batch", "length", "heads", "head_dim"),
+                (rows, t, heads, cfg.head_dim),
+                jnp.float32,
+                mesh,
+            ),
+            stream=shard_bytes(("batch", "length", "embed"), (rows, t, cfg.hidden_size), dt, mesh),
+            mask=shard_bytes(("batch", "length", None), (rows, t, s), jnp.bool_, mesh),
+        )
+
+    def forward(self) -> int:
+        """One layer's forward: scores and probabilities, gate/up/act, q/k/v, the stream."""
+        return 2 * self.scores + 3 * self.mlp + 2 * self.qkv + 4 * self.stream + self.mask
+
+    def backward(self) -> int:
+        """One layer's recomputed forward and its backward (module docstring)."""
+        return 3 * self.scores + 6 * self.mlp + 4 * self.qkv + 10 * self.stream + self.mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The per-device bytes of a run (see the module docstring); `lines` in print order."""
+
+    title: str
+    accelerator: str
+    chips: int
+    hbm_bytes: int
+    mesh_shape: dict
+    resident: dict[str, int]
+    sampling: dict[str, int]
+    update: dict[str, int]
+    notes: tuple[str, ...]
+
+    @property
+    def peak(self) -> int:
+        return sum(self.resident.values()) + max(
+            sum(self.sampling.values()), sum(self.update.values())
+        )
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.hbm_bytes * (1 - RESERVE))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.usable_bytes
+
+    def format(self) -> str:
+        """The table the CLI prints."""
+        width = max(len(k) for part in (self.resident, self.sampling, self.update) for k in part)
+        width = max(width, 36)
+
+        def rows(title, part):
+            out = [f"{title}"]
+            out += [f"  {name:<{width}} {_gib(n):>12}" for name, n in part.items()]
+            out.append(f"  {'= ' + title:<{width}} {_gib(sum(part.values())):>12}")
+            return out
+
+        mesh = " × ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        lines = [
+            f"memory plan: {self.title}",
+            f"TPU {self.accelerator}: {self.chips} chips × {_gib(self.hbm_bytes)} HBM; "
+            f"mesh {mesh}; bytes per device",
+            *self.notes,
+            *rows("resident", self.resident),
+            *rows("sampling", self.sampling),
+            *rows("update", self.update),
+        ]
+        phase = "sampling" if sum(self.sampling.values()) > sum(self.update.values()) else "update"
+        headroom = self.usable_bytes - self.peak
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines += [
+            f"peak = resident + {phase}: {_gib(self.peak)} of {_gib(self.hbm_bytes)} HBM "
+            f"({100 * self.peak / self.hbm_bytes:.0f}%; usable {_gib(self.usable_bytes)} "
+            f"after a {RESERVE:.0%} reserve)",
+            f"verdict: {verdict} on {self.accelerator}, headroom {_gib(headroom)}",
+        ]
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    """Bytes in GiB, or MiB / KiB for small amounts; "-" for none."""
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B" if n else "-"
+
+
+def train_state(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh) -> dict:
+    """The trainer's {"params": {"model", "daro"}, "opt"} as ShapeDtypeStructs carrying their
+    shardings on `mesh` (abstract or concrete): params by the decoder's logical axes, the
+    DARO weights replicated, the optimizer state by `mirror_shardings`."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
+    state = {"model": params, "daro": jax.eval_shape(lambda: losses.init_daro_weights(spec))}
+    shardings = {
+        "model": sharding.tree_shardings(
+            decoder.param_logical_axes(cfg), decoder.param_shapes(cfg), mesh
+        ),
+        "daro": replicated,
+    }
+    t = config.train
+    tx = optim.make_optimizer(config.optim, state, t.steps * t.ppo_epochs * t.minibatches, spec)
+    opt_state = jax.eval_shape(tx.init, state)
+    tree = {"params": state, "opt": opt_state}
+    shardings = {
+        "params": shardings,
+        "opt": mirror_shardings(opt_state, state, shardings, replicated),
+    }
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def device_bytes(tree, dtype=None) -> int:
+    """Bytes on one device of a pytree of ShapeDtypeStructs with shardings (in `dtype` when
+    given, else each leaf's own)."""
+    sizes = [
+        math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(dtype or x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    ]
+    return int(sum(sizes))
+
+
+def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
+    """The memory plan of `config` on config.tpu.accelerator (`cfg`: its decoder config,
+    read from config.model when None)."""
+    chips, hbm_gib = tpu_chips(config.tpu.accelerator)
+    mesh = abstract_mesh(config.mesh.shape, chips)
+    cfg = model_config(config) if cfg is None else cfg
+    spec = losses.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+    state = train_state(config, cfg, spec, mesh)
+    model_bytes = device_bytes(state["params"]["model"])
+    resident = {
+        f"params ({cfg.param_dtype})": model_bytes,
+        "optimizer state": device_bytes(state["opt"]),
+        "DARO weights": device_bytes(state["params"]["daro"]),
+        f"reference model (kl_beta={spec.kl_beta:g})": model_bytes if spec.kl_beta > 0 else 0,
+    }
+    t, s = config.train, config.sampler
+    b, k, p, n = t.batch_prompts, spec.k, s.max_prompt_tokens, s.max_new_tokens
+    rows = b * k
+    micro = t.microbatch_size or rows // t.minibatches
+    gathered = _gathered_weights(cfg, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    notes = [
+        f"model: {cfg.num_layers} layers, D={cfg.hidden_size}, F={cfg.intermediate_size}, "
+        f"H={cfg.num_heads}, KV={cfg.num_kv_heads}, V={cfg.vocab_size}; "
+        f"{_count(state['params']['model']) / 1e9:.2f} B params; "
+        f"compute {cfg.dtype}, remat {'on' if cfg.remat else 'off'}",
+        f"step: B={b} prompts × K={k}; P={p} prompt + N={n} new tokens; micro-batch {micro} "
+        f"of the {rows // t.minibatches} rollouts of an update",
+    ]
+    if micro % shards:
+        notes.append(
+            f"warning: the micro-batch of {micro} rows is not divisible by the {shards} "
+            "data × fsdp shards, so every device holds (and computes) all of it; set "
+            f"train.microbatch_size to a multiple of {shards}."
+        )
+    return Plan(
+        title=title or str(config.model.path),
+        accelerator=str(config.tpu.accelerator),
+        chips=chips,
+        hbm_bytes=int(hbm_gib * GIB),
+        mesh_shape=dict(mesh.shape),
+        resident=resident,
+        sampling=_sampling(cfg, b, k, p, n, gathered, mesh),
+        update=_update(cfg, state, rows, micro, p, n, gathered, mesh),
+        notes=tuple(notes),
+    )
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _sampling(cfg: ModelConfig, b, k, p, n, gathered, mesh) -> dict[str, int]:
+    """Rollouts of B prompts of P tokens, K samples of N new tokens each."""
+    dt = cfg.compute_dtype
+    kv = (cfg.num_layers, b * k, cfg.num_kv_heads, p + n, cfg.head_dim)
+    prompt_kv = (cfg.num_layers, b, cfg.num_kv_heads, p, cfg.head_dim)
+    logits = shard_bytes(("batch", None), (b * k, cfg.vocab_size), jnp.float32, mesh)
+    return {
+        f"KV cache k, v {list(kv)}": 2 * shard_bytes(decoder.CACHE_LOGICAL_AXES, kv, dt, mesh),
+        "prefill: prompt cache k, v": 2
+        * shard_bytes(decoder.CACHE_LOGICAL_AXES, prompt_kv, dt, mesh),
+        "prefill: one layer's forward": Activations.of(cfg, b, p, p, mesh).forward(),
+        "gathered layer weights": gathered["layer"],
+        "decode: logits ×4": 4 * logits,
+    }
+
+
+def _update(cfg: ModelConfig, state, rows, micro, p, n, gathered, mesh) -> dict[str, int]:
+    """One optimizer update over micro-batches of `micro` sequences of T = P + N tokens."""
+    seq = p + n
+    act = Activations.of(cfg, micro, seq, seq, mesh)
+    chunk = min(LOGPROB_CHUNK, n)
+    logits = shard_bytes(
+        ("batch", None, "vocab"), (micro, chunk, cfg.vocab_size), jnp.float32, mesh
+    )
+    batch = 2 * shard_bytes(("batch", None), (rows, seq), jnp.int32, mesh) + 5 * shard_bytes(
+        ("batch", None), (rows, n), jnp.float32, mesh
+    )
+    if cfg.remat:
+        stored = ("activations: saved layer inputs (remat)", cfg.num_layers * act.stream)
+    else:
+        stored = ("activations: all layers (no remat)", cfg.num_layers * act.backward())
+    return {
+        "gradients ×2 (float32)": 2 * device_bytes(state["params"]["model"], jnp.float32),
+        "gathered weights + their gradient": max(gathered["layer"], gathered["output"])
+        + gathered["f32 grad"],
+        stored[0]: stored[1],
+        "one layer's working set": act.backward(),
+        f"logprob chunk ×3 ({chunk} positions × V)": 3 * logits,
+        "batch arrays": batch,
+    }
+
+
+def _gathered_weights(cfg: ModelConfig, mesh) -> dict[str, int]:
+    """Per-device bytes of weights all-gathered over data × fsdp for use (tensor sharding
+    kept): "layer" (one decoder layer) and "output" (the [D, V] output matrix) in the compute
+    dtype, and "f32 grad", the larger of the two in float32 (its gradient before the
+    reduce-scatter)."""
+    gathered = AbstractMesh((1, 1, mesh.shape["tensor"]), sharding.MESH_AXES)
+    shapes = decoder.param_shapes(cfg)["layers"]
+    axes = decoder.param_logical_axes(cfg)["layers"]
+
+    def sizes(dtype) -> tuple[int, int]:
+        layer = sum(shard_bytes(axes[w][1:], shapes[w][1:], dtype, gathered) for w in shapes)
+        output = (cfg.hidden_size, cfg.vocab_size)
+        return layer, shard_bytes(("embed", "vocab"), output, dtype, gathered)
+
+    layer, output = sizes(cfg.compute_dtype)
+    return {"layer": layer, "output": output, "f32 grad": max(sizes(jnp.float32))}
+
+
+# ---------------------------------------------------------------------------------------
+# CLI.
+
+
+def main() -> None:
+    """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v]`: print the plan;
+    exit status 0 whether or not it fits (the verdict is in the output)."""
+    from absl import app
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Recipe file with get_config().", lock_config=True
+    )
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        if config_flag.value is None:
+            raise app.UsageError("--config=configs/<recipe>.py is required.")
+        from absl import flags
+
+        print(make_plan(config_flag.value, title=flags.FLAGS["config"].config_filename).format())
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
