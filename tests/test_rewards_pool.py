@@ -64,7 +64,7 @@ def _mixed_items(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="module")
 def pool():
-    with RewardPool(2, 2.0) as p:
+    with RewardPool(2, 10.0) as p:  # generous: these tests are about results, not deadlines
         yield p
 
 
@@ -83,17 +83,21 @@ def test_2000_items_identical_to_math_reward(pool):
     assert stats["timeouts"] == stats["crashes"] == stats["worker_restarts"] == 0
 
 
-def test_soft_timeout_costs_no_restart(pool):
-    pool.pop_stats()
-    start = time.monotonic()
-    rewards = pool.score([SLOW, "\\boxed{5}"], ["5", "5"])
-    assert time.monotonic() - start < 2.0 + 1.0
-    stats = pool.pop_stats()
-    assert rewards.tolist() == [0.0, 1.0]
-    assert stats["timeouts"] == 1 and stats["worker_restarts"] == 0
+def test_soft_timeout_replaces_worker():
+    with RewardPool(1, 1.0) as pool:
+        pool.score(["\\boxed{1}"], ["1"])
+        old = pool.worker_pids
+        pool.pop_stats()
+        start = time.monotonic()
+        rewards = pool.score([SLOW, "\\boxed{5}"], ["5", "5"])
+        assert time.monotonic() - start < 1.0 + 1.0
+        stats = pool.pop_stats()
+        assert rewards.tolist() == [0.0, 1.0]
+        assert stats["timeouts"] == 1 and stats["worker_restarts"] == 1
+        assert pool.worker_pids != old
 
 
-def _score_while(pool, sig, completions, golds, delay=0.3):
+def _score_while(pool, sig, completions, golds, delay=0.2):
     """Score with the worker(s) hit by `sig` after `delay` seconds (a C-level hang is
     simulated by SIGSTOP: the worker stops answering, its own alarm cannot fire)."""
     pids = pool.worker_pids

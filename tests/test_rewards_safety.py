@@ -3,13 +3,14 @@ nesting, megabytes of text, slow sums) score 0 within timeout + 1 s, in-process 
 pool, which keeps scoring afterwards."""
 
 import re
+import signal
 import time
 
 import pytest
 import sympy.parsing.sympy_parser as sympy_parser
 
 from daro_jax.rewards import RewardPool, math_reward
-from daro_jax.rewards.verify import clear_caches
+from daro_jax.rewards.verify import ItemTimeout, clear_caches, deadline
 
 TIMEOUT_S = 1.0
 PAYLOADS = [
@@ -103,3 +104,20 @@ def test_hazard_batch_counters(pool):
     assert stats["wrong"] == 1  # 1 MB of text ending in \boxed{1+1}: read, and judged
     assert stats["prescreened"] == 5  # tower, factorial, log base, 400 braces, 400 parens
     assert stats["no_answer"] == 2  # the box starts before the last 4,000 characters
+
+
+def test_deadline_interrupts_and_keeps_an_outer_alarm():
+    with pytest.raises(ItemTimeout), deadline(0.05):
+        time.sleep(1.0)
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with deadline(5.0):
+            pass
+        assert 0.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.3
+        time.sleep(0.4)
+        assert fired == [True]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, previous)

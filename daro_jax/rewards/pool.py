@@ -10,7 +10,10 @@ sending back one (index, reward, reason) per item. The
 parent keeps a per-worker deadline of timeout_s + 0.5 s from the last result; a worker past
 it is killed (SIGKILL), its current item scores 0 ("timeouts"; "crashes" if the worker
 died), the rest of its chunk is re-queued and a new worker takes its place. Inside the
-worker, the same timeout is enforced first with SIGALRM, which costs no restart.
+worker the same timeout is enforced first with SIGALRM; a worker whose item was interrupted
+that way (or by a MemoryError) answers 0 ("timeouts" / "memory_errors") and exits, and is
+replaced the same way. A worker that is not ready 60 s after its start is replaced too;
+three failed starts in a row raise.
 
 As with any "spawn"/"forkserver" pool, workers re-import the parent's main module: start
 work in a script under `if __name__ == "__main__":`.
@@ -32,7 +35,9 @@ import numpy as np
 from daro_jax.rewards.verify import REASONS, VerifierConfig, score_item
 
 _KILL_GRACE_S = 0.5
+_START_TIMEOUT_S = 60.0
 _MAX_START_FAILURES = 3
+_RETIRE_REASONS = ("timeouts", "memory_errors")
 _COUNTERS = ("items", *REASONS, "worker_restarts")
 
 
@@ -46,7 +51,9 @@ def _vm_size_bytes() -> int:
 
 def _worker_main(conn, config: VerifierConfig, memory_limit_mb: int) -> None:
     """Worker loop: receive chunks [(index, completion, gold)], send (index, reward, reason)
-    per item; None ends the loop. Sends None once ready."""
+    per item; None ends the loop. Sends None once ready. Exits after an item interrupted by
+    its deadline or by the memory limit (the libraries' state is not trusted after an
+    asynchronous interruption); the parent then starts a fresh worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     limit = _vm_size_bytes() + memory_limit_mb * 2**20
@@ -62,17 +69,21 @@ def _worker_main(conn, config: VerifierConfig, memory_limit_mb: int) -> None:
         for index, completion, gold in chunk:
             reward, reason = score_item(completion, gold, config)
             conn.send((index, reward, reason))
+            if reason in _RETIRE_REASONS:
+                return
 
 
 class _Worker:
-    """Parent-side handle: process, pipe, items sent and not yet answered, deadline."""
+    """Parent-side handle: process, pipe, items sent and not yet answered, deadline (start-up
+    deadline until ready; while items are pending, timeout + grace from the last result)."""
 
     def __init__(self, process, conn):
         self.process = process
         self.conn = conn
         self.pending = collections.deque()
         self.ready = False
-        self.deadline = math.inf
+        self.retiring = False
+        self.deadline = time.monotonic() + _START_TIMEOUT_S
 
 
 def _shutdown(workers: list) -> None:
@@ -142,6 +153,7 @@ class RewardPool:
         if start_method == "forkserver":
             self._context.set_forkserver_preload([__name__])
         self._stats = dict.fromkeys(_COUNTERS, 0)
+        self._start_failures = 0
         self._workers = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         for _ in range(num_workers):
@@ -194,34 +206,14 @@ class RewardPool:
         size = max(1, min(self._chunk_size, math.ceil(n / (2 * len(self._workers)))))
         todo = collections.deque(items[i : i + size] for i in range(0, n, size))
         remaining = n
-        start_failures = 0
         while remaining:
             for worker in self._workers:
                 if worker.ready and not worker.pending and todo:
                     self._send(worker, todo.popleft())
-            now = time.monotonic()
-            deadlines = [w.deadline - now for w in self._workers if w.pending]
-            timeout = max(0.0, min(deadlines)) if deadlines else None
-            ready = wait([w.conn for w in self._workers], timeout=timeout)
-            for slot, worker in enumerate(self._workers):
-                if worker.conn in ready:
-                    try:
-                        remaining -= self._receive(worker, rewards)
-                    except (EOFError, OSError):
-                        start_failures = 0 if worker.ready else start_failures + 1
-                        if start_failures >= _MAX_START_FAILURES:
-                            worker.process.join()
-                            raise RuntimeError(
-                                f"reward workers died {start_failures} times during start-up "
-                                f"(exit code {worker.process.exitcode}); check that the main "
-                                "script starts work under `if __name__ == '__main__':` (workers "
-                                "re-import it), that math-verify imports, and memory_limit_mb."
-                            ) from None
-                        remaining -= self._replace(slot, "crashes", rewards, todo)
-            now = time.monotonic()
-            for slot, worker in enumerate(self._workers):
-                if worker.pending and now > worker.deadline:
-                    remaining -= self._replace(slot, "timeouts", rewards, todo)
+            timeout = min(w.deadline for w in self._workers) - time.monotonic()
+            wait([w.conn for w in self._workers], None if math.isinf(timeout) else max(0, timeout))
+            for slot in range(len(self._workers)):
+                remaining -= self._check(slot, rewards, todo)
         self._stats["items"] += n
         return rewards
 
@@ -230,39 +222,72 @@ class RewardPool:
         worker.deadline = time.monotonic() + self._config.timeout_s + _KILL_GRACE_S
         worker.conn.send(chunk)
 
+    def _check(self, slot: int, rewards: np.ndarray, todo) -> int:
+        """Read what the worker in `slot` sent; replace it if it retired, died or is past its
+        deadline. Returns the number of items scored."""
+        worker = self._workers[slot]
+        try:
+            done = self._receive(worker, rewards)
+        except (EOFError, OSError):
+            return self._replace(slot, None if worker.retiring else "crashes", rewards, todo)
+        if worker.retiring:
+            return done + self._replace(slot, None, rewards, todo)
+        if time.monotonic() > worker.deadline:
+            reason = "timeouts" if worker.ready else None
+            return done + self._replace(slot, reason, rewards, todo)
+        return done
+
     def _receive(self, worker: _Worker, rewards: np.ndarray) -> int:
-        """Read every message waiting from `worker`; returns the number of items scored."""
+        """Read the messages waiting from `worker`; returns the number of items scored."""
         done = 0
-        while worker.conn.poll():
+        while not worker.retiring and worker.conn.poll():
             message = worker.conn.recv()
             if message is None:
                 worker.ready = True
+                worker.deadline = math.inf
+                self._start_failures = 0
                 continue
             index, reward, reason = message
             worker.pending.popleft()
             rewards[index] = reward
             self._stats[reason] += 1
             done += 1
-            worker.deadline = time.monotonic() + self._config.timeout_s + _KILL_GRACE_S
+            worker.retiring = reason in _RETIRE_REASONS
+            worker.deadline = (
+                time.monotonic() + self._config.timeout_s + _KILL_GRACE_S
+                if worker.pending
+                else math.inf
+            )
         return done
 
-    def _replace(self, slot: int, reason: str, rewards: np.ndarray, todo) -> int:
-        """Kill the worker in `slot`, score its current item 0 for `reason`, re-queue the rest
-        of its chunk and start a new worker. Returns the number of items scored (0 or 1)."""
+    def _replace(self, slot: int, reason: str | None, rewards: np.ndarray, todo) -> int:
+        """Kill the worker in `slot` and start a new one; score its current item 0 for
+        `reason` (None: charge no item) and re-queue the rest of its chunk. Returns the
+        number of items scored (0 or 1)."""
         worker = self._workers[slot]
         worker.process.kill()
         worker.process.join()
         worker.conn.close()
+        if not worker.ready:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                raise RuntimeError(
+                    f"reward workers failed {self._start_failures} times during start-up (last "
+                    f"exit code {worker.process.exitcode}); check that the main script starts "
+                    "work under `if __name__ == '__main__':` (workers re-import it), that "
+                    "math-verify imports, and memory_limit_mb."
+                )
         self._workers[slot] = self._start_worker()
         self._stats["worker_restarts"] += 1
-        if not worker.pending:
-            return 0
-        index = worker.pending.popleft()[0]
-        rewards[index] = 0.0
-        self._stats[reason] += 1
+        charged = 0
+        if reason is not None and worker.pending:
+            index = worker.pending.popleft()[0]
+            rewards[index] = 0.0
+            self._stats[reason] += 1
+            charged = 1
         if worker.pending:
             todo.appendleft(list(worker.pending))
-        return 1
+        return charged
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
