@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daro_jax.rewards import REASONS, RewardPool, math_reward
+from daro_jax.rewards.verify import ItemTimeout, deadline
 
 SLOW = "\\boxed{\\sum_{k=1}^{3000} k^{k}}"  # passes the prescreen, then computes for minutes
 # (gold, boxed answer) pairs covering the fast paths and the SymPy path
@@ -126,6 +127,13 @@ def test_hung_or_dead_worker_is_replaced(sig, reason):
         assert pool.worker_pids != old
         assert elapsed < 1.0 + 1.0 + 2.0  # deadline + grace, then a fresh worker's start
         assert pool.score(["\\boxed{7}"], ["7"]).tolist() == [1.0]
+
+
+def test_interrupted_call_leaves_no_stale_answers():
+    with RewardPool(1, 5.0) as pool:
+        with pytest.raises(ItemTimeout), deadline(0.5):
+            pool.score([SLOW, "\\boxed{1}"], ["5", "1"])
+        assert pool.score(["\\boxed{6}", "\\boxed{7}"], ["6", "0"]).tolist() == [1.0, 0.0]
 
 
 def test_memory_limit_is_applied():

@@ -196,6 +196,9 @@ class RewardPool:
                 f"RewardPool.score: {len(completions)} completions but {len(golds)} golds; "
                 "pass one gold per completion (repeat a prompt's gold for each rollout)."
             )
+        for slot, worker in enumerate(self._workers):
+            if worker.pending:  # left by an interrupted call: its answers must not land here
+                self._replace(slot, None, np.zeros(0), collections.deque())
         n = len(completions)
         rewards = np.zeros(n, dtype=np.float32)
         cap = self._config.max_chars
