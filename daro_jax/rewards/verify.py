@@ -286,8 +286,11 @@ def score_item(completion: str, gold: str, config: VerifierConfig) -> tuple[floa
 def math_reward(
     completion: str, gold: str, *, fallback: str = "none", timeout_s: float = 5.0
 ) -> float:
-    """1.0 if the final answer of `completion` is equivalent to `gold`, else 0.0 (in-process;
-    the deadline works in the main thread only: use `RewardPool` in training)."""
+    """1.0 if the final answer of `completion` is equivalent to `gold`, else 0.0.
+
+    In-process, for tests and small evaluations: the deadline (SIGALRM) works in the main
+    thread only, and an item it interrupts leaves the libraries in whatever state it
+    reached; `RewardPool` replaces such a worker. Use the pool in training."""
     return score_item(completion, gold, _config(fallback, timeout_s))[0]
 
 
