@@ -15,7 +15,7 @@ in each of --repeats rounds; the best round of each side is reported (other jobs
 machine). Prints the verdicts where the two disagree, grouped with the construction label,
 then the ratio of answers/s as the last line.
 
-    python bench/verifier.py [--data-dir /work/shared/data/benchmarks] [--n 2000]
+    python -m bench.verifier [--data-dir /work/shared/data/benchmarks] [--n 2000] [--repeats 3]
 """
 
 import argparse
