@@ -23,9 +23,12 @@ Completion conventions (what the trainer relies on):
   log π_θ). For greedy decoding (T = 0) the distribution used is a point mass (log-prob 0),
   so the untempered model log-probability log softmax(logits)[argmax] is returned instead.
 
-Randomness: token i is drawn with key `fold_in(rng, i)` by Gumbel-max over the whole
-[B·K, V] logits; with JAX's partitionable threefry the noise does not depend on how the
-arrays are sharded, so the same seed gives the same samples on one device and on a mesh.
+Randomness: token i of every row is drawn by inverse-CDF sampling with one uniform per row
+from `fold_in(rng, i)` (one uniform per row instead of V Gumbel variables: threefry for
+[B·K, V] numbers costs more than the rest of the selection on CPU). With JAX's
+partitionable threefry the uniforms do not depend on how the rows are sharded, and each
+row's selection runs on one device (vocab gathered), so the same seed gives the same
+samples on one device and on a mesh.
 """
 
 from __future__ import annotations
@@ -47,6 +50,54 @@ from daro_jax.models.config import ModelConfig
 PAD_ID = 0
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 MIN_PROMPT_BUCKET = 16
+SAMPLE_BLOCK = 256
+
+
+def _first_argmax(x: jnp.ndarray) -> jnp.ndarray:
+    """argmax over the last axis (first index on ties), as max + min-index reductions
+    (XLA on CPU runs these far faster than its two-operand argmax reduction)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+
+
+def _last_positive(x: jnp.ndarray) -> jnp.ndarray:
+    """The last index along the last axis where x > 0 (−1 if none)."""
+    index = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.max(jnp.where(x > 0, index, -1), axis=-1)
+
+
+def _inverse_cdf(weights: jnp.ndarray, u: jnp.ndarray) -> jnp.ndarray:
+    """Index i with c_{i−1} ≤ u < c_i, c = cumsum(weights) over the last axis (u ≥ 0).
+
+    Rounding can only push the answer past the end: it is capped at the last positive
+    weight, so a zero-weight index is never returned.
+    """
+    below = jnp.sum(jnp.cumsum(weights, axis=-1) <= u[..., None], axis=-1)
+    return jnp.minimum(below, _last_positive(weights)).astype(jnp.int32)
+
+
+def _sample(z: jnp.ndarray, key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """A draw from softmax(z) per row of z [N, V] (−∞ = excluded) and its log-probability.
+
+    Inverse-CDF sampling with one uniform u ~ U[0, 1) per row, in two levels so that no
+    length-V scan is needed: w = exp(z − max z) in blocks of SAMPLE_BLOCK tokens; pick the
+    block where the cumulative block mass passes u·Σw, then the token inside that block
+    where the cumulative mass passes the remainder. log p = z_i − max z − log Σw.
+    """
+    n, vocab = z.shape
+    top = jnp.max(z, axis=-1, keepdims=True)
+    weights = jnp.exp(z - top)
+    blocks = jnp.pad(weights, ((0, 0), (0, -vocab % SAMPLE_BLOCK))).reshape(n, -1, SAMPLE_BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    total = jnp.sum(block_mass, axis=-1)
+    u = jax.random.uniform(key, (n,), jnp.float32) * total
+    block = _inverse_cdf(block_mass, u)
+    before = jnp.sum(jnp.where(jnp.arange(block_mass.shape[1]) < block[:, None], block_mass, 0), -1)
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    tokens = block * SAMPLE_BLOCK + _inverse_cdf(inside, jnp.maximum(u - before, 0.0))
+    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - top[:, 0] - jnp.log(total)
 
 
 def select_tokens(
@@ -62,15 +113,15 @@ def select_tokens(
     z = logits / T; top-k keeps z_v ≥ the k-th largest z; top-p then keeps the smallest set
     of highest-probability tokens whose mass reaches top_p (token v is kept when the mass of
     the tokens strictly more likely than it is < top_p; ties at the threshold are kept);
-    the token is argmax(z̃ + Gumbel noise) with z̃ = z on kept tokens and −∞ elsewhere, i.e.
-    a draw from softmax(z̃), and its logprob is z̃_v − logsumexp(z̃). T = 0 is greedy
-    (argmax of the logits, logprob under softmax(logits), see the module docstring).
+    the token is drawn from softmax(z̃), z̃ = z on kept tokens and −∞ elsewhere, and its
+    logprob is z̃_v − logsumexp(z̃). T = 0 is greedy: the first argmax of the logits, with
+    logprob under softmax(logits) (see the module docstring).
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], -1)[:, 0]
+        tokens = _first_argmax(logits)
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+        return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
     z = logits / temperature
     vocab = z.shape[-1]
     ranked = None
@@ -85,9 +136,7 @@ def select_tokens(
         kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
         z = jnp.where(z >= threshold, z, -jnp.inf)
-    tokens = jax.random.categorical(key, z, axis=-1)
-    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), chosen - jax.nn.logsumexp(z, axis=-1)
+    return _sample(z, key)
 
 
 def prompt_bucket(length: int) -> int:
@@ -110,7 +159,8 @@ def _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_
 
 
 def _constrain_cache(c: jnp.ndarray) -> jnp.ndarray:
-    return sharding.constrain(c, decoder.CACHE_LOGICAL_AXES)
+    """Pin a stacked [L, B, KV, S, Dh] or one layer's [B, KV, S, Dh] cache to the mesh."""
+    return sharding.constrain(c, decoder.CACHE_LOGICAL_AXES[-c.ndim :])
 
 
 class Sampler:
@@ -121,6 +171,10 @@ class Sampler:
     int32, logprobs [B·K, N] float32, lengths [B·K] int32, truncated [B·K] bool. Prompts
     are left-padded (mask 1 on real tokens, each row with at least one). New params,
     prompts and keys of the same shapes reuse the compiled function; a new B compiles once.
+
+    On CPU the decode loop runs the layers unstacked (`decoder.unstack_layers`, one copy of
+    the weights per call): slicing them out of the stacked arrays at every step costs more
+    than the matmuls. On accelerators the stacked scan is kept (no second weight copy).
     """
 
     def __init__(
@@ -156,6 +210,8 @@ class Sampler:
             self.param_shardings = sharding.tree_shardings(
                 decoder.param_logical_axes(cfg), decoder.param_shapes(cfg), mesh
             )
+        devices = jax.devices()[:1] if mesh is None else mesh.devices.flat
+        self.unstack_layers = all(d.platform == "cpu" for d in devices)
         self.jitted = jax.jit(self._rollout)
 
     def __call__(self, params, prompt_tokens, prompt_mask, rng) -> dict[str, jax.Array]:
@@ -184,9 +240,13 @@ class Sampler:
             return self._decode(params, prompt_tokens, prompt_mask, rng)
 
     def _select(self, logits, rng, step):
-        key = jax.random.fold_in(rng, step)
+        """Tokens of one step: each row's whole logits on one device, key fold_in(rng, step)."""
         return select_tokens(
-            logits, key, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
+            sharding.constrain(logits, ("batch", None)),
+            jax.random.fold_in(rng, step),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
         )
 
     def _decode(self, params, prompt_tokens, prompt_mask, rng):
@@ -198,12 +258,16 @@ class Sampler:
         logits = decoder.lm_logits(params, cfg, hidden[:, -1])
 
         def expand(c):
-            return _constrain_cache(
-                jnp.pad(jnp.repeat(c, k, axis=1), ((0, 0), (0, 0), (0, n_new), (0, 0), (0, 0)))
-            )
+            """[.., B, KV, P, Dh] → [.., B·K, KV, P + N, Dh]: K copies, N empty slots."""
+            padding = [(0, 0)] * c.ndim
+            padding[-2] = (0, n_new)
+            return _constrain_cache(jnp.pad(jnp.repeat(c, k, axis=-4), padding))
 
+        if self.unstack_layers:
+            params = {**params, "layers": decoder.unstack_layers(params["layers"])}
+            cache = {name: decoder.unstack_layers(c) for name, c in cache.items()}
         cache = jax.tree.map(expand, cache)
-        logits = sharding.constrain(jnp.repeat(logits, k, axis=0), ("batch", "vocab"))
+        logits = jnp.repeat(logits, k, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, k, axis=0)
         next_position = jnp.sum(prompt_mask, axis=-1)
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
@@ -258,14 +322,12 @@ class Sampler:
         tokens, logp = self._select(logits, rng, 0)
         state = record(empty, 0, tokens, logp) | {"cache": cache, "step": jnp.int32(1)}
         state = lax.while_loop(cond, body, state)
-        lengths = jnp.sum(state["mask"], axis=-1)
-        stopped = jnp.any(jnp.isin(state["tokens"], stop_ids) & (state["mask"] > 0), axis=-1)
         return {
             "tokens": state["tokens"],
             "mask": state["mask"],
             "logprobs": state["logprobs"],
-            "lengths": lengths,
-            "truncated": ~stopped,
+            "lengths": jnp.sum(state["mask"], axis=-1),
+            "truncated": ~state["done"],
         }
 
 
@@ -367,12 +429,6 @@ def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np
     return tokens, mask
 
 
-def _params_mesh(params) -> Mesh | None:
-    """The mesh the params are laid out on, if they carry a NamedSharding."""
-    placement = getattr(jax.tree.leaves(params)[0], "sharding", None)
-    return placement.mesh if isinstance(placement, NamedSharding) else None
-
-
 def generate(
     model,
     prompts: list[str],
@@ -388,10 +444,10 @@ def generate(
 ) -> Rollouts:
     """K sampled completions of each prompt (temperature 0 = greedy); see `Rollouts`.
 
-    `model` has .config, .params and .tokenizer (daro_jax.models.load). Prompts are padded
+    `model` has .config, .params, .tokenizer and .mesh (daro_jax.models.load). Prompts are padded
     to a power-of-two bucket (≥ 16) so that few shapes are compiled. Stop tokens default to
-    `default_stop_token_ids`; pass [] to always generate max_new_tokens. The run uses the
-    mesh the params are placed on, if any.
+    `default_stop_token_ids`; pass [] to always generate max_new_tokens. The run uses
+    `model.mesh` (None: one device).
     """
     tokenizer, cfg = model.tokenizer, model.config
     rows = encode_prompts(tokenizer, prompts, chat_template)
@@ -407,7 +463,7 @@ def generate(
         top_p=float(top_p),
         top_k=int(top_k),
         stop_token_ids=tuple(int(t) for t in stop_token_ids),
-        mesh=_params_mesh(model.params),
+        mesh=model.mesh,
     )
     out = jax.device_get(sampler(model.params, prompt_tokens, prompt_mask, jax.random.key(seed)))
     texts = [

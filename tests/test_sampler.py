@@ -1,0 +1,339 @@
+"""daro_jax.sampler: parity with transformers' greedy generate, log-probs equal to the
+training forward's, stop handling, sampling distributions (chi-square against softmax
+written here in NumPy), sharded meshes, one compilation per shape.
+"""
+
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from scipy import stats
+
+from daro_jax import models, sampler, sharding
+from daro_jax.models import decoder
+
+CHATS = ("What is 2+3?", "Name a color.", "Say hi to Bob in French.")
+
+
+def softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def training_logprobs(model, prompt_tokens, prompt_mask, tokens, mask, temperature):
+    """log π(token) of each completion token by the training path: one full-sequence
+    forward (no cache) over [prompt | completion] and decoder.token_logprobs at T."""
+    full = jnp.asarray(np.concatenate([prompt_tokens, tokens], axis=1))
+    full_mask = jnp.asarray(np.concatenate([prompt_mask, mask], axis=1))
+    positions = decoder.positions_from_mask(full_mask)
+    hidden, _ = decoder.forward(model.params, model.config, full, positions, full_mask)
+    p = prompt_tokens.shape[1]
+    logp, _ = decoder.token_logprobs(
+        model.params, model.config, hidden[:, p - 1 : -1], full[:, p:], temperature, chunk=16
+    )
+    return np.asarray(logp)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_dirs):
+    """The tiny SmolLM2-shaped model (9 query / 3 KV heads), random weights, unsharded."""
+    return models.load(tiny_hf_dirs["smollm2"])
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts():
+    """Three prompts of 3, 9 and 6 tokens, left-padded to 16."""
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(3, 259, n)) for n in (3, 9, 6)]
+    return rows, *sampler.left_pad(rows, 16)
+
+
+# ---- The real SmolLM2-135M-Instruct ----
+
+
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch's OpenMP threads spin against JAX's thread pool in one process (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_greedy_matches_transformers_generate(smollm2_model, one_torch_thread):
+    """32 greedy tokens equal transformers' generate; the greedy logprobs (untempered) equal
+    the training forward's at T = 1 on the real weights."""
+    folder, name = os.path.split(models.smollm2_gguf_path())
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    ours = sampler.generate(smollm2_model, list(CHATS), max_new_tokens=32, temperature=0.0)
+    rows = sampler.encode_prompts(smollm2_model.tokenizer, CHATS, chat_template=True)
+    ids, mask = sampler.left_pad(rows, max(map(len, rows)))
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=32,
+            pad_token_id=sampler.PAD_ID,
+        )
+    theirs = out[:, ids.shape[1] :].numpy()
+    logp = training_logprobs(
+        smollm2_model, ours.prompt_tokens, ours.prompt_mask, ours.tokens, ours.mask, 1.0
+    )
+    assert np.abs(ours.logprobs - logp)[ours.mask > 0].max() <= 1e-4
+    stops = set(sampler.default_stop_token_ids(smollm2_model.tokenizer, smollm2_model.config))
+    assert {2, 0} <= stops  # <|im_end|> and <|endoftext|>
+    for row in range(len(CHATS)):
+        n = int(ours.lengths[row])
+        np.testing.assert_array_equal(ours.tokens[row, :n], theirs[row, :n])
+        if not ours.truncated[row]:  # both stopped at the same end-of-turn token
+            assert ours.tokens[row, n - 1] in stops
+            assert theirs.shape[1] == n or theirs[row, n] == sampler.PAD_ID
+    assert ours.lengths.min() < 32 and ours.truncated.sum() < len(CHATS)  # stops exercised
+    assert ours.texts[0] == smollm2_model.tokenizer.decode(
+        theirs[0, : ours.lengths[0]], skip_special_tokens=True
+    )
+
+
+# ---- Tiny random models ----
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 5)])
+def test_logprobs_equal_training_forward_at_temperature(tiny, tiny_prompts, temperature, top_k):
+    """At T and with top-k the sampler's logprob is of the renormalised distribution; with
+    no truncation it equals the training forward at T, with top-k it is larger by the
+    log-mass of the kept tokens (checked via NumPy on the full logits)."""
+    _, tokens, mask = tiny_prompts
+    fn = sampler.make_sampler(
+        tiny.config, k=2, max_new_tokens=10, prompt_len=16, temperature=temperature, top_k=top_k
+    )
+    out = jax.device_get(fn(tiny.params, tokens, mask, jax.random.key(1)))
+    ptok, pmask = np.repeat(tokens, 2, 0), np.repeat(mask, 2, 0)
+    ref = training_logprobs(tiny, ptok, pmask, out["tokens"], out["mask"], temperature)
+    if top_k:
+        full = np.concatenate([ptok, out["tokens"]], 1)
+        full_mask = np.concatenate([pmask, out["mask"]], 1)
+        logits = np.asarray(models.logits(tiny, full, full_mask))[:, 15:-1] / temperature
+        probs = softmax(logits)
+        kth = np.sort(logits, -1)[..., -top_k][..., None]
+        ref = ref - np.log(np.where(logits >= kth, probs, 0).sum(-1))
+        chosen = np.take_along_axis(logits, out["tokens"][..., None], -1)[..., 0]
+        assert np.all((chosen >= kth[..., 0])[out["mask"] > 0])
+    assert np.abs(out["logprobs"] - ref)[out["mask"] > 0].max() <= 1e-4
+
+
+def test_stop_tokens_and_mixed_prompt_lengths(tiny, tiny_prompts):
+    """Rows end at their first stop token (kept, mask 1) and are padding after it; each
+    prompt of a mixed-length batch gets the same completion as when generated alone."""
+    rows, tokens, mask = tiny_prompts
+    greedy = dict(k=1, max_new_tokens=12, prompt_len=16, temperature=0.0)
+    free = jax.device_get(
+        sampler.make_sampler(tiny.config, **greedy)(tiny.params, tokens, mask, jax.random.key(0))
+    )
+    assert free["mask"].all() and free["truncated"].all()
+    stop = int(free["tokens"][0, 3])  # row 0 stops at its 4th token (or earlier)
+    fn = sampler.make_sampler(tiny.config, stop_token_ids=(stop,), **greedy)
+    out = jax.device_get(fn(tiny.params, tokens, mask, jax.random.key(0)))
+    for row in range(3):
+        hits = np.flatnonzero(free["tokens"][row] == stop)
+        n = hits[0] + 1 if hits.size else 12
+        assert out["lengths"][row] == n and out["truncated"][row] == (hits.size == 0)
+        np.testing.assert_array_equal(out["mask"][row], np.arange(12) < n)
+        np.testing.assert_array_equal(out["tokens"][row, :n], free["tokens"][row, :n])
+        assert np.all(out["tokens"][row, n:] == sampler.PAD_ID)
+        assert np.all(out["logprobs"][row, n:] == 0)
+        np.testing.assert_allclose(out["logprobs"][row, :n], free["logprobs"][row, :n], atol=1e-6)
+    assert out["lengths"][0] <= 4
+    for i, row in enumerate(rows):
+        one = jax.device_get(fn(tiny.params, *sampler.left_pad([row], 16), jax.random.key(0)))
+        for name in ("tokens", "mask", "lengths", "truncated"):
+            np.testing.assert_array_equal(out[name][i], one[name][0])
+        np.testing.assert_allclose(out["logprobs"][i], one["logprobs"][0], atol=1e-5)
+
+
+def test_one_compilation_per_shape(tiny, tiny_prompts):
+    """New params, prompts and keys reuse the compiled sampler (same settings: same one)."""
+    _, tokens, mask = tiny_prompts
+    settings = dict(k=2, max_new_tokens=10, prompt_len=16, temperature=1.0)
+    fn = sampler.make_sampler(tiny.config, **settings)
+    first = fn(tiny.params, tokens, mask, jax.random.key(0))
+    params = jax.tree.map(lambda x: x * 1.01, tiny.params)
+    second = fn(params, (tokens + 1) * mask, mask, jax.random.key(5))
+    assert fn.jitted._cache_size() == 1
+    assert not np.array_equal(first["tokens"], second["tokens"])
+    assert sampler.make_sampler(tiny.config, **settings) is fn
+
+
+def test_generate_rollouts_are_prompt_major(tiny):
+    out = sampler.generate(tiny, ["ab", "hello there"], k=3, max_new_tokens=5, temperature=0.0)
+    assert out.tokens.shape == out.mask.shape == out.logprobs.shape == (6, 5)
+    assert out.tokens.dtype == np.int32 and out.logprobs.dtype == np.float32
+    assert len(out.texts) == 6 and out.prompt_tokens.shape[0] == 6
+    for b in range(2):  # greedy: the K samples of a prompt are equal, prompts differ
+        block = out.tokens[3 * b : 3 * b + 3]
+        assert (block == block[0]).all()
+        assert len({out.texts[3 * b + j] for j in range(3)}) == 1
+    text = tiny.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], tokenize=False, add_generation_prompt=True
+    )
+    expect = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert out.prompt_tokens[3][out.prompt_mask[3] > 0].tolist() == expect
+    raw_text = "a raw prompt, long enough for the same bucket"  # shares the compilation
+    raw = sampler.generate(
+        tiny, [raw_text], k=3, max_new_tokens=5, temperature=0.0, chat_template=False
+    )
+    raw_ids = raw.prompt_tokens[0][raw.prompt_mask[0] > 0].tolist()
+    assert raw_ids == tiny.tokenizer(raw_text)["input_ids"]
+
+
+def test_default_stop_tokens_of_each_family():
+    def tok(eos, vocab):
+        return types.SimpleNamespace(eos_token_id=eos, get_vocab=lambda: vocab)
+
+    def cfg(eos):
+        return types.SimpleNamespace(eos_token_ids=eos)
+
+    qwen = tok(151643, {"<|im_end|>": 151645, "<|endoftext|>": 151643, "a": 5})
+    assert sampler.default_stop_token_ids(qwen, cfg((151645,))) == (151643, 151645)
+    llama = tok(128009, {"<|eot_id|>": 128009, "<|end_of_text|>": 128001, "<|eom_id|>": 9})
+    assert sampler.default_stop_token_ids(llama, cfg((128001, 128008))) == (
+        128001,
+        128008,
+        128009,
+    )
+
+
+def test_bad_arguments_name_the_field(tiny, tiny_prompts):
+    _, tokens, mask = tiny_prompts
+    base = dict(k=1, max_new_tokens=4, prompt_len=16)
+    for bad, field in [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"k": 0}, "k="),
+        ({"stop_token_ids": (10**6,)}, "stop_token_ids"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            sampler.make_sampler(tiny.config, **(base | bad))
+    with pytest.raises(ValueError, match="prompt_len=16"):
+        sampler.make_sampler(tiny.config, **base)(tiny.params, tokens[:, 2:], mask[:, 2:], 0)
+    with pytest.raises(TypeError, match="list of strings"):
+        sampler.generate(tiny, "one string", max_new_tokens=2)
+
+
+# ---- Token selection on fixed logits ----
+
+LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+DRAWS = 40_000
+
+
+def draw(logits, **kw):
+    rows = jnp.broadcast_to(jnp.asarray(logits), (DRAWS, logits.shape[-1]))
+    tokens, logp = sampler.select_tokens(rows, jax.random.key(42), **kw)
+    return np.asarray(tokens), np.asarray(logp)
+
+
+def assert_follows(tokens, probs):
+    """Chi-square goodness of fit of the token counts to probs (zero-prob: never drawn)."""
+    counts = np.bincount(tokens, minlength=probs.size)
+    assert counts[probs == 0].sum() == 0
+    keep = probs > 0
+    assert stats.chisquare(counts[keep], DRAWS * probs[keep]).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampling_frequencies_match_softmax(temperature):
+    tokens, logp = draw(LOGITS, temperature=temperature)
+    probs = softmax(LOGITS / temperature)
+    assert_follows(tokens, probs)
+    np.testing.assert_allclose(logp, np.log(probs[tokens]), rtol=1e-5)
+
+
+def test_sampling_over_blocks_of_a_larger_vocabulary():
+    """V = 600 is not a multiple of the 256-token blocks; mass sits in three blocks."""
+    logits = np.full(600, -4.0, np.float32)
+    logits[[3, 255, 256, 400, 599]] = [1.0, 0.5, 0.2, 1.5, 0.8]
+    tokens, _ = draw(logits, temperature=1.0)
+    probs = softmax(logits)
+    heavy = probs > 0.01
+    merged = np.where(heavy[tokens], tokens, 600)  # the light tail as one category
+    expected = np.append(np.where(heavy, probs, 0), probs[~heavy].sum())
+    assert_follows(merged, expected)
+
+
+def test_top_p_draws_only_from_the_nucleus():
+    top_p = 0.8
+    probs = softmax(LOGITS)  # sorted descending already: 0.61, 0.22, 0.14, …
+    before = np.cumsum(probs) - probs
+    nucleus = before < top_p  # the smallest prefix reaching 0.8: the first three
+    assert nucleus.tolist() == [True, True, True, False, False, False]
+    tokens, logp = draw(LOGITS, temperature=1.0, top_p=top_p)
+    kept = np.where(nucleus, probs, 0) / probs[nucleus].sum()
+    assert_follows(tokens, kept)
+    np.testing.assert_allclose(logp, np.log(kept[tokens]), rtol=1e-5)
+
+
+def test_top_k_draws_only_from_the_k_best():
+    shuffled = LOGITS[[3, 0, 5, 2, 1, 4]]
+    tokens, logp = draw(shuffled, temperature=0.8, top_k=2)
+    probs = softmax(shuffled / 0.8)
+    kept = np.where(np.isin(np.arange(6), [1, 4]), probs, 0)
+    kept /= kept.sum()
+    assert_follows(tokens, kept)
+    np.testing.assert_allclose(logp, np.log(kept[tokens]), rtol=1e-5)
+
+
+def test_greedy_is_the_first_argmax_with_the_model_logprob():
+    logits = np.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 2.0, 5.0]], np.float32)
+    tokens, logp = sampler.select_tokens(jnp.asarray(logits), None, temperature=0.0)
+    np.testing.assert_array_equal(tokens, [1, 0])
+    np.testing.assert_allclose(logp, np.log(softmax(logits)[[0, 1], [1, 0]]), rtol=1e-6)
+
+
+def test_selection_on_sharded_logits_equals_replicated():
+    logits = jax.random.normal(jax.random.key(0), (16, 512)) * 3
+    mesh = sharding.make_mesh((2, 2, 2))
+    placed = jax.device_put(logits, NamedSharding(mesh, P(("data", "fsdp"), "tensor")))
+    select = jax.jit(lambda x, key: sampler.select_tokens(x, key, temperature=1.0, top_p=0.9))
+    ref = select(logits, jax.random.key(7))
+    out = select(placed, jax.random.key(7))
+    np.testing.assert_array_equal(ref[0], out[0])
+    np.testing.assert_allclose(ref[1], out[1], rtol=1e-6)  # sums over vocab shards: ulps
+
+
+# ---- Meshes ----
+
+
+@pytest.fixture(scope="module")
+def llama_unsharded(tiny_hf_dirs):
+    return models.load(tiny_hf_dirs["llama31"])
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_mesh_gives_same_rollouts(mesh_shape, tiny_hf_dirs, llama_unsharded):
+    prompts = ["one", "two three", "four five six", "seven"]
+    kw = dict(k=2, max_new_tokens=8, stop_token_ids=[])
+    mesh = sharding.make_mesh(mesh_shape)
+    placed = models.load(tiny_hf_dirs["llama31"], mesh=mesh)
+    for temperature in (0.0, 1.0):
+        ref = sampler.generate(llama_unsharded, prompts, temperature=temperature, seed=4, **kw)
+        out = sampler.generate(placed, prompts, temperature=temperature, seed=4, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    fn = sampler.make_sampler(  # the sampler generate() used: already compiled
+        placed.config, k=2, max_new_tokens=8, prompt_len=out.prompt_tokens.shape[1], mesh=mesh
+    )
+    result = fn(placed.params, out.prompt_tokens[::2], out.prompt_mask[::2], jax.random.key(4))
+    np.testing.assert_array_equal(result["tokens"], ref.tokens)
+    rows = NamedSharding(mesh, P("data" if mesh_shape[1] == 1 else ("data", "fsdp")))
+    assert result["tokens"].sharding.is_equivalent_to(rows, 2)
