@@ -191,6 +191,11 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
     return new, out
 
 
+def rollout_key(seed: int, step, attempt) -> jax.Array:
+    """The sampling key of a step's attempt: fold_in(fold_in(key(seed), step), attempt)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
+
+
 def flat_advantages(rewards, lengths, spec: losses.AlgoSpec):
     """Advantages and group ids flattened to rollout rows [B·K], and the rollout stats."""
     groups = losses.group_advantages(rewards, lengths, spec)
@@ -387,6 +392,10 @@ class Trainer:
             mesh=self.mesh,
         )
         self.advantages = jax.jit(functools.partial(flat_advantages, spec=self.spec))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.rollout_key = jax.jit(
+            functools.partial(rollout_key, config.seed), out_shardings=replicated
+        )
         self.take_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[rows], tree))
         self.n_params = sum(x.size for x in jax.tree.leaves(model.params))
         self.peak = metrics.peak_flops(jax.devices()[0])
@@ -404,14 +413,13 @@ class Trainer:
         """Rewards [b, K], rollouts [b, K, ...] of this process's prompts and extra metrics;
         with dynamic sampling, the kept prompts padded to b with empty rows (None when no
         prompt was kept)."""
-        rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
 
         def sample_fn(attempt: int):
             return _sample_and_score(
                 self.sample,
                 self.state["params"]["model"],
                 next(self.iterator),
-                jax.random.fold_in(rng, attempt),
+                self.rollout_key(step, attempt),
                 self.mesh,
                 self.tokenizer,
                 pool,
