@@ -58,7 +58,10 @@ class BenchmarkResult:
     """The outcome of one benchmark: per-problem correct counts and summary figures.
 
     correct[i] = number of the k samples of problem i judged correct (0 for a problem whose
-    prompt was dropped); mean_length and truncated are over the generated samples.
+    prompt was dropped); mean_length and truncated are over the generated samples;
+    verifier: the pool's counters over them (`rewards.REASONS`: correct, wrong, no_answer, …);
+    samples: the first sample of each generated problem, for reading what was judged:
+    {"problem", "answer", "completion", "reward"}.
     """
 
     name: str
@@ -68,6 +71,8 @@ class BenchmarkResult:
     mean_length: float
     truncated: float
     seconds: float
+    verifier: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    samples: Sequence[Mapping[str, Any]] = ()
 
     @property
     def problems(self) -> int:
@@ -90,6 +95,11 @@ class BenchmarkResult:
             return 0.0
         return float(np.std(self.correct / self.k, ddof=1) / math.sqrt(self.problems))
 
+    @property
+    def no_answer(self) -> float:
+        """Fraction of the generated samples in which no final answer was found."""
+        return self.verifier.get("no_answer", 0) / max(self.verifier.get("items", 0), 1)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "problems": self.problems,
@@ -101,6 +111,7 @@ class BenchmarkResult:
             "mean_length": self.mean_length,
             "truncated": self.truncated,
             "seconds": self.seconds,
+            "verifier": dict(self.verifier),
             "correct": [int(c) for c in self.correct],
         }
 
@@ -205,7 +216,8 @@ def score_benchmark(
     seconds: float = 0.0,
 ) -> BenchmarkResult:
     """Score k completions per example (texts[i] answers examples[i]) with `pool`; `dropped`
-    more problems (prompts not generated for) count as wrong."""
+    more problems (prompts not generated for) count as wrong. The pool's counters are read
+    into the result and reset."""
     if len(texts) != len(examples) or any(len(t) != k for t in texts):
         raise ValueError(
             f"benchmark {name}: need k={k} completions for each of {len(examples)} problems, "
@@ -223,6 +235,11 @@ def score_benchmark(
         mean_length=float(np.mean(lengths)) if lengths is not None and lengths.size else 0.0,
         truncated=float(np.mean(truncated)) if truncated is not None and truncated.size else 0.0,
         seconds=seconds,
+        verifier=pool.pop_stats(),
+        samples=[
+            {"problem": e["problem"], "answer": e["answer"], "completion": t[0], "reward": s[0]}
+            for e, t, s in zip(examples, texts, scores.tolist(), strict=True)
+        ],
     )
 
 
@@ -286,7 +303,6 @@ def evaluate(
                 truncated=done.truncated,
                 seconds=time.perf_counter() - t0,
             )
-            pool.pop_stats()
             logging.info(
                 "eval %s: mean@%d %.4f ± %.4f over %d problems (%d prompts dropped), %.1f s",
                 name,
@@ -314,18 +330,19 @@ def markdown_table(results: Mapping[str, BenchmarkResult]) -> str:
     """One row per benchmark and an average row (unweighted over benchmarks)."""
     lines = [
         "| benchmark | problems | k | mean@k | ± s.e. | pass@k | dropped prompts "
-        "| mean length | truncated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean length | truncated | no answer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.values():
         lines.append(
             f"| {r.name} | {r.problems} | {r.k} | {r.mean_at_k:.4f} | {r.stderr:.4f} "
-            f"| {r.pass_at_k:.4f} | {r.dropped} | {r.mean_length:.1f} | {r.truncated:.3f} |"
+            f"| {r.pass_at_k:.4f} | {r.dropped} | {r.mean_length:.1f} | {r.truncated:.3f} "
+            f"| {r.no_answer:.3f} |"
         )
     if len(results) > 1:
         lines.append(
             f"| average | {sum(r.problems for r in results.values())} | | "
-            f"{average_mean_at_k(results):.4f} | | | | | |"
+            f"{average_mean_at_k(results):.4f} | | | | | | |"
         )
     return "\n".join(lines)
 
@@ -335,9 +352,10 @@ def write_results(
     directory: str,
     name: str,
     info: Mapping[str, Any],
-) -> tuple[str, str]:
-    """Write `<directory>/<name>.md` (a header of `info` then the table) and `<name>.json`
-    ({"info", "benchmarks", "average_mean_at_k"}); returns the two paths."""
+) -> tuple[str, str, str]:
+    """Write `<directory>/<name>.md` (a header of `info` then the table), `<name>.json`
+    ({"info", "benchmarks", "average_mean_at_k"}) and `<name>_samples.jsonl` (one line per
+    generated problem: its benchmark and `BenchmarkResult.samples` entry); returns the paths."""
     os.makedirs(directory, exist_ok=True)
     md_path = os.path.join(directory, name + ".md")
     json_path = os.path.join(directory, name + ".json")
@@ -351,17 +369,23 @@ def write_results(
     }
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
-    return md_path, json_path
+    samples_path = os.path.join(directory, name + "_samples.jsonl")
+    with open(samples_path, "w") as f:
+        for benchmark, r in results.items():
+            for sample in r.samples:
+                f.write(json.dumps({"benchmark": benchmark, **sample}) + "\n")
+    return md_path, json_path, samples_path
 
 
 def scalars(results: Mapping[str, BenchmarkResult]) -> dict[str, float]:
-    """TensorBoard scalars: eval/<name>/mean@<k>, eval/<name>/pass@<k>, eval/<name>/stderr
-    per benchmark and eval/average/mean@<k>."""
+    """TensorBoard scalars: eval/<name>/mean@<k>, pass@<k>, stderr and no_answer per
+    benchmark, and eval/average/mean@<k>."""
     out: dict[str, float] = {}
     for name, r in results.items():
         out[f"eval/{name}/mean@{r.k}"] = r.mean_at_k
         out[f"eval/{name}/pass@{r.k}"] = r.pass_at_k
         out[f"eval/{name}/stderr"] = r.stderr
+        out[f"eval/{name}/no_answer"] = r.no_answer
     if results:
         k = next(iter(results.values())).k
         out[f"eval/average/mean@{k}"] = average_mean_at_k(results)

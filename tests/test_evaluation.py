@@ -73,7 +73,10 @@ FIVE = [
 def test_mean_at_k_is_exact_with_known_completions():
     """3 problems, k = 4, known verdicts: mean@4 = (4/4 + 1/4 + 0/4) / 3, pass@4 = 2/3; the
     fallback reads unboxed answers, and a box wins over a later number."""
-    examples = [{"answer": "5"}, {"answer": "\\frac{1}{2}"}, {"answer": "12"}]
+    examples = [
+        {"problem": p, "answer": a}
+        for p, a in (("2+3", "5"), ("1/2", "\\frac{1}{2}"), ("3*4", "12"))
+    ]
     texts = [
         ["\\boxed{5}", "so the answer is 5.", "2 + 3 = 5", "\\boxed{5.0}"],  # 4 correct
         ["0.5", "\\boxed{1/3}", "\\boxed{2}", "no idea"],  # "0.5" = 1/2: 1 correct
@@ -89,6 +92,14 @@ def test_mean_at_k_is_exact_with_known_completions():
     assert result.mean_at_k == pytest.approx((1 + 0.25) / 5)
     assert result.pass_at_k == pytest.approx(2 / 5)
     assert result.stderr == pytest.approx(np.std(counts / 4, ddof=1) / np.sqrt(5))
+    # "no idea", "" and "twelve" hold no number: 3 of the 12 samples have no answer.
+    assert result.verifier["items"] == 12 and result.verifier["correct"] == 5
+    assert result.no_answer == pytest.approx(3 / 12)
+    assert [(x["problem"], x["completion"], x["reward"]) for x in result.samples] == [
+        ("2+3", "\\boxed{5}", 1.0),
+        ("1/2", "0.5", 1.0),
+        ("3*4", "\\boxed{11} and then 12", 0.0),
+    ]
     other = evaluation.BenchmarkResult("b", 4, np.array([2, 2]), 0, 0.0, 0.0, 0.0)
     both = {"toy": result, "b": other}
     out = evaluation.scalars(both)
@@ -206,6 +217,10 @@ def test_evaluate_command_on_a_tiny_model(tiny_hf_dirs, tmp_path):
     assert 1 <= aime["mean_length"] <= 6
     assert report["info"]["k"] == 3 and report["info"]["fallback"] == "last_number"
     assert "| aime24 | 5 | 3 |" in (out / "eval_qwen2_tied.md").read_text()
+    samples = (out / "eval_qwen2_tied_samples.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["problem"] for line in samples) == sorted(
+        e["problem"] for e in FIVE
+    )
 
 
 def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
@@ -242,6 +257,7 @@ def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
         "eval/aime24/mean@2",
         "eval/aime24/pass@2",
         "eval/aime24/stderr",
+        "eval/aime24/no_answer",
         "eval/average/mean@2",
     }
     report = json.loads(Path(workdir, "eval_step4.json").read_text())
