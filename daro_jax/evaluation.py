@@ -27,6 +27,9 @@ fold_in(key(seed), b). Scoring goes through `rewards.RewardPool`.
 
 Inside training, `PeriodicEval(config, workdir)` loads the benchmarks once and
 `.run(model, step)` evaluates, writes eval_step<step>.md/.json and returns the scalars.
+The evaluate command (daro_jax/evaluate.py) is `run_evaluation(config, checkpoint)`, whose
+`load_policy` reads a training workdir's latest model params (read-only, partial restore),
+an HF directory or a .gguf file.
 """
 
 from __future__ import annotations
