@@ -116,4 +116,8 @@ def get_config():
     c.eval.temperature = 0.0
     c.eval.max_new_tokens = 1024
     c.eval.max_problems = 0  # 0 = all
+    c.eval.batch_size = 32  # problems per generation batch (× eval.k rows)
+    c.eval.top_p = 1.0
+    c.eval.max_prompt_tokens = 0  # 0 = no limit; longer prompts count as wrong
+    c.eval.fallback = "last_number"  # none | answer_is | last_number
     return c

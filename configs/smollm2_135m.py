@@ -29,4 +29,5 @@ def get_config():
     c.train.batch_prompts = 4
     c.train.ckpt_every = 6
     c.eval.max_new_tokens = 48
+    c.eval.benchmarks = ("generated_heldout",)
     return c

@@ -23,7 +23,7 @@ fold_in(key(seed), b). Scoring goes through `rewards.RewardPool`.
     results = evaluate(model, benchmarks, **eval_options(config))
     print(markdown_table(results))
     write_results(results, directory, "eval_step100", info)  # eval_step100.md / .json
-    log_to_tensorboard(writer, step, results)                # eval/<name>/mean@<k>, …
+    log_to_tensorboard(writer, step, results)                # eval/<name>/mean_at_<k>, …
 
 Inside training, `PeriodicEval(config, workdir)` loads the benchmarks once and
 `.run(model, step)` evaluates, writes eval_step<step>.md/.json and returns the scalars.
@@ -381,17 +381,17 @@ def write_results(
 
 
 def scalars(results: Mapping[str, BenchmarkResult]) -> dict[str, float]:
-    """TensorBoard scalars: eval/<name>/mean@<k>, pass@<k>, stderr and no_answer per
-    benchmark, and eval/average/mean@<k>."""
+    """TensorBoard scalars: eval/<name>/mean_at_<k>, pass_at_<k>, stderr and no_answer per
+    benchmark, and eval/average/mean_at_<k> (TensorBoard names allow no "@")."""
     out: dict[str, float] = {}
     for name, r in results.items():
-        out[f"eval/{name}/mean@{r.k}"] = r.mean_at_k
-        out[f"eval/{name}/pass@{r.k}"] = r.pass_at_k
+        out[f"eval/{name}/mean_at_{r.k}"] = r.mean_at_k
+        out[f"eval/{name}/pass_at_{r.k}"] = r.pass_at_k
         out[f"eval/{name}/stderr"] = r.stderr
         out[f"eval/{name}/no_answer"] = r.no_answer
     if results:
         k = next(iter(results.values())).k
-        out[f"eval/average/mean@{k}"] = average_mean_at_k(results)
+        out[f"eval/average/mean_at_{k}"] = average_mean_at_k(results)
     return out
 
 

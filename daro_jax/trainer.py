@@ -42,7 +42,18 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from daro_jax import checkpoint, data, losses, metrics, models, optim, rewards, sampler, sharding
+from daro_jax import (
+    checkpoint,
+    data,
+    evaluation,
+    losses,
+    metrics,
+    models,
+    optim,
+    rewards,
+    sampler,
+    sharding,
+)
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
 
@@ -595,6 +606,7 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, workdir)
     writer = metrics.Writer(workdir)
+    evaluator = evaluation.PeriodicEval(config, workdir)
     checkpoint.install_sigterm_handler()
     t = config.train
     last: dict = {}
@@ -620,6 +632,11 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 writer.write(step + 1, last)
                 bar.write(metrics.summary_line(step + 1, last))
+            if evaluator.due(step + 1):
+                policy = models.Model(
+                    trainer.cfg, trainer.state["params"]["model"], trainer.tokenizer, trainer.mesh
+                )
+                writer.write(step + 1, evaluator.run(policy, step + 1))
             stop = checkpoint.any_process_preempted()
             ckpt.save(step + 1, trainer.state, trainer.meta(step + 1), force=stop)
             if stop:

@@ -103,9 +103,9 @@ def test_mean_at_k_is_exact_with_known_completions():
     other = evaluation.BenchmarkResult("b", 4, np.array([2, 2]), 0, 0.0, 0.0, 0.0)
     both = {"toy": result, "b": other}
     out = evaluation.scalars(both)
-    assert out["eval/toy/mean@4"] == pytest.approx(0.25)
-    assert out["eval/b/pass@4"] == 1.0
-    assert out["eval/average/mean@4"] == pytest.approx((0.25 + 0.5) / 2)
+    assert out["eval/toy/mean_at_4"] == pytest.approx(0.25)
+    assert out["eval/b/pass_at_4"] == 1.0
+    assert out["eval/average/mean_at_4"] == pytest.approx((0.25 + 0.5) / 2)
     table = evaluation.markdown_table(both)
     assert "| toy | 5 | 4 | 0.2500 |" in table and "| average | 7 | | 0.3750 |" in table
     with pytest.raises(ValueError, match="need k=4 completions"):
@@ -254,12 +254,12 @@ def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
     assert [s for s in range(1, 6) if periodic.due(s)] == [2, 4]
     out = periodic.run(model, 4)
     assert set(out) == {
-        "eval/aime24/mean@2",
-        "eval/aime24/pass@2",
+        "eval/aime24/mean_at_2",
+        "eval/aime24/pass_at_2",
         "eval/aime24/stderr",
         "eval/aime24/no_answer",
-        "eval/average/mean@2",
+        "eval/average/mean_at_2",
     }
     report = json.loads(Path(workdir, "eval_step4.json").read_text())
     assert report["info"]["step"] == 4 and report["benchmarks"]["aime24"]["problems"] == 3
-    assert out["eval/aime24/mean@2"] == report["benchmarks"]["aime24"]["mean@2"]
+    assert out["eval/aime24/mean_at_2"] == report["benchmarks"]["aime24"]["mean@2"]
