@@ -9,6 +9,7 @@ such as "Qwen/Qwen2.5-Math-1.5B" (downloaded when the machine has network).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -96,9 +97,15 @@ def _pretrained_args(location: str) -> tuple[tuple, dict]:
     return (location,), {}
 
 
-def _hf_config(location: str, overrides: Mapping[str, Any]):
+@functools.lru_cache(maxsize=8)
+def _read_hf_config(location: str):
+    """config.json (or the GGUF metadata) of `location`, parsed once per process."""
     args, kwargs = _pretrained_args(location)
-    hf = transformers.AutoConfig.from_pretrained(*args, **kwargs)
+    return transformers.AutoConfig.from_pretrained(*args, **kwargs)
+
+
+def _hf_config(location: str, overrides: Mapping[str, Any]):
+    hf = copy.deepcopy(_read_hf_config(location))
     for key, value in overrides.items():
         if not hasattr(hf, key):
             raise ValueError(
@@ -109,7 +116,9 @@ def _hf_config(location: str, overrides: Mapping[str, Any]):
     return hf
 
 
+@functools.lru_cache(maxsize=8)
 def _tokenizer(location: str):
+    """The tokenizer of `location`, loaded once per process (GGUF parsing takes seconds)."""
     args, kwargs = _pretrained_args(location)
     try:
         return transformers.AutoTokenizer.from_pretrained(*args, **kwargs)
