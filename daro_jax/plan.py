@@ -42,11 +42,19 @@ update (one optimizer step; a micro-batch of b rows × T = P + N tokens at a tim
     batch arrays      the step's tokens/masks [B·K, T] and per-token floats [B·K, N]
 
 Every activation is sized by its shard shape under the same logical-axis rules as the
-arrays of the run (`sharding.logical_spec`), so a micro-batch that the data × fsdp shards
+arrays of the run (`sharding.logical_spec`, as `sharding.constrain` pins them when the
+update is traced under `sharding.use_mesh`), so a micro-batch that the data × fsdp shards
 do not divide counts whole on every device, exactly as the run would replicate it.
-P = sampler.max_prompt_tokens and N = sampler.max_new_tokens (the longest step).
+P = sampler.max_prompt_tokens and N = sampler.max_new_tokens (the longest step). The
+old-policy and reference logprob passes run forward only over the same micro-batches and
+need less than the update, so they are not a phase of their own.
 
-peak = resident + max(sampling, update); the verdict is "fits" when the peak is at most
+Checked on XLA:CPU (tests/test_plan.py): params and optimizer bytes equal the real arrays';
+the update phase came to 0.87–1.46 × the compiled update's temp bytes over tiny models
+(remat on/off, split or replicated micro-batches), the decode phase to about 1.0 × the
+compiled sampler's. No TPU measurement has been made.
+
+peak = resident + the largest phase; the verdict is "fits" when the peak is at most
 (1 − RESERVE) of the chip's HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB), leaving
 RESERVE for XLA's own buffers and fragmentation.
 
@@ -531,8 +539,10 @@ def _gathered_weights(cfg: ModelConfig, mesh) -> dict[str, int]:
 
 def main() -> None:
     """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v]`: print the plan;
-    exit status 0 whether or not it fits (the verdict is in the output)."""
-    from absl import app
+    exit status 0 whether or not it fits (the verdict is in the output). The flags are
+    defined here, not at import, so that importing this module next to daro_jax.main does
+    not define --config twice."""
+    from absl import app, flags
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
@@ -544,8 +554,6 @@ def main() -> None:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         if config_flag.value is None:
             raise app.UsageError("--config=configs/<recipe>.py is required.")
-        from absl import flags
-
         print(make_plan(config_flag.value, title=flags.FLAGS["config"].config_filename).format())
 
     app.run(run)
