@@ -181,3 +181,25 @@ def test_unknown_config_field_is_an_error():
     )
     assert proc.returncode != 0
     assert "stepz" in proc.stderr
+
+
+def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path, monkeypatch):
+    """An absurd learning rate blows the params up; the step whose loss or gradient is not
+    finite raises, names itself and the metric, and leaves the last checkpoint intact."""
+    monkeypatch.setattr(trainer.rewards, "RewardPool", lambda *a, **k: _ContextPool(4))
+    config = tiny_config(
+        **{"optim.lr": 1e30, "optim.grad_clip": 0.0, "train.steps": 6, "train.ckpt_every": 1}
+    )
+    with pytest.raises(FloatingPointError, match=r"step \d+ \(update 0\): non-finite"):
+        trainer.train(config, str(tmp_path))
+    with checkpoint.Checkpointer(str(tmp_path), keep=3, every=1) as ckpt:
+        last = ckpt.latest_step()
+        assert last is not None and last < 6
+        state, meta = ckpt.restore(
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                trainer.Trainer(config, str(tmp_path / "fresh")).state,
+            )
+        )
+    assert meta["step"] == last
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
