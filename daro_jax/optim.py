@@ -191,3 +191,25 @@ def make_optimizer(
     labels = param_labels(state, tuple(optim_cfg.frozen))
     transforms = {"model": model_tx, "frozen": optax.set_to_zero(), "daro": daro_tx}
     return optax.multi_transform(transforms, labels)
+
+
+def mirror_shardings(tree, state, state_shardings, replicated):
+    """Shardings of an optimizer-state pytree: a leaf whose key path ends with the path of
+    a leaf of `state` (and has its shape) takes that leaf's sharding; others `replicated`."""
+    by_path = {
+        tuple(path): (leaf.shape, s)
+        for (path, leaf), s in zip(
+            jax.tree_util.tree_flatten_with_path(state)[0],
+            jax.tree.leaves(state_shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf):
+        for start in range(len(path)):
+            shape, s = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

@@ -243,28 +243,6 @@ def shard_bytes(names, shape, dtype, mesh) -> int:
     return math.prod(local) * jnp.dtype(dtype).itemsize
 
 
-def mirror_shardings(tree, state, state_shardings, replicated):
-    """Shardings of an optimizer-state pytree: a leaf whose key path ends with the path of
-    a leaf of `state` (and has its shape) takes that leaf's sharding; others `replicated`."""
-    by_path = {
-        tuple(path): (leaf.shape, s)
-        for (path, leaf), s in zip(
-            jax.tree_util.tree_flatten_with_path(state)[0],
-            jax.tree.leaves(state_shardings),
-            strict=True,
-        )
-    }
-
-    def pick(path, leaf):
-        for start in range(len(path)):
-            shape, s = by_path.get(tuple(path[start:]), (None, None))
-            if shape == leaf.shape:
-                return s
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class Activations:
     """Per-device activation bytes of one layer on b rows × t queries × s keys."""
@@ -370,7 +348,7 @@ def _gib(n: int) -> str:
 def train_state(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh) -> dict:
     """The trainer's {"params": {"model", "daro"}, "opt"} as ShapeDtypeStructs carrying their
     shardings on `mesh` (abstract or concrete): params by the decoder's logical axes, the
-    DARO weights replicated, the optimizer state by `mirror_shardings`."""
+    DARO weights replicated, the optimizer state by `optim.mirror_shardings`."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
     state = {"model": params, "daro": jax.eval_shape(lambda: losses.init_daro_weights(spec))}
@@ -386,7 +364,7 @@ def train_state(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh) -> dict:
     tree = {"params": state, "opt": opt_state}
     shardings = {
         "params": shardings,
-        "opt": mirror_shardings(opt_state, state, shardings, replicated),
+        "opt": optim.mirror_shardings(opt_state, state, shardings, replicated),
     }
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings

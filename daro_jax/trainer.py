@@ -202,6 +202,17 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
     return new, out
 
 
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced under `sharding.use_mesh(mesh)`, so its activation constraints apply."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.use_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def rollout_key(seed: int, step, attempt) -> jax.Array:
     """The sampling key of a step's attempt: fold_in(fold_in(key(seed), step), attempt)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
@@ -370,9 +381,14 @@ class Trainer:
         self.tx = optim.make_optimizer(
             config.optim, state, t.steps * self.updates_per_step, self.spec
         )
-        opt_state = jax.jit(self.tx.init)(state)
-        state = {"params": state, "opt": opt_state}
-        self.state = jax.device_put(state, jax.tree.map(self._named, state))
+        state = jax.device_put(state, jax.tree.map(self._named, state))
+        param_shardings = jax.tree.map(lambda x: x.sharding, state)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        opt_shardings = optim.mirror_shardings(
+            jax.eval_shape(self.tx.init, state), state, param_shardings, replicated
+        )
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(state)
+        self.state = {"params": state, "opt": opt_state}
         self.ref_params = jax.tree.map(jnp.copy, model.params) if self.spec.kl_beta > 0 else None
         shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.settings = UpdateSettings(
@@ -384,12 +400,12 @@ class Trainer:
             on_policy=self.updates_per_step == 1,
         )
         self.update = jax.jit(
-            update_step,
+            on_mesh(update_step, self.mesh),
             static_argnames=("tx", "s"),
             donate_argnums=(0,),
             out_shardings=(shardings, None),
         )
-        self.logprobs = jax.jit(batch_logprobs, static_argnames=("s",))
+        self.logprobs = jax.jit(on_mesh(batch_logprobs, self.mesh), static_argnames=("s",))
         s = config.sampler
         self.sample = sampler.make_sampler(
             self.cfg,
@@ -403,7 +419,6 @@ class Trainer:
             mesh=self.mesh,
         )
         self.advantages = jax.jit(functools.partial(flat_advantages, spec=self.spec))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
         self.rollout_key = jax.jit(
             functools.partial(rollout_key, config.seed), out_shardings=replicated
         )

@@ -5,8 +5,6 @@ The tiny recipe is planned for 8 devices (a v6e-8) and compared with the arrays 
 the compiled update and sampler. The paper recipes are checked against their published
 parameter counts and closed-form KV-cache sizes, and must fit their TPU types.
 
-Two strict xfails record known gaps (they fail loudly once fixed, to be unmarked): the
-trainer replicates the Adam moments, and the 1.5B recipe's decode does not fit a v4 chip.
 """
 
 from __future__ import annotations
@@ -84,12 +82,6 @@ def test_tiny_params_match_the_real_arrays(tiny):
     assert p.resident["reference model (kl_beta=0)"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.Trainer builds the optimizer state with jax.jit(tx.init) and no "
-    "out_shardings, so XLA replicates the Adam moments on every device instead of sharding "
-    "them like their params; fix: out_shardings=plan.train_state(...)['opt'] shardings.",
-)
 def test_tiny_optimizer_state_matches_the_real_arrays(tiny):
     _, run, p = tiny
     assert p.resident["optimizer state"] == device0_bytes(run.state["opt"])
@@ -187,15 +179,7 @@ def test_decode_cache_copies_match_the_compiled_sampler(tiny):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            "qwen2_5_math_1_5b",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="decode holds the 14 GiB/device KV cache 2.05 times (sampler's layer "
-                "scan): peak 31.3 GiB of v4's 32 GiB, over the 28.8 GiB usable; fits on v4-32 "
-                "(15.7 GiB) or with an in-place decode cache (about 16.6 GiB)",
-            ),
-        ),
+        "qwen2_5_math_1_5b",
         "qwen2_5_math_7b",
         "llama8b",
     ],
@@ -235,8 +219,10 @@ def test_micro_batch_not_divisible_by_the_shards_is_replicated():
     for micro, per_device in ((16, 2), (4, 4)):
         act = plan.Activations.of(cfg, micro, 512, 512, mesh)
         assert act.scores == per_device * cfg.num_heads * 512 * 512 * 4
-    p = plan.make_plan(load_config("qwen2_5_math_1_5b", **{"train.microbatch_size": 4}))
-    assert any("not divisible by the 8 data × fsdp shards" in note for note in p.notes)
+    config = load_config("qwen2_5_math_1_5b", **{"train.microbatch_size": 4})
+    p = plan.make_plan(config)
+    shards = p.chips  # mesh (1, -1, 1): every chip is a data × fsdp shard
+    assert any(f"not divisible by the {shards} data × fsdp shards" in note for note in p.notes)
 
 
 def test_absurd_config_does_not_fit():
