@@ -60,7 +60,7 @@ def torch_models(tiny_hf_dirs):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers(name, tiny_hf_dirs, torch_models):
     model = models.load(tiny_hf_dirs[name])
-    ids, mask = left_padded_batch()
+    ids, mask = left_padded_batch(length=150, pads=(0, 5, 97))  # 3 causal query blocks
     ref = torch_logits(torch_models[name], ids, mask)
     ours = models.logits(model, ids, mask)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
@@ -130,7 +130,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_model, tmp_path):
 def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
     model = models.load(tiny_hf_dirs["llama31"])
     cfg = model.config
-    ids, mask = left_padded_batch(length=20, pads=(0, 3, 9))
+    ids, mask = left_padded_batch(length=80, pads=(0, 3, 69))
     full = np.asarray(models.logits(model, ids, mask))
     positions = np.asarray(decoder.positions_from_mask(mask))
 
@@ -139,7 +139,7 @@ def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
         hidden, cache = decoder.forward(params, cfg, tokens, pos, cache_mask, cache, cache_pos)
         return decoder.lm_logits(params, cfg, hidden), cache
 
-    prefill, (b, t) = 12, ids.shape
+    prefill, (b, t) = 72, ids.shape
     cache = decoder.init_cache(cfg, b, t)
     cache_mask = np.zeros((b, t), np.int32)
     cache_mask[:, :prefill] = mask[:, :prefill]

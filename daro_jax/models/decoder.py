@@ -193,6 +193,26 @@ def _attention(q, k, v, allowed, cfg: ModelConfig):
     return out.reshape(b, t, cfg.num_heads, dh)
 
 
+def _causal_attention(q, k, v, allowed, cfg: ModelConfig):
+    """`_attention` without a cache, where query t is key slot t: the queries are split
+    into at most 8 blocks (of ≥ 64 rows) and each block only reads the keys up to its
+    last row, skipping the causally masked score blocks above the diagonal (about 40% of
+    the attention work at 4 blocks, and better cache use on CPU)."""
+    t = q.shape[1]
+    block = max(64, -(-t // 8))
+    outs = [
+        _attention(
+            q[:, i : i + block],
+            k[:, :, : i + block],
+            v[:, :, : i + block],
+            allowed[:, i : i + block, : i + block],
+            cfg,
+        )
+        for i in range(0, t, block)
+    ]
+    return jnp.concatenate(outs, axis=1)
+
+
 def _layer(cfg: ModelConfig, inv_freq, positions, allowed, cache_pos, x, lp, cache_kv):
     """One decoder layer; returns (new x, updated (k, v) of this layer or None)."""
     dt = cfg.compute_dtype
@@ -209,7 +229,7 @@ def _layer(cfg: ModelConfig, inv_freq, positions, allowed, cache_pos, x, lp, cac
         ck = lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_pos, axis=2)
         cv = lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_pos, axis=2)
         cache_kv, k, v = (ck, cv), ck, cv
-    attn = _attention(q, k, v, allowed, cfg)
+    attn = (_attention if cache_kv is not None else _causal_attention)(q, k, v, allowed, cfg)
     out = jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(dt))
     if cfg.o_bias:
         out = out + lp["bo"].astype(dt)
