@@ -103,6 +103,77 @@ def test_unpermute_inverts_llama_cpp_row_order():
     assert not np.array_equal(permuted, w)
 
 
+# GGUF names of HF tensors, written out from llama.cpp's tensor naming.
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_gguf(path, arch, tensors, n_heads, n_kv_heads):
+    """A float32 GGUF of HF `tensors` as llama.cpp's converter writes it: llama permutes
+    the Q/K rows of each head (halves → pairs), qwen2 does not."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(2)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv_heads)
+    for name, w in tensors.items():
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            short = GGUF_NAMES[rest]
+            gguf_name = f"blk.{layer}.{short}"
+        else:
+            short = gguf_name = GGUF_NAMES[name]
+        heads = {"attn_q": n_heads, "attn_k": n_kv_heads}.get(short.split(".")[0])
+        if arch == "llama" and heads:
+            w = llama_cpp_permute(w, heads).reshape(w.shape)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("name,arch", [("llama31", "llama"), ("qwen2_untied", "qwen2")])
+def test_gguf_tensors_come_back_in_hf_names_and_layout(name, arch, tiny_hf_dirs, tmp_path):
+    tensors = load_file(os.path.join(tiny_hf_dirs[name], hf_io.SINGLE_FILE))
+    write_gguf(tmp_path / "m.gguf", arch, tensors, n_heads=4, n_kv_heads=2)
+    got = gguf_io.read_tensors(str(tmp_path / "m.gguf")).arrays
+    assert got.keys() == tensors.keys()
+    for k, w in tensors.items():
+        np.testing.assert_array_equal(got[k], w, err_msg=k)
+
+
+def test_sharded_placement_from_host_arrays(tiny_hf_dirs, unsharded_qwen2):
+    """The GGUF path (tensors in host memory) places blocks like the safetensors path."""
+    cfg = unsharded_qwen2.config
+    source = hf_io.ArraySource(
+        load_file(os.path.join(tiny_hf_dirs["qwen2_untied"], hf_io.SINGLE_FILE))
+    )
+    mesh = sharding.make_mesh((2, 2, 2))
+    params = hf_io.load_params(source, cfg, models.param_shardings(cfg, mesh))
+    assert distinct_blocks(params["layers"]["w_up"]) == 4
+    for got, want in zip(
+        jax.tree.leaves(params), jax.tree.leaves(unsharded_qwen2.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_smollm2_gguf_matches_transformers(smollm2_model, tmp_path):
     path = models.smollm2_gguf_path()
     folder, name = os.path.split(path)
