@@ -28,6 +28,8 @@ Last line: `RL step vs TRL GRPOTrainer: X.XXx` (TRL seconds per step ÷ ours).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import functools
 import os
 import tempfile
@@ -113,6 +115,24 @@ def _timed(fn, times: list[float]):
     return wrapper
 
 
+def memory() -> str:
+    """This process's resident memory now and at its peak (Linux /proc), for the step lines."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return "memory n/a"
+    rss, peak = (int(fields[name].split()[0]) / 2**20 for name in ("VmRSS", "VmHWM"))
+    return f"RSS {rss:.1f} GiB (peak {peak:.1f})"
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere), so the
+    memory each framework freed after its step is not held while the other one runs."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def padding_line(counts: tuple[int, int]) -> str:
     computed, real = counts
     return f"update positions {computed} ({real} real, {1 - real / computed:.0%} padding)"
@@ -167,6 +187,7 @@ class Ours:
     def step(self, step: int) -> None:
         m = self.trainer.step(step, self.pool)
         m["compile_s"] = self.clock.pop()
+        release_memory()
         self.steps.append(m)
         print(
             f"ours step {step}{' (warm-up)' if step < self.args.warmup else ''}: "
@@ -176,7 +197,7 @@ class Ours:
             f"mean length {m['length_mean']:.1f}, reward {m['reward']:.3f}, "
             f"sampler {m['throughput/sampler_tokens_per_s']:.0f} tok/s, "
             f"update {m['throughput/update_tokens_per_s']:.0f} tok/s; "
-            f"{padding_line(self.positions[-1])}; load {load_average()}",
+            f"{padding_line(self.positions[-1])}; load {load_average()}; {memory()}",
             flush=True,
         )
 
@@ -236,6 +257,7 @@ def run_trl(args, export_dir: str, batches: list[list[dict]], after_step) -> dic
 
         def on_step_end(self, *a, **kw):
             self.step_s.append(time.perf_counter() - self._t0)
+            release_memory()
             report(len(self.step_s) - 1)
             after_step(len(self.step_s) - 1)
 
@@ -302,7 +324,7 @@ def run_trl(args, export_dir: str, batches: list[list[dict]], after_step) -> dic
                 f"TRL step {step}{' (warm-up)' if step < args.warmup else ''}: {s:.2f} s = "
                 f"generate {generate_s[step]:.2f} + reward {reward_s[step]:.2f} "
                 f"+ rest {s - generate_s[step] - reward_s[step]:.2f}; "
-                f"{padding_line(positions[step])}; load {load_average()}",
+                f"{padding_line(positions[step])}; load {load_average()}; {memory()}",
                 flush=True,
             )
 
