@@ -337,6 +337,7 @@ def run_trl(args, export_dir: str, batches: list[list[dict]], after_step) -> dic
         "reward": float(np.mean(reward_s[w:])),
         "rest": float(np.mean(rest_s[w:])),
         "length": float(np.mean(clock.lengths[w:])),
+        "lengths": " ".join(f"{x:.1f}" for x in clock.lengths),
         "warmup_step": sum(clock.step_s[:w]),
         "positions": np.sum(positions[w:], axis=0),
     }
@@ -376,7 +377,8 @@ def main() -> None:
     print(
         f"TRL,  s/step (mean of {args.steps}): {trl['step']:.2f} = generate "
         f"{trl['generate']:.2f} + reward {trl['reward']:.2f} + rest {trl['rest']:.2f}; "
-        f"mean completion {trl['length']:.1f} tokens; {padding_line(trl['positions'])}; "
+        f"mean completion {trl['length']:.1f} tokens (per step: {trl['lengths']}); "
+        f"{padding_line(trl['positions'])}; "
         f"warm-up {trl['warmup_step']:.1f} s"
     )
     print(f"load average at the end: {load_average()}")
