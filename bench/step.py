@@ -152,8 +152,7 @@ class Ours:
         self.config = config = recipe(args)
         self.clock = CompileClock()
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as workdir:
-            self.trainer = Trainer(config, workdir)
+        self.trainer = Trainer(config)
         build_s = time.perf_counter() - t0
         trainer = self.trainer
         model = models.Model(trainer.cfg, trainer.state["params"]["model"], trainer.tokenizer)

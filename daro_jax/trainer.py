@@ -57,13 +57,11 @@ from daro_jax import (
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
 
-MIN_COMPLETION_BUCKET = 16
-
 
 def completion_bucket(longest: int, max_new_tokens: int) -> int:
-    """Update length for completions of at most `longest` tokens: a power of two ≥ 16,
-    capped at max_new_tokens."""
-    return min(max_new_tokens, max(MIN_COMPLETION_BUCKET, 1 << max(0, longest - 1).bit_length()))
+    """Update length for completions of at most `longest` tokens: the sampler's
+    power-of-two bucket (≥ 16), capped at max_new_tokens."""
+    return min(max_new_tokens, sampler.prompt_bucket(longest))
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,10 +284,11 @@ def _load_problems(config) -> list[dict]:
     )
 
 
-def _templated(config, tokenizer, problems: list[dict]) -> tuple[list[dict], int]:
-    """Problems with their templated prompt ids; the number dropped for length."""
+def _templated(config, tokenizer, problems: list[dict]) -> list[dict]:
+    """Problems with their templated prompt ids (data.prepare_prompts logs the number
+    dropped for length)."""
     d = config.data
-    examples, dropped = data.prepare_prompts(
+    examples, _ = data.prepare_prompts(
         tokenizer,
         problems,
         instruction=d.instruction,
@@ -302,7 +301,7 @@ def _templated(config, tokenizer, problems: list[dict]) -> tuple[list[dict], int
             f"every prompt is longer than sampler.max_prompt_tokens="
             f"{config.sampler.max_prompt_tokens}; raise it."
         )
-    return examples, dropped
+    return examples
 
 
 def _check_batch(config, mesh: Mesh) -> None:
@@ -343,9 +342,8 @@ def _check_batch(config, mesh: Mesh) -> None:
 class Trainer:
     """Everything one run holds: model, jitted functions, data, verifier, checkpoints."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config):
         self.config = config
-        self.workdir = workdir
         # Mesh, algorithm and data first: their errors come before the model loads.
         self.mesh = sharding.make_mesh(config.mesh.shape)
         _check_batch(config, self.mesh)
@@ -364,7 +362,7 @@ class Trainer:
         )
         self.cfg = model.config.replace(remat=m.remat)
         self.tokenizer = model.tokenizer
-        self.examples, self.dropped_prompts = _templated(config, self.tokenizer, problems)
+        self.examples = _templated(config, self.tokenizer, problems)
         self.prompt_len = int(max(len(e["prompt_ids"]) for e in self.examples))
         self.iterator = data.PromptIterator(
             self.examples,
@@ -619,7 +617,7 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
     `on_step(step, metrics)` is called after every step (tests and the study use it).
     """
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config)
     writer = metrics.Writer(workdir)
     evaluator = evaluation.PeriodicEval(config, workdir)
     checkpoint.install_sigterm_handler()

@@ -232,7 +232,7 @@ def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(tmp_path / "config.py", tiny_hf_dirs["llama31"], str(bench))
     config.eval.every_steps = 2
-    t = trainer.Trainer(config, workdir)
+    t = trainer.Trainer(config)
     state = t.state | {
         "params": t.state["params"]
         | {"model": jax.tree.map(lambda x: x * 1.5, t.state["params"]["model"])}

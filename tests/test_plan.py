@@ -59,7 +59,7 @@ def device0_bytes(tree) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny():
     """configs/tiny.py on 8 CPU devices: its Trainer, and its plan for a v6e-8 (8 chips)."""
     config = load_config(
         "tiny",
@@ -70,7 +70,7 @@ def tiny(tmp_path_factory):
             "data.generated_size": 64,
         },
     )
-    run = trainer.Trainer(config, str(tmp_path_factory.mktemp("plan")))
+    run = trainer.Trainer(config)
     return config, run, plan.make_plan(config, run.cfg, title="configs/tiny.py")
 
 

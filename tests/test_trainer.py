@@ -57,9 +57,9 @@ def params_of(t: trainer.Trainer):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_three_steps_each_algorithm(algo, tmp_path):
+def test_three_steps_each_algorithm(algo):
     config = tiny_config(**{"algo.name": algo, "train.batch_prompts": 6})
-    t = trainer.Trainer(config, str(tmp_path))
+    t = trainer.Trainer(config)
     before = params_of(t)
     pool = PatternPool(config.algo.k)
     compiled = []
@@ -86,9 +86,9 @@ def test_three_steps_each_algorithm(algo, tmp_path):
     assert compiled[0] == compiled[1] == compiled[2]
 
 
-def test_absent_group_weight_does_not_move(tmp_path):
+def test_absent_group_weight_does_not_move():
     config = tiny_config(**{"algo.name": "daro", "train.batch_prompts": 2})
-    t = trainer.Trainer(config, str(tmp_path))
+    t = trainer.Trainer(config)
     before = np.asarray(losses.daro_weights(t.state["params"]["daro"], t.spec))
     for step in range(2):  # prompts get k = 0 and k = 1 only
         t.step(step, PatternPool(config.algo.k))
@@ -97,12 +97,12 @@ def test_absent_group_weight_does_not_move(tmp_path):
     np.testing.assert_array_equal(after[1:], before[1:])  # k = 2, 3 absent: unchanged
 
 
-def test_microbatches_and_minibatch_settings_agree(tmp_path):
+def test_microbatches_and_minibatch_settings_agree():
     """Micro-batching is exact: 1 or 4 micro-batches give the same first update."""
     outs = []
     for micro in (0, 4):
         config = tiny_config(**{"train.batch_prompts": 4, "train.microbatch_size": micro})
-        t = trainer.Trainer(config, str(tmp_path / f"m{micro}"))
+        t = trainer.Trainer(config)
         outs.append(t.step(0, PatternPool(config.algo.k)))
     a, b = outs
     for name in ("loss", "grad_norm", "entropy", "group/L/1of4", "group/tokens/2of4"):
@@ -152,9 +152,9 @@ class _ContextPool(PatternPool):
         ({"algo.name": "ppo"}, "config.algo.name='ppo'"),
     ],
 )
-def test_bad_inputs_fail_clearly(changes, message, tmp_path):
+def test_bad_inputs_fail_clearly(changes, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
-        trainer.Trainer(tiny_config(**changes), str(tmp_path))
+        trainer.Trainer(tiny_config(**changes))
 
 
 def test_column_mapping_mismatch(tmp_path):
@@ -162,7 +162,7 @@ def test_column_mapping_mismatch(tmp_path):
     path.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
     config = tiny_config(**{"data.source": str(path)})
     with pytest.raises(ValueError, match="problem"):
-        trainer.Trainer(config, str(tmp_path))
+        trainer.Trainer(config)
 
 
 def test_unknown_config_field_is_an_error():
@@ -198,7 +198,7 @@ def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path, monkeypatch):
         state, meta = ckpt.restore(
             jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                trainer.Trainer(config, str(tmp_path / "fresh")).state,
+                trainer.Trainer(config).state,
             )
         )
     assert meta["step"] == last
