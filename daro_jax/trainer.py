@@ -614,7 +614,8 @@ class Trainer:
 def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) the RL loop of `config` in `workdir`; returns the last step's metrics.
 
-    `on_step(step, metrics)` is called after every step (tests and the study use it).
+    `on_step(step, metrics)` is called after every step, with the periodic evaluation's
+    metrics when it ran at that step (tests and the study use it).
     """
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config)
@@ -640,16 +641,17 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
         step = start
         for step in bar:
             last = trainer.step(step, pool)
-            if on_step is not None:
-                on_step(step, last)
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                writer.write(step + 1, last)
-                bar.write(metrics.summary_line(step + 1, last))
-            if evaluator.due(step + 1):
+            evaluated = evaluator.due(step + 1)
+            if evaluated:
                 policy = models.Model(
                     trainer.cfg, trainer.state["params"]["model"], trainer.tokenizer, trainer.mesh
                 )
-                writer.write(step + 1, evaluator.run(policy, step + 1))
+                last |= evaluator.run(policy, step + 1)
+            if on_step is not None:
+                on_step(step, last)
+            if evaluated or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                writer.write(step + 1, last)
+                bar.write(metrics.summary_line(step + 1, last))
             stop = checkpoint.any_process_preempted()
             ckpt.save(step + 1, trainer.state, trainer.meta(step + 1), force=stop)
             if stop:
