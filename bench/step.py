@@ -17,8 +17,9 @@ measured with JAX's compilation events (tracing + lowering + XLA compile), per s
 timed step that meets a new completion-length bucket shows it. TRL's step is timed by a
 TrainerCallback (on_step_begin → on_step_end) and split into generation (`_generate`),
 reward (`_calculate_rewards`) and the rest (logprobs, loss, backward, optimizer). For each
-update the positions it computes (rows × padded length) and the real tokens among them
-are counted.
+update the positions it computes and the real tokens among them are counted (TRL: rows ×
+padded prompt + completion length; ours: each prompt once per unit of q completions, plus
+rows × padded completion length).
 
     python -m bench.step [--steps 3] [--warmup 1] [--max-new-tokens 128] [--threads 2]
 
@@ -169,8 +170,11 @@ class Ours:
         update = trainer.update
 
         def counted_update(state, batch, **kw):
-            mask = np.asarray(batch["attn_mask"])
-            self.positions.append((mask.size, int(mask.sum())))
+            prompts, completions = np.asarray(batch["prompt_mask"]), np.asarray(batch["mask"])
+            units = completions.shape[0] // trainer.settings.completions_per_unit
+            computed = units * prompts.shape[1] + completions.size
+            real = prompts.sum() * (units // prompts.shape[0]) + completions.sum()
+            self.positions.append((computed, int(real)))
             return update(state, batch, **kw)
 
         trainer.update = counted_update

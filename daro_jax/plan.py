@@ -425,7 +425,7 @@ def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
         resident=resident,
         phases={
             **_sampling(cfg, b, k, p, n, gathered, mesh),
-            "update": _update(cfg, state, rows, micro, p, n, gathered, mesh),
+            "update": _update(cfg, state, rows, micro, k, p, n, gathered, mesh),
         },
         notes=tuple(notes),
     )
@@ -467,26 +467,42 @@ def decode_cache_copies(layers: int) -> float:
     return 2.0 + 1.5 / layers
 
 
-def _update(cfg: ModelConfig, state, rows, micro, p, n, gathered, mesh) -> dict[str, int]:
-    """One optimizer update over micro-batches of `micro` sequences of T = P + N tokens."""
-    seq = p + n
-    act = Activations.of(cfg, micro, seq, seq, mesh)
+def _update(cfg: ModelConfig, state, rows, micro, k, p, n, gathered, mesh) -> dict[str, int]:
+    """One optimizer update over micro-batches of `micro` completions of N tokens, each unit
+    of q completions attending to its prompt's P-token KV cache (trainer.sequence_logprobs)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    q = sharding.completions_per_unit(k, micro, shards)
+    act = Activations.of(cfg, micro, n, p + n, mesh)
+    prompt_act = Activations.of(cfg, micro // q, p, p, mesh)
     chunk = min(LOGPROB_CHUNK, n)
     logits = shard_bytes(
         ("batch", None, "vocab"), (micro, chunk, cfg.vocab_size), jnp.float32, mesh
     )
-    batch = 2 * shard_bytes(("batch", None), (rows, seq), jnp.int32, mesh) + 5 * shard_bytes(
-        ("batch", None), (rows, n), jnp.float32, mesh
+    cache = 2 * shard_bytes(
+        decoder.CACHE_LOGICAL_AXES[1:],
+        (micro, cfg.num_kv_heads, p + n, cfg.head_dim),
+        cfg.compute_dtype,
+        mesh,
     )
+    batch = 2 * shard_bytes(("batch", None), (rows // k, p), jnp.int32, mesh)
+    batch += 2 * shard_bytes(("batch", None), (rows, n), jnp.int32, mesh)
+    batch += 5 * shard_bytes(("batch", None), (rows, n), jnp.float32, mesh)
     if cfg.remat:
-        stored = ("activations: saved layer inputs (remat)", cfg.num_layers * act.stream)
+        stored = (
+            "activations: saved layer inputs (remat)",
+            cfg.num_layers * (act.stream + prompt_act.stream),
+        )
     else:
-        stored = ("activations: all layers (no remat)", cfg.num_layers * act.backward())
+        stored = (
+            "activations: all layers (no remat)",
+            cfg.num_layers * (act.backward() + prompt_act.backward()),
+        )
     return {
         "gradients ×2 (float32)": 2 * device_bytes(state["params"]["model"], jnp.float32),
         "gathered weights + their gradient": max(gathered["layer"], gathered["output"])
         + gathered["f32 grad"],
         stored[0]: stored[1],
+        f"prompt KV caches repeated for the completions (q = {q})": cfg.num_layers * cache,
         "one layer's working set": act.backward(),
         f"logprob chunk ×3 ({chunk} positions × V)": 3 * logits,
         "batch arrays": batch,

@@ -129,3 +129,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(mesh, logical_spec(names, x.shape, mesh, rules))
     )
+
+
+def completions_per_unit(k: int, micro_rows: int, shards: int) -> int:
+    """q: how many of a prompt's K completions share one computation of that prompt.
+
+    The largest divisor q of K that divides the micro-batch and leaves at least one unit
+    (prompt) per data shard (micro_rows / q divisible by `shards`), so the prompts of a
+    micro-batch are spread over the shards like its rows; else the largest divisor of K
+    dividing the micro-batch.
+    """
+    fits = [q for q in range(1, k + 1) if k % q == 0 and micro_rows % q == 0]
+    spread = [q for q in fits if (micro_rows // q) % shards == 0]
+    return max(spread or fits)

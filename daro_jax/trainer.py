@@ -98,14 +98,20 @@ def to_local(x: jax.Array) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class UpdateSettings:
-    """Static settings of the compiled update and logprob functions."""
+    """Static settings of the compiled update and logprob functions.
+
+    The update computes each prompt once and lets its completions attend to the prompt's
+    KV cache: a micro-batch holds `micro_prompts` units of one prompt with
+    `completions_per_unit` (q) of its K completions (see `sharding.completions_per_unit`).
+    """
 
     cfg: ModelConfig
     spec: losses.AlgoSpec
     temperature: float
-    prompt_len: int
-    microbatch_size: int  # 0: the whole minibatch at once
+    micro_prompts: int  # units per micro-batch
+    completions_per_unit: int  # q, a divisor of K
     on_policy: bool
+    unstack_layers: bool  # run the layers as a Python loop (faster on CPU) instead of a scan
 
 
 def _microbatches(x: jax.Array, size: int) -> jax.Array:
@@ -114,43 +120,88 @@ def _microbatches(x: jax.Array, size: int) -> jax.Array:
     Strided, so that each micro-batch stays spread over the batch-sharded devices.
     """
     n = x.shape[0]
-    size = size or n
     return x.reshape(size, n // size, *x.shape[1:]).swapaxes(0, 1)
 
 
-def sequence_logprobs(model_params, tokens, attn_mask, s: UpdateSettings):
-    """log π(o_t | ·) and entropy at the completion positions, from logits / T.
+def _unit_microbatches(batch: dict, s: UpdateSettings, k: int) -> dict:
+    """Row arrays [N, ...] → [n_mb, micro_prompts, q, ...]; prompt arrays [N / K, P] →
+    [n_mb, micro_prompts, P] (unit u = (prompt u // (K/q), its completions in chunk u))."""
+    q = s.completions_per_unit
 
-    tokens, attn_mask [n, P + C]; returns two [n, C] arrays.
+    def rows(x):
+        return _microbatches(x.reshape(x.shape[0] // q, q, *x.shape[1:]), s.micro_prompts)
+
+    def prompts(x):
+        return _microbatches(jnp.repeat(x, k // q, axis=0), s.micro_prompts)
+
+    return {name: (prompts if name.startswith("prompt_") else rows)(x) for name, x in batch.items()}
+
+
+def _from_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of the row part of `_unit_microbatches`: [n_mb, m, q, C] → [N, C]."""
+    return x.swapaxes(0, 1).reshape(-1, x.shape[-1])
+
+
+def sequence_logprobs(model_params, prompt_tokens, prompt_mask, tokens, mask, s: UpdateSettings):
+    """log π(o_t | prompt, o_<t) and entropy of softmax(logits / T) at every completion
+    position.
+
+    prompt_tokens, prompt_mask [m, P] (left-padded); tokens, mask [m, q, C] (q completions
+    per prompt). Each prompt is forwarded once into a KV cache; the cache is repeated q
+    times and the completions attend to it (gradients flow through it to the prompt's
+    forward), which equals the forward of the concatenated [P + C] rows.
+    Returns two [m, q, C] arrays.
     """
-    positions = decoder.positions_from_mask(attn_mask)
-    hidden, _ = decoder.forward(model_params, s.cfg, tokens, positions, attn_mask)
-    p = s.prompt_len
-    return decoder.token_logprobs(
-        model_params, s.cfg, hidden[:, p - 1 : -1], tokens[:, p:], s.temperature
-    )
+    cfg = s.cfg
+    m, q, c = tokens.shape
+    p = prompt_tokens.shape[1]
+    params = dict(model_params)
+    if s.unstack_layers:
+        params["layers"] = decoder.unstack_layers(params["layers"])
+    positions = decoder.positions_from_mask(prompt_mask)
+    cache = decoder.init_cache(cfg, m, p)
+    hidden_p, cache = decoder.forward(params, cfg, prompt_tokens, positions, prompt_mask, cache)
+    pad = [(0, 0)] * 3 + [(0, c), (0, 0)]  # [.., B, KV, S, Dh]: room for the completions
+
+    def expand(x):
+        return jnp.pad(jnp.repeat(x, q, axis=-4), pad[-x.ndim :])
+
+    cache = jax.tree.map(expand, cache)
+    full_mask = jnp.concatenate([jnp.repeat(prompt_mask, q, 0), mask.reshape(m * q, c)], 1)
+    positions = decoder.positions_from_mask(full_mask)[:, p:]
+    tokens = tokens.reshape(m * q, c)
+    hidden_c, _ = decoder.forward(params, cfg, tokens, positions, full_mask, cache, p)
+    hidden = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], q, 0), hidden_c[:, :-1]], 1)
+    logp, entropy = decoder.token_logprobs(params, cfg, hidden, tokens, s.temperature)
+    return logp.reshape(m, q, c), entropy.reshape(m, q, c)
 
 
-def batch_logprobs(model_params, tokens, attn_mask, s: UpdateSettings) -> jax.Array:
-    """Completion logprobs [N, C] of a whole batch, micro-batch by micro-batch (rows in the
-    original order)."""
+_MODEL_INPUTS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
 
-    def one(args):
-        return sequence_logprobs(model_params, *args, s)[0]
 
-    size = s.microbatch_size or tokens.shape[0]
-    out = lax.map(one, (_microbatches(tokens, size), _microbatches(attn_mask, size)))
-    return out.swapaxes(0, 1).reshape(tokens.shape[0], -1)
+def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
+    """Completion logprobs [N, C] of a whole batch (`_MODEL_INPUTS` of an update batch),
+    micro-batch by micro-batch, rows in the original order."""
+    k = batch["tokens"].shape[0] // batch["prompt_tokens"].shape[0]
+    xs = _unit_microbatches({n: batch[n] for n in _MODEL_INPUTS}, s, k)
+
+    def one(mb):
+        return sequence_logprobs(model_params, *(mb[n] for n in _MODEL_INPUTS), s)[0]
+
+    return _from_microbatches(lax.map(one, xs))
 
 
 def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings):
     """One optimizer update on a minibatch; returns (new state, metrics).
 
-    batch: tokens, attn_mask [N, P + C]; loss_mask, old_logp, sampler_logp [N, C];
-    advantages, group_ids [N]; optional ref_logp [N, C]. If the loss or the gradient norm is
-    not finite, the state is returned unchanged and metrics["finite"] is 0.
+    batch: prompt_tokens, prompt_mask [N / K, P]; tokens, mask (completion tokens and
+    their attention mask), loss_mask, old_logp, sampler_logp [N, C]; advantages,
+    group_ids [N]; optional ref_logp [N, C]. Rows are prompt-major (row i·K + j is
+    completion j of prompt i). If the loss or the gradient norm is not finite, the state
+    is returned unchanged and metrics["finite"] is 0.
     """
     params = state["params"]
+    k = batch["tokens"].shape[0] // batch["prompt_tokens"].shape[0]
     tb = losses.token_batch(
         batch["old_logp"],
         batch["loss_mask"],
@@ -160,29 +211,29 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
         ref_logp=batch.get("ref_logp"),
     )
 
-    def loss_fn(p, tokens, attn_mask, sampler_logp, mb):
-        logp, entropy = sequence_logprobs(p["model"], tokens, attn_mask, s)
+    def loss_fn(p, mb):
+        logp, entropy = sequence_logprobs(p["model"], *(mb[n] for n in _MODEL_INPUTS), s)
+        logp, entropy = logp.reshape(-1, logp.shape[-1]), entropy.reshape(-1, logp.shape[-1])
+        rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mb["tb"])
         if s.on_policy:
-            mb = mb._replace(old_logp=lax.stop_gradient(logp))
-        loss, sums = losses.microbatch_loss(p["daro"], logp, mb, s.spec, lax.stop_gradient(entropy))
-        gap = jnp.abs(lax.stop_gradient(logp) - sampler_logp) * mb.mask
-        return loss, (sums, gap.sum())
+            rows = rows._replace(old_logp=lax.stop_gradient(logp))
+        loss, sums = losses.microbatch_loss(
+            p["daro"], logp, rows, s.spec, lax.stop_gradient(entropy)
+        )
+        gap = jnp.abs(lax.stop_gradient(logp) - mb["sampler_logp"].reshape(logp.shape))
+        return loss, (sums, (gap * rows.mask).sum())
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def body(carry, xs):
+    def body(carry, mb):
         grads, sums, gap = carry
-        g, (s_mb, gap_mb) = grad_fn(params, *xs)
+        g, (s_mb, gap_mb) = grad_fn(params, mb)
         grads = jax.tree.map(jnp.add, grads, g)
         return (grads, losses.accumulate_metrics(sums, s_mb), gap + gap_mb), None
 
-    size = s.microbatch_size
-    xs = (
-        _microbatches(batch["tokens"], size),
-        _microbatches(batch["attn_mask"], size),
-        _microbatches(batch["sampler_logp"], size),
-        jax.tree.map(lambda x: _microbatches(x, size), tb),
-    )
+    inputs = {n: batch[n] for n in (*_MODEL_INPUTS, "sampler_logp")}
+    xs = _unit_microbatches(inputs, s, k)
+    xs["tb"] = jax.tree.map(lambda x: _unit_microbatches({"x": x}, s, k)["x"], tb)
     init = (
         jax.tree.map(jnp.zeros_like, params),
         losses.empty_metrics(s.spec, kl=tb.ref_logp is not None, entropy=True),
@@ -198,6 +249,11 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     out["finite"] = finite.astype(jnp.float32)
     return new, out
+
+
+def select_minibatch(batch: dict, rows: jax.Array, prompts: jax.Array) -> dict:
+    """The minibatch of `prompts` (their rows `rows`) of an update batch."""
+    return {n: x[prompts if n.startswith("prompt_") else rows] for n, x in batch.items()}
 
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
@@ -389,13 +445,18 @@ class Trainer:
         self.state = {"params": state, "opt": opt_state}
         self.ref_params = jax.tree.map(jnp.copy, model.params) if self.spec.kl_beta > 0 else None
         shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        micro_rows = t.microbatch_size or t.batch_prompts * self.spec.k // t.minibatches
+        q = sharding.completions_per_unit(
+            self.spec.k, micro_rows, self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        )
         self.settings = UpdateSettings(
             self.cfg,
             self.spec,
             float(config.sampler.temperature),
-            self.prompt_len,
-            t.microbatch_size,
+            micro_prompts=micro_rows // q,
+            completions_per_unit=q,
             on_policy=self.updates_per_step == 1,
+            unstack_layers=all(d.platform == "cpu" for d in self.mesh.devices.flat),
         )
         self.update = jax.jit(
             on_mesh(update_step, self.mesh),
@@ -420,7 +481,7 @@ class Trainer:
         self.rollout_key = jax.jit(
             functools.partial(rollout_key, config.seed), out_shardings=replicated
         )
-        self.take_rows = jax.jit(lambda tree, rows: jax.tree.map(lambda x: x[rows], tree))
+        self.take_rows = jax.jit(select_minibatch)
         self.n_params = sum(x.size for x in jax.tree.leaves(model.params))
         self.peak = metrics.peak_flops(jax.devices()[0])
 
@@ -485,28 +546,24 @@ class Trainer:
             return x.reshape(b * k, -1)[:, :c]
 
         local = {
-            "tokens": np.concatenate(
-                [np.repeat(rollout["prompt_tokens"], k, 0), rows(rollout["tokens"])], 1
-            ),
-            "attn_mask": np.concatenate(
-                [np.repeat(rollout["prompt_mask"], k, 0), rows(rollout["mask"])], 1
-            ),
+            "prompt_tokens": rollout["prompt_tokens"],
+            "prompt_mask": rollout["prompt_mask"],
+            "tokens": rows(rollout["tokens"]),
+            "mask": rows(rollout["mask"]),
             "loss_mask": rows(rollout["mask"]).astype(np.float32),
             "sampler_logp": rows(rollout["logprobs"]),
         }
         batch = {name: to_global(x, self.mesh) for name, x in local.items()}
         batch["advantages"], batch["group_ids"] = groups
-        params = self.state["params"]["model"]
+        model_inputs = {n: batch[n] for n in _MODEL_INPUTS}
         if self.settings.on_policy:
             batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
         else:
             batch["old_logp"] = self.logprobs(
-                params, batch["tokens"], batch["attn_mask"], s=self.settings
+                self.state["params"]["model"], model_inputs, s=self.settings
             )
         if self.ref_params is not None:
-            batch["ref_logp"] = self.logprobs(
-                self.ref_params, batch["tokens"], batch["attn_mask"], s=self.settings
-            )
+            batch["ref_logp"] = self.logprobs(self.ref_params, model_inputs, s=self.settings)
         return batch
 
     def _updates(self, step: int, batch: dict) -> list[dict]:
@@ -524,7 +581,7 @@ class Trainer:
                 else:
                     prompts = np.sort(order[i * per : (i + 1) * per])
                     rows = (prompts[:, None] * k + np.arange(k)).reshape(-1)
-                    minibatch = self.take_rows(batch, jnp.asarray(rows))
+                    minibatch = self.take_rows(batch, jnp.asarray(rows), jnp.asarray(prompts))
                 self.state, out = self.update(self.state, minibatch, tx=self.tx, s=self.settings)
                 outs.append(out)
         return jax.device_get(outs)
@@ -562,7 +619,8 @@ class Trainer:
         real = lengths > 0
         n_proc = jax.process_count()
         sampled = float(lengths.sum()) * n_proc
-        trained = float(rollout["prompt_mask"].sum() * self.spec.k + lengths.sum()) * n_proc
+        units_per_prompt = self.spec.k // self.settings.completions_per_unit
+        trained = float(rollout["prompt_mask"].sum() * units_per_prompt + lengths.sum()) * n_proc
         stats = jax.device_get(stats)
         out |= {
             "reward": float(stats["reward"]),

@@ -96,22 +96,24 @@ def test_tiny_update_temp_within_factor_of_the_compiled_update(tiny):
     state = plan.train_state(config, run.cfg, run.spec, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     n = config.sampler.max_new_tokens
-    t = config.sampler.max_prompt_tokens + n
+    p_len = config.sampler.max_prompt_tokens
     rows = config.train.batch_prompts * config.algo.k
 
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding(mesh, shape))
 
     batch = {
-        "tokens": arg((rows, t), jnp.int32),
-        "attn_mask": arg((rows, t), jnp.int32),
+        "prompt_tokens": arg((config.train.batch_prompts, p_len), jnp.int32),
+        "prompt_mask": arg((config.train.batch_prompts, p_len), jnp.int32),
+        "tokens": arg((rows, n), jnp.int32),
+        "mask": arg((rows, n), jnp.int32),
         "loss_mask": arg((rows, n), jnp.float32),
         "sampler_logp": arg((rows, n), jnp.float32),
         "old_logp": arg((rows, n), jnp.float32),
         "advantages": arg((rows,), jnp.float32),
         "group_ids": arg((rows,), jnp.int32),
     }
-    settings = dataclasses.replace(run.settings, prompt_len=config.sampler.max_prompt_tokens)
+    settings = run.settings
     update = jax.jit(
         trainer.update_step,
         static_argnames=("tx", "s"),

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from daro_jax import checkpoint, losses, trainer
+from daro_jax import checkpoint, losses, models, sharding, trainer
+from daro_jax.models import decoder
 
 ALGOS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
 
@@ -107,6 +108,63 @@ def test_microbatches_and_minibatch_settings_agree():
     a, b = outs
     for name in ("loss", "grad_norm", "entropy", "group/L/1of4", "group/tokens/2of4"):
         assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("q,unstack", [(3, False), (3, True), (1, True)])
+def test_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q, unstack):
+    """The update forwards each prompt once and lets its q completions attend to the
+    repeated KV cache: logprobs, entropies and the gradient of Σ logp equal one plain
+    forward over the concatenated [prompt | completion] rows (left-padded prompts,
+    completions masked after different stop positions)."""
+    model = models.load(tiny_hf_dirs["smollm2"])
+    cfg, params = model.config, model.params
+    rng = np.random.default_rng(0)
+    m, p, c, t = 2, 7, 6, 0.8
+    prompt_mask = np.ones((m, p), np.int32)
+    prompt_mask[0, :3] = 0
+    prompt_tokens = rng.integers(3, 200, (m, p)) * prompt_mask
+    lengths = rng.integers(1, c + 1, (m, q))
+    mask = (np.arange(c) < lengths[..., None]).astype(np.int32)
+    tokens = rng.integers(3, 200, (m, q, c)) * mask
+    s = trainer.UpdateSettings(cfg, None, t, m, q, on_policy=True, unstack_layers=unstack)
+
+    def ours(model_params):
+        return trainer.sequence_logprobs(model_params, prompt_tokens, prompt_mask, tokens, mask, s)
+
+    def concatenated(model_params):
+        full = np.concatenate([np.repeat(prompt_tokens, q, 0), tokens.reshape(m * q, c)], 1)
+        full_mask = np.concatenate([np.repeat(prompt_mask, q, 0), mask.reshape(m * q, c)], 1)
+        positions = decoder.positions_from_mask(full_mask)
+        hidden, _ = decoder.forward(model_params, cfg, full, positions, full_mask)
+        logp, entropy = decoder.token_logprobs(
+            model_params, cfg, hidden[:, p - 1 : -1], full[:, p:], t
+        )
+        return logp.reshape(m, q, c), entropy.reshape(m, q, c)
+
+    (logp, entropy), (ref_logp, ref_entropy) = ours(params), concatenated(params)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(ref_logp)[valid], atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(entropy)[valid], np.asarray(ref_entropy)[valid], atol=2e-5
+    )
+
+    def objective(fn):
+        return jax.grad(lambda w: (fn(w)[0] * mask).sum())(params)
+
+    grads, ref_grads = objective(ours), objective(concatenated)
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
+    ):
+        scale = float(np.abs(r).max()) or 1.0
+        assert float(np.abs(np.asarray(g) - np.asarray(r)).max()) <= 1e-4 * scale, path
+
+
+@pytest.mark.parametrize(
+    "k,micro,shards,q", [(8, 32, 1, 8), (8, 32, 8, 4), (8, 32, 32, 1), (8, 4, 1, 4), (4, 6, 4, 2)]
+)
+def test_completions_per_unit(k, micro, shards, q):
+    """q divides K and the micro-batch, leaving ≥ 1 prompt per shard when it can."""
+    assert sharding.completions_per_unit(k, micro, shards) == q
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
