@@ -213,13 +213,23 @@ def _causal_attention(q, k, v, allowed, cfg: ModelConfig):
     return jnp.concatenate(outs, axis=1)
 
 
+def _project(x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
+    """x · w over the last `contract` axes of x [B, T, ...] and the first of w, computed as
+    one 2-D matmul on the [B·T, ...] rows: XLA:CPU runs the backward's weight gradient
+    (a contraction over B and T) about 1.4× faster this way than for the 3-D einsum."""
+    b, t = x.shape[:2]
+    if t == 1:  # a decode step: the 2-D form measured slower there
+        return jnp.tensordot(x, w, axes=contract)
+    rows = x.reshape(b * t, *x.shape[2:])
+    out = jnp.tensordot(rows, w, axes=contract)
+    return out.reshape(b, t, *out.shape[1:])
+
+
 def _layer(cfg: ModelConfig, inv_freq, positions, allowed, cache_pos, x, lp, cache_kv):
     """One decoder layer; returns (new x, updated (k, v) of this layer or None)."""
     dt = cfg.compute_dtype
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, lp["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, lp["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, lp["wv"].astype(dt))
+    q, k, v = (_project(h, lp[name].astype(dt)) for name in ("wq", "wk", "wv"))
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
     q = sharding.constrain(rope(q, positions, inv_freq), ("batch", "length", "heads", None))
@@ -230,15 +240,15 @@ def _layer(cfg: ModelConfig, inv_freq, positions, allowed, cache_pos, x, lp, cac
         cv = lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_pos, axis=2)
         cache_kv, k, v = (ck, cv), ck, cv
     attn = (_attention if cache_kv is not None else _causal_attention)(q, k, v, allowed, cfg)
-    out = jnp.einsum("bthk,hkd->btd", attn, lp["wo"].astype(dt))
+    out = _project(attn, lp["wo"].astype(dt), contract=2)
     if cfg.o_bias:
         out = out + lp["bo"].astype(dt)
     x = sharding.constrain(x + out, ("batch", "length", "embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
+    gate = _project(h, lp["w_gate"].astype(dt))
+    up = _project(h, lp["w_up"].astype(dt))
     act = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    x = x + jnp.einsum("btf,fd->btd", act, lp["w_down"].astype(dt))
+    x = x + _project(act, lp["w_down"].astype(dt))
     return sharding.constrain(x, ("batch", "length", "embed")), cache_kv
 
 
