@@ -28,18 +28,23 @@ sampling: decode (the B·K rollouts, one token at a time)
                       path, unstacked layers, holds the cache about once)
     logits            [B·K, V] float32 ×4 (logits, scaled, exp, block sums)
     gathered weights  as in the prefill
-update (one optimizer step; a micro-batch of b rows × T = P + N tokens at a time)
+update (one optimizer step; a micro-batch of b completions of N tokens at a time, each
+        unit of q of a prompt's completions attending to that prompt's P-token KV cache,
+        q = sharding.completions_per_unit)
     gradients         2 × params in float32: the accumulator and one micro-batch's gradient
     gathered weights  the largest weight block used at once (one layer, or the output matrix
                       for the logprob chunks), all-gathered over fsdp, in the compute dtype,
                       plus its unsharded float32 gradient before the reduce-scatter
-    activations       with remat: the L saved layer inputs b × T × D; without: L layers'
-                      working sets (below)
+    activations       with remat: the L saved layer inputs b × N × D (+ b/q × P × D of the
+                      prompts); without: L layers' working sets (below), completions and prompts
+    prompt caches     k and v of [L, b, KV, P + N, Dh]: each prompt's cache repeated for its q
+                      completions, with room for theirs
     layer working set recompute and backward of one layer: 3 × the float32 attention scores
-                      b × H × T × T, 6 × the MLP intermediates b × T × F, 4 × float32 q/k/v
-                      (rope), 10 × the residual stream b × T × D, the [b, T, T] bool mask
+                      b × H × N × (P + N), 6 × the MLP intermediates b × N × F, 4 × float32
+                      q/k/v (rope), 10 × the residual stream b × N × D, the bool mask
     logprob chunk     3 × the float32 logits of b × min(128, N) positions × V
-    batch arrays      the step's tokens/masks [B·K, T] and per-token floats [B·K, N]
+    batch arrays      the step's prompts [B, P] ×2, completion tokens/masks [B·K, N] ×2 and
+                      per-token floats [B·K, N] ×5
 
 Every activation is sized by its shard shape under the same logical-axis rules as the
 arrays of the run (`sharding.logical_spec`, as `sharding.constrain` pins them when the
