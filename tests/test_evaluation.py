@@ -3,7 +3,6 @@ a time, the evaluate command end to end, workdir checkpoints, CHAMP golds, missi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import load_config_file
 
 from daro_jax import checkpoint, data, evaluation, models, rewards, trainer
 from daro_jax.rewards import verify
@@ -54,10 +54,7 @@ def tiny_config(path: Path, model_dir: str, benchmarks_dir: str):
     """Write a config file (configs/tiny.py on a tiny HF checkpoint, every eval field set)
     to `path` and load it."""
     path.write_text(CONFIG_FILE.format(model_dir=model_dir, benchmarks_dir=benchmarks_dir))
-    spec = importlib.util.spec_from_file_location("eval_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(path)
 
 
 def write_jsonl(path: Path, rows) -> None:

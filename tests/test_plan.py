@@ -10,7 +10,6 @@ parameter counts and closed-form KV-cache sizes, and must fit their TPU types.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import load_config_file
 
 from daro_jax import plan, sampler, sharding, trainer
 from daro_jax.models import decoder
@@ -34,17 +34,7 @@ TEMP_FACTOR = (0.75, 1.6)
 
 
 def load_config(name: str, **changes):
-    spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for dotted, value in changes.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return load_config_file(f"configs/{name}.py", **changes)
 
 
 def device0_bytes(tree) -> int:

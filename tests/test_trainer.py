@@ -7,7 +7,6 @@ groups are then known and the loss sees every kind of group.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import load_config_file
 
 from daro_jax import checkpoint, losses, models, sharding, trainer
 from daro_jax.models import decoder
@@ -23,19 +23,11 @@ ALGOS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
 
 
 def tiny_config(**changes):
-    spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.mesh.shape = (1, -1, 1)
-    config.reward.num_workers = 1
-    for dotted, value in changes.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+    """configs/tiny.py on a (1, -1, 1) mesh with one verifier worker, then `changes`."""
+    return load_config_file(
+        "configs/tiny.py",
+        **{"mesh.shape": (1, -1, 1), "reward.num_workers": 1, **changes},
+    )
 
 
 class PatternPool:
@@ -165,6 +157,18 @@ def test_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q, u
 def test_completions_per_unit(k, micro, shards, q):
     """q divides K and the micro-batch, leaving ≥ 1 prompt per shard when it can."""
     assert sharding.completions_per_unit(k, micro, shards) == q
+
+
+def test_train_hands_periodic_eval_metrics_to_on_step(tmp_path):
+    """trainer.train evaluates every eval.every_steps steps and passes those numbers to
+    on_step with the step's metrics, equal to the report it writes in the workdir."""
+    config = tiny_config(**{"train.steps": 2, "eval.every_steps": 2, "train.ckpt_every": 0})
+    seen = {}
+    trainer.train(config, str(tmp_path), on_step=lambda s, m: seen.setdefault(s, m))
+    name = "eval/generated_heldout/mean_at_1"
+    assert name not in seen[0] and "loss" in seen[1]
+    report = json.loads((tmp_path / "eval_step2.json").read_text())
+    assert seen[1][name] == report["benchmarks"]["generated_heldout"]["mean@1"]
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
