@@ -548,6 +548,7 @@ class DynamicSamplingInfo(NamedTuple):
     sampled_prompts: int  # prompts drawn in all tries
     kept_prompts: int  # prompts returned (<= batch_prompts)
     full: bool  # False: max_tries reached before the batch was full (trained on fewer)
+    sampled_accuracy: float  # share of correct rollouts over every prompt drawn, kept or not
 
 
 def dynamic_sampling(
@@ -565,18 +566,22 @@ def dynamic_sampling(
             f"got {batch_prompts} and {max_tries}."
         )
     kept_rewards, kept_data = [], []
-    n_kept = n_sampled = tries = 0
+    n_kept = n_sampled = tries = n_correct = 0
     while n_kept < batch_prompts and tries < max_tries:
         rewards, data = sample_fn(tries)
         rewards = np.asarray(rewards)
         tries += 1
         n_sampled += rewards.shape[0]
         k = (rewards >= CORRECT_THRESHOLD).sum(axis=1)
+        n_correct += int(k.sum())
         keep = np.flatnonzero((k > 0) & (k < rewards.shape[1]))
         kept_rewards.append(rewards[keep])
         kept_data.append(jax.tree.map(lambda x, idx=keep: np.asarray(x)[idx], data))
         n_kept += keep.size
     rewards = np.concatenate(kept_rewards)[:batch_prompts]
     data = jax.tree.map(lambda *xs: np.concatenate(xs)[:batch_prompts], *kept_data)
-    info = DynamicSamplingInfo(tries, n_sampled, rewards.shape[0], n_kept >= batch_prompts)
+    accuracy = n_correct / (n_sampled * rewards.shape[1])
+    info = DynamicSamplingInfo(
+        tries, n_sampled, rewards.shape[0], n_kept >= batch_prompts, accuracy
+    )
     return rewards, data, info

@@ -530,6 +530,7 @@ class Trainer:
             "dynamic/kept_prompts": info.kept_prompts,
             "dynamic/sampled_prompts": info.sampled_prompts,
             "dynamic/batch_full": float(info.full),
+            "dynamic/sampled_accuracy": info.sampled_accuracy,
         }
         if info.kept_prompts == 0:
             return scores, None, extra

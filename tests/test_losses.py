@@ -552,11 +552,15 @@ def test_dynamic_sampling():
     np.testing.assert_array_equal(data["id"], [1, 3, 5])
     expected = np.array([tries[0][0][1], tries[1][0][0], tries[2][0][0]])
     np.testing.assert_array_equal(rewards, expected)
-    assert info == losses.DynamicSamplingInfo(3, sampled_prompts=7, kept_prompts=3, full=True)
+    assert info == losses.DynamicSamplingInfo(
+        3, sampled_prompts=7, kept_prompts=3, full=True, sampled_accuracy=15 / 28
+    )
     # Stall: every prompt solved or failed by all K; returns what it has after max_tries.
     rewards, data, info = losses.dynamic_sampling(lambda i: tries[0], 3, max_tries=2)
     np.testing.assert_array_equal(data["id"], [1, 1])
-    assert info == losses.DynamicSamplingInfo(2, sampled_prompts=6, kept_prompts=2, full=False)
+    assert info == losses.DynamicSamplingInfo(
+        2, sampled_prompts=6, kept_prompts=2, full=False, sampled_accuracy=10 / 24
+    )
     with pytest.raises(ValueError, match="max_tries"):
         losses.dynamic_sampling(lambda i: tries[0], 3, max_tries=0)
 
