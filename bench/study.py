@@ -747,6 +747,12 @@ def pair_statements(groups: dict[str, list[Run]], base: float) -> list[str]:
         if algo == "daro":
             continue
         for key, d in values["daro"].items():
+            if algo == "dapo" and key == "final train acc":
+                lines.append(
+                    "- DARO vs dapo, final train acc: not comparable (DAPO's `accuracy` covers "
+                    "only the prompts its dynamic sampling kept, 0 < mu < 1)."
+                )
+                continue
             b = values[algo][key]
             lines.append(
                 f"- DARO vs {algo}, {key}: {fmt(d.mean())} [{fmt(d.min())}, {fmt(d.max())}] vs "
