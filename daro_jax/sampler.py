@@ -252,16 +252,12 @@ class Sampler:
     def _decode(self, params, prompt_tokens, prompt_mask, rng):
         cfg, k, n_new, p = self.cfg, self.k, self.max_new_tokens, self.prompt_len
         rows = prompt_tokens.shape[0] * k
-        positions = decoder.positions_from_mask(prompt_mask)
-        cache = decoder.init_cache(cfg, prompt_tokens.shape[0], p)
-        hidden, cache = decoder.forward(params, cfg, prompt_tokens, positions, prompt_mask, cache)
+        hidden, cache = decoder.prefill(params, cfg, prompt_tokens, prompt_mask)
         logits = decoder.lm_logits(params, cfg, hidden[:, -1])
 
         def expand(c):
             """[.., B, KV, P, Dh] → [.., B·K, KV, P + N, Dh]: K copies, N empty slots."""
-            padding = [(0, 0)] * c.ndim
-            padding[-2] = (0, n_new)
-            return _constrain_cache(jnp.pad(jnp.repeat(c, k, axis=-4), padding))
+            return _constrain_cache(decoder.repeat_cache(c, k, n_new))
 
         if self.unstack_layers:
             params = {**params, "layers": decoder.unstack_layers(params["layers"])}

@@ -123,18 +123,25 @@ def _microbatches(x: jax.Array, size: int) -> jax.Array:
     return x.reshape(size, n // size, *x.shape[1:]).swapaxes(0, 1)
 
 
-def _unit_microbatches(batch: dict, s: UpdateSettings, k: int) -> dict:
-    """Row arrays [N, ...] → [n_mb, micro_prompts, q, ...]; prompt arrays [N / K, P] →
-    [n_mb, micro_prompts, P] (unit u = (prompt u // (K/q), its completions in chunk u))."""
+def _row_units(x: jax.Array, s: UpdateSettings) -> jax.Array:
+    """A row array [N, ...] → [n_mb, micro_prompts, q, ...]: unit u holds rows u·q … u·q+q−1
+    (q completions of prompt u // (K/q)), micro-batches strided over the units."""
     q = s.completions_per_unit
+    return _microbatches(x.reshape(x.shape[0] // q, q, *x.shape[1:]), s.micro_prompts)
 
-    def rows(x):
-        return _microbatches(x.reshape(x.shape[0] // q, q, *x.shape[1:]), s.micro_prompts)
+
+def _unit_microbatches(batch: dict, s: UpdateSettings, k: int) -> dict:
+    """`_row_units` of the row arrays; prompt arrays [N / K, P] → [n_mb, micro_prompts, P],
+    each prompt repeated for its K/q units."""
+    repeats = k // s.completions_per_unit
 
     def prompts(x):
-        return _microbatches(jnp.repeat(x, k // q, axis=0), s.micro_prompts)
+        return _microbatches(jnp.repeat(x, repeats, axis=0), s.micro_prompts)
 
-    return {name: (prompts if name.startswith("prompt_") else rows)(x) for name, x in batch.items()}
+    return {
+        name: prompts(x) if name.startswith("prompt_") else _row_units(x, s)
+        for name, x in batch.items()
+    }
 
 
 def _from_microbatches(x: jax.Array) -> jax.Array:
@@ -158,15 +165,8 @@ def sequence_logprobs(model_params, prompt_tokens, prompt_mask, tokens, mask, s:
     params = dict(model_params)
     if s.unstack_layers:
         params["layers"] = decoder.unstack_layers(params["layers"])
-    positions = decoder.positions_from_mask(prompt_mask)
-    cache = decoder.init_cache(cfg, m, p)
-    hidden_p, cache = decoder.forward(params, cfg, prompt_tokens, positions, prompt_mask, cache)
-    pad = [(0, 0)] * 3 + [(0, c), (0, 0)]  # [.., B, KV, S, Dh]: room for the completions
-
-    def expand(x):
-        return jnp.pad(jnp.repeat(x, q, axis=-4), pad[-x.ndim :])
-
-    cache = jax.tree.map(expand, cache)
+    hidden_p, cache = decoder.prefill(params, cfg, prompt_tokens, prompt_mask)
+    cache = jax.tree.map(lambda x: decoder.repeat_cache(x, q, c), cache)
     full_mask = jnp.concatenate([jnp.repeat(prompt_mask, q, 0), mask.reshape(m * q, c)], 1)
     positions = decoder.positions_from_mask(full_mask)[:, p:]
     tokens = tokens.reshape(m * q, c)
@@ -233,7 +233,7 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
 
     inputs = {n: batch[n] for n in (*_MODEL_INPUTS, "sampler_logp")}
     xs = _unit_microbatches(inputs, s, k)
-    xs["tb"] = jax.tree.map(lambda x: _unit_microbatches({"x": x}, s, k)["x"], tb)
+    xs["tb"] = jax.tree.map(lambda x: _row_units(x, s), tb)
     init = (
         jax.tree.map(jnp.zeros_like, params),
         losses.empty_metrics(s.spec, kl=tb.ref_logp is not None, entropy=True),

@@ -163,6 +163,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
 CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
+def repeat_cache(c: jnp.ndarray, copies: int, room: int) -> jnp.ndarray:
+    """[.., B, KV, S, Dh] → [.., B·copies, KV, S + room, Dh]: each row's cache `copies`
+    times in a row (row i·copies + j is copy j of row i), then `room` empty slots."""
+    padding = [(0, 0)] * c.ndim
+    padding[-2] = (0, room)
+    return jnp.pad(jnp.repeat(c, copies, axis=-4), padding)
+
+
 def unstack_layers(stacked):
     """The list of L per-layer pytrees of a pytree whose leaves are stacked on axis 0."""
     n = jax.tree.leaves(stacked)[0].shape[0]
@@ -292,6 +300,15 @@ def forward(
         x, cache_out = lax.scan(body, x, (params["layers"], cache_in))
     new_cache = None if cache is None else {"k": cache_out[0], "v": cache_out[1]}
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def prefill(
+    params: dict, cfg: ModelConfig, tokens: jnp.ndarray, mask: jnp.ndarray
+) -> tuple[jnp.ndarray, dict]:
+    """Left-padded prompts [B, P] forwarded into a fresh [.., B, KV, P, Dh] cache: returns
+    (hidden [B, P, D], cache)."""
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+    return forward(params, cfg, tokens, positions_from_mask(mask), mask, cache)
 
 
 def output_matrix(params: dict, cfg: ModelConfig) -> jnp.ndarray:
