@@ -19,7 +19,7 @@ TrainerCallback (on_step_begin → on_step_end) and split into generation (`_gen
 reward (`_calculate_rewards`) and the rest (logprobs, loss, backward, optimizer). For each
 update the positions it computes and the real tokens among them are counted (TRL: rows ×
 padded prompt + completion length; ours: each prompt once per unit of q completions, plus
-rows × padded completion length).
+the rows its completions are packed into × max_new_tokens).
 
     python -m bench.step [--steps 3] [--warmup 1] [--max-new-tokens 128] [--threads 2]
 
@@ -170,10 +170,10 @@ class Ours:
         update = trainer.update
 
         def counted_update(state, batch, **kw):
-            prompts, completions = np.asarray(batch["prompt_mask"]), np.asarray(batch["mask"])
-            units = completions.shape[0] // trainer.settings.completions_per_unit
-            computed = units * prompts.shape[1] + completions.size
-            real = prompts.sum() * (units // prompts.shape[0]) + completions.sum()
+            prompts, packed = np.asarray(batch["prompt_mask"]), np.asarray(batch["unit_segments"])
+            units = packed.shape[0]
+            computed = units * prompts.shape[1] + packed.size
+            real = prompts.sum() * (units // prompts.shape[0]) + (packed >= 0).sum()
             self.positions.append((computed, int(real)))
             return update(state, batch, **kw)
 

@@ -29,22 +29,23 @@ sampling: decode (the B·K rollouts, one token at a time)
     logits            [B·K, V] float32 ×4 (logits, scaled, exp, block sums)
     gathered weights  as in the prefill
 update (one optimizer step; a micro-batch of b completions of N tokens at a time, each
-        unit of q of a prompt's completions attending to that prompt's P-token KV cache,
-        q = sharding.completions_per_unit)
+        unit of q of a prompt's completions packed into at most q rows of N positions
+        that attend to that prompt's P-token KV cache, q = sharding.completions_per_unit;
+        sized for the worst step, q rows per unit, when no completion stops early)
     gradients         2 × params in float32: the accumulator and one micro-batch's gradient
     gathered weights  the largest weight block used at once (one layer, or the output matrix
                       for the logprob chunks), all-gathered over fsdp, in the compute dtype,
                       plus its unsharded float32 gradient before the reduce-scatter
     activations       with remat: the L saved layer inputs b × N × D (+ b/q × P × D of the
                       prompts); without: L layers' working sets (below), completions and prompts
-    prompt caches     k and v of [L, b, KV, P + N, Dh]: each prompt's cache repeated for its q
-                      completions, with room for theirs
+    prompt caches     k and v of [L, b, KV, P + N, Dh]: each prompt's cache repeated for its
+                      (at most q) packed rows, with room for theirs
     layer working set recompute and backward of one layer: 3 × the float32 attention scores
                       b × H × N × (P + N), 6 × the MLP intermediates b × N × F, 4 × float32
                       q/k/v (rope), 10 × the residual stream b × N × D, the bool mask
     logprob chunk     3 × the float32 logits of b × min(128, N) positions × V
-    batch arrays      the step's prompts [B, P] ×2, completion tokens/masks [B·K, N] ×2 and
-                      per-token floats [B·K, N] ×5
+    batch arrays      the step's prompts [B, P] ×2, packed tokens/segments/offsets and the
+                      unpacking index [B·K, N] ×4 (int32) and per-token floats [B·K, N] ×5
 
 Every activation is sized by its shard shape under the same logical-axis rules as the
 arrays of the run (`sharding.logical_spec`, as `sharding.constrain` pins them when the
@@ -490,7 +491,7 @@ def _update(cfg: ModelConfig, state, rows, micro, k, p, n, gathered, mesh) -> di
         mesh,
     )
     batch = 2 * shard_bytes(("batch", None), (rows // k, p), jnp.int32, mesh)
-    batch += 2 * shard_bytes(("batch", None), (rows, n), jnp.int32, mesh)
+    batch += 4 * shard_bytes(("batch", None), (rows, n), jnp.int32, mesh)
     batch += 5 * shard_bytes(("batch", None), (rows, n), jnp.float32, mesh)
     if cfg.remat:
         stored = (
@@ -507,7 +508,7 @@ def _update(cfg: ModelConfig, state, rows, micro, k, p, n, gathered, mesh) -> di
         "gathered weights + their gradient": max(gathered["layer"], gathered["output"])
         + gathered["f32 grad"],
         stored[0]: stored[1],
-        f"prompt KV caches repeated for the completions (q = {q})": cfg.num_layers * cache,
+        f"prompt KV caches repeated for the packed rows (≤ q = {q})": cfg.num_layers * cache,
         "one layer's working set": act.backward(),
         f"logprob chunk ×3 ({chunk} positions × V)": 3 * logits,
         "batch arrays": batch,

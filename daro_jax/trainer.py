@@ -19,9 +19,11 @@ One RL step s (B prompts per global batch, K responses each):
    `train.ckpt_every` steps, at the end, and on SIGTERM.
 
 Log-probabilities in the update use logits / T with the sampling temperature T, exactly as
-the sampler does. Sequences are the prompt (left-padded to a fixed length P for the whole
-run) followed by the completion, cut to a power-of-two bucket of the longest completion of
-the step, so the update compiles once per bucket (at most log2(N/16) + 1 shapes).
+the sampler does. Each prompt (left-padded to a fixed length P for the whole run) is
+forwarded once into a KV cache; its completions, packed back to back into rows of N =
+max_new_tokens positions (`daro_jax.packing`), attend to it. Only the number of packed rows
+per unit changes from step to step (a bucket of 1, 2, 3, 4, 6, 8, … rows), so the update
+compiles at most 2·log2(q) + 1 times; per-token arrays of the loss stay [B·K, N].
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -50,19 +53,13 @@ from daro_jax import (
     metrics,
     models,
     optim,
+    packing,
     rewards,
     sampler,
     sharding,
 )
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
-
-
-def completion_bucket(longest: int, max_new_tokens: int) -> int:
-    """Update length for completions of at most `longest` tokens: the sampler's
-    power-of-two bucket (≥ 16), capped at max_new_tokens."""
-    return min(max_new_tokens, sampler.prompt_bucket(longest))
-
 
 # ---------------------------------------------------------------------------------------
 # Global arrays over the mesh (multi-host: each process holds its rows).
@@ -102,7 +99,8 @@ class UpdateSettings:
 
     The update computes each prompt once and lets its completions attend to the prompt's
     KV cache: a micro-batch holds `micro_prompts` units of one prompt with
-    `completions_per_unit` (q) of its K completions (see `sharding.completions_per_unit`).
+    `completions_per_unit` (q) of its K completions (see `sharding.completions_per_unit`),
+    packed into rows (`daro_jax.packing`).
     """
 
     cfg: ModelConfig
@@ -132,16 +130,18 @@ def _row_units(x: jax.Array, s: UpdateSettings) -> jax.Array:
 
 def _unit_microbatches(batch: dict, s: UpdateSettings, k: int) -> dict:
     """`_row_units` of the row arrays; prompt arrays [N / K, P] → [n_mb, micro_prompts, P],
-    each prompt repeated for its K/q units."""
+    each prompt repeated for its K/q units; unit arrays ("unit_*", [N / q, ...]) →
+    [n_mb, micro_prompts, ...]."""
     repeats = k // s.completions_per_unit
 
-    def prompts(x):
-        return _microbatches(jnp.repeat(x, repeats, axis=0), s.micro_prompts)
+    def split(name, x):
+        if name.startswith("prompt_"):
+            return _microbatches(jnp.repeat(x, repeats, axis=0), s.micro_prompts)
+        if name.startswith("unit_"):
+            return _microbatches(x, s.micro_prompts)
+        return _row_units(x, s)
 
-    return {
-        name: prompts(x) if name.startswith("prompt_") else _row_units(x, s)
-        for name, x in batch.items()
-    }
+    return {name: split(name, x) for name, x in batch.items()}
 
 
 def _from_microbatches(x: jax.Array) -> jax.Array:
@@ -149,44 +149,73 @@ def _from_microbatches(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(-1, x.shape[-1])
 
 
-def sequence_logprobs(model_params, prompt_tokens, prompt_mask, tokens, mask, s: UpdateSettings):
+_MODEL_INPUTS = (
+    "prompt_tokens",
+    "prompt_mask",
+    "unit_tokens",
+    "unit_segments",
+    "unit_offsets",
+    "packed_index",
+)
+
+
+def sequence_logprobs(model_params, inputs: dict, s: UpdateSettings):
     """log π(o_t | prompt, o_<t) and entropy of softmax(logits / T) at every completion
     position.
 
-    prompt_tokens, prompt_mask [m, P] (left-padded); tokens, mask [m, q, C] (q completions
-    per prompt). Each prompt is forwarded once into a KV cache; the cache is repeated q
-    times and the completions attend to it (gradients flow through it to the prompt's
-    forward), which equals the forward of the concatenated [P + C] rows.
-    Returns two [m, q, C] arrays.
+    inputs (`_MODEL_INPUTS`): prompt_tokens, prompt_mask [m, P] (left-padded); each prompt's
+    q completions packed into r rows of W positions, unit_tokens, unit_segments,
+    unit_offsets [m, r, W], and packed_index [m, q, C] (`packing.pack`). Each prompt is
+    forwarded once into a KV cache, repeated for its r rows; packed token i of completion j
+    sits at position n_prompt + offset_i and attends to the prompt and to the tokens of
+    completion j before it (gradients flow through the cache to the prompt's forward),
+    which equals the forward of each [prompt | completion] sequence alone. Token i is
+    predicted by the hidden state before it in its completion, or the prompt's last one
+    for the first token. Returns two [m, q, C] arrays, 0 past each completion's length.
     """
     cfg = s.cfg
-    m, q, c = tokens.shape
-    p = prompt_tokens.shape[1]
+    tokens, segments, offsets = (
+        inputs[n] for n in ("unit_tokens", "unit_segments", "unit_offsets")
+    )
+    prompt_mask, index = inputs["prompt_mask"], inputs["packed_index"]
+    m, r, w = tokens.shape
     params = dict(model_params)
     if s.unstack_layers:
         params["layers"] = decoder.unstack_layers(params["layers"])
-    hidden_p, cache = decoder.prefill(params, cfg, prompt_tokens, prompt_mask)
-    cache = jax.tree.map(lambda x: decoder.repeat_cache(x, q, c), cache)
-    full_mask = jnp.concatenate([jnp.repeat(prompt_mask, q, 0), mask.reshape(m * q, c)], 1)
-    positions = decoder.positions_from_mask(full_mask)[:, p:]
-    tokens = tokens.reshape(m * q, c)
-    hidden_c, _ = decoder.forward(params, cfg, tokens, positions, full_mask, cache, p)
-    hidden = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], q, 0), hidden_c[:, :-1]], 1)
+    hidden_p, cache = decoder.prefill(params, cfg, inputs["prompt_tokens"], prompt_mask)
+    cache = jax.tree.map(lambda x: decoder.repeat_cache(x, r, w), cache)
+    tokens, segments, offsets = (x.reshape(m * r, w) for x in (tokens, segments, offsets))
+    prompt_rows = jnp.repeat(prompt_mask.astype(bool), r, 0)
+    own = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)
+    own &= jnp.tril(jnp.ones((w, w), bool))
+    allowed = jnp.concatenate(
+        [jnp.broadcast_to(prompt_rows[:, None], (m * r, w, prompt_rows.shape[1])), own], 2
+    )
+    positions = jnp.sum(prompt_rows, axis=1, keepdims=True) + offsets
+    hidden_c, _ = decoder.forward(
+        params, cfg, tokens, positions, allowed, cache, prompt_mask.shape[1]
+    )
+    before = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], r, 0), hidden_c[:, :-1]], 1)
+    source = jnp.where(offsets > 0, jnp.arange(w), 0)
+    hidden = jnp.take_along_axis(before, source[..., None], axis=1)
     logp, entropy = decoder.token_logprobs(params, cfg, hidden, tokens, s.temperature)
-    return logp.reshape(m, q, c), entropy.reshape(m, q, c)
 
+    def unpack(x):
+        flat = index.reshape(m, -1)
+        x = jnp.take_along_axis(x.reshape(m, r * w), jnp.maximum(flat, 0), axis=1)
+        return jnp.where(flat >= 0, x, 0.0).reshape(index.shape)
 
-_MODEL_INPUTS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
+    return unpack(logp), unpack(entropy)
 
 
 def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
     """Completion logprobs [N, C] of a whole batch (`_MODEL_INPUTS` of an update batch),
     micro-batch by micro-batch, rows in the original order."""
-    k = batch["tokens"].shape[0] // batch["prompt_tokens"].shape[0]
+    k = batch["packed_index"].shape[0] // batch["prompt_tokens"].shape[0]
     xs = _unit_microbatches({n: batch[n] for n in _MODEL_INPUTS}, s, k)
 
     def one(mb):
-        return sequence_logprobs(model_params, *(mb[n] for n in _MODEL_INPUTS), s)[0]
+        return sequence_logprobs(model_params, mb, s)[0]
 
     return _from_microbatches(lax.map(one, xs))
 
@@ -194,14 +223,15 @@ def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
 def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings):
     """One optimizer update on a minibatch; returns (new state, metrics).
 
-    batch: prompt_tokens, prompt_mask [N / K, P]; tokens, mask (completion tokens and
-    their attention mask), loss_mask, old_logp, sampler_logp [N, C]; advantages,
-    group_ids [N]; optional ref_logp [N, C]. Rows are prompt-major (row i·K + j is
-    completion j of prompt i). If the loss or the gradient norm is not finite, the state
-    is returned unchanged and metrics["finite"] is 0.
+    batch: prompt_tokens, prompt_mask [N / K, P]; the packed completions unit_tokens,
+    unit_segments, unit_offsets [N / q, r, C] and packed_index [N, C] (`packing.pack`);
+    loss_mask, old_logp, sampler_logp [N, C]; advantages, group_ids [N]; optional ref_logp
+    [N, C]. Rows are prompt-major (row i·K + j is completion j of prompt i). If the loss
+    or the gradient norm is not finite, the state is returned unchanged and
+    metrics["finite"] is 0.
     """
     params = state["params"]
-    k = batch["tokens"].shape[0] // batch["prompt_tokens"].shape[0]
+    k = batch["packed_index"].shape[0] // batch["prompt_tokens"].shape[0]
     tb = losses.token_batch(
         batch["old_logp"],
         batch["loss_mask"],
@@ -212,7 +242,7 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
     )
 
     def loss_fn(p, mb):
-        logp, entropy = sequence_logprobs(p["model"], *(mb[n] for n in _MODEL_INPUTS), s)
+        logp, entropy = sequence_logprobs(p["model"], mb, s)
         logp, entropy = logp.reshape(-1, logp.shape[-1]), entropy.reshape(-1, logp.shape[-1])
         rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mb["tb"])
         if s.on_policy:
@@ -252,8 +282,16 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
 
 
 def select_minibatch(batch: dict, rows: jax.Array, prompts: jax.Array) -> dict:
-    """The minibatch of `prompts` (their rows `rows`) of an update batch."""
-    return {n: x[prompts if n.startswith("prompt_") else rows] for n, x in batch.items()}
+    """The minibatch of `prompts` (their rows `rows`, their units) of an update batch."""
+    per = batch["unit_tokens"].shape[0] // batch["prompt_tokens"].shape[0]
+    units = (prompts[:, None] * per + jnp.arange(per)).reshape(-1)
+
+    def take(name, x):
+        if name.startswith("prompt_"):
+            return x[prompts]
+        return x[units] if name.startswith("unit_") else x[rows]
+
+    return {n: take(n, x) for n, x in batch.items()}
 
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
@@ -539,20 +577,17 @@ class Trainer:
         return scores, _pad_prompts(rollout, b), extra
 
     def _update_batch(self, rollout: dict, groups) -> dict:
-        """Global update arrays of the step, completions cut to the step's length bucket."""
-        b, k = rollout["lengths"].shape
-        c = completion_bucket(int(rollout["lengths"].max()), self.config.sampler.max_new_tokens)
-
-        def rows(x):
-            return x.reshape(b * k, -1)[:, :c]
-
+        """Global update arrays of the step, each prompt's completions packed into rows."""
+        b, k, n = rollout["tokens"].shape
+        q = self.settings.completions_per_unit
+        units = rollout["lengths"].reshape(b * k // q, q)
+        rows = packing.rows_bucket(self._global_max(packing.rows_needed(units, n)), q)
         local = {
             "prompt_tokens": rollout["prompt_tokens"],
             "prompt_mask": rollout["prompt_mask"],
-            "tokens": rows(rollout["tokens"]),
-            "mask": rows(rollout["mask"]),
-            "loss_mask": rows(rollout["mask"]).astype(np.float32),
-            "sampler_logp": rows(rollout["logprobs"]),
+            **packing.pack(rollout["tokens"].reshape(-1, q, n), units, rows),
+            "loss_mask": rollout["mask"].reshape(b * k, n).astype(np.float32),
+            "sampler_logp": rollout["logprobs"].reshape(b * k, n),
         }
         batch = {name: to_global(x, self.mesh) for name, x in local.items()}
         batch["advantages"], batch["group_ids"] = groups
@@ -566,6 +601,13 @@ class Trainer:
         if self.ref_params is not None:
             batch["ref_logp"] = self.logprobs(self.ref_params, model_inputs, s=self.settings)
         return batch
+
+    @staticmethod
+    def _global_max(value: int) -> int:
+        """The largest `value` over the processes (each packs its own prompts)."""
+        if jax.process_count() == 1:
+            return value
+        return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
     def _updates(self, step: int, batch: dict) -> list[dict]:
         """ppo_epochs passes of `minibatches` updates over whole prompts; their metrics."""

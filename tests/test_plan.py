@@ -88,6 +88,7 @@ def test_tiny_update_temp_within_factor_of_the_compiled_update(tiny):
     n = config.sampler.max_new_tokens
     p_len = config.sampler.max_prompt_tokens
     rows = config.train.batch_prompts * config.algo.k
+    q = run.settings.completions_per_unit  # the worst step: q packed rows per unit
 
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding(mesh, shape))
@@ -95,8 +96,11 @@ def test_tiny_update_temp_within_factor_of_the_compiled_update(tiny):
     batch = {
         "prompt_tokens": arg((config.train.batch_prompts, p_len), jnp.int32),
         "prompt_mask": arg((config.train.batch_prompts, p_len), jnp.int32),
-        "tokens": arg((rows, n), jnp.int32),
-        "mask": arg((rows, n), jnp.int32),
+        **{
+            name: arg((rows // q, q, n), jnp.int32)
+            for name in ("unit_tokens", "unit_segments", "unit_offsets")
+        },
+        "packed_index": arg((rows, n), jnp.int32),
         "loss_mask": arg((rows, n), jnp.float32),
         "sampler_logp": arg((rows, n), jnp.float32),
         "old_logp": arg((rows, n), jnp.float32),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import load_config_file
 
-from daro_jax import checkpoint, losses, models, sharding, trainer
+from daro_jax import checkpoint, losses, models, packing, sharding, trainer
 from daro_jax.models import decoder
 
 ALGOS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
@@ -102,26 +102,32 @@ def test_microbatches_and_minibatch_settings_agree():
         assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), name
 
 
-@pytest.mark.parametrize("q,unstack", [(3, False), (3, True), (1, True)])
-def test_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q, unstack):
-    """The update forwards each prompt once and lets its q completions attend to the
-    repeated KV cache: logprobs, entropies and the gradient of Σ logp equal one plain
-    forward over the concatenated [prompt | completion] rows (left-padded prompts,
-    completions masked after different stop positions)."""
+@pytest.mark.parametrize("q,unstack", [(3, False), (3, True), (1, True), (5, True)])
+def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q, unstack):
+    """The update forwards each prompt once and lets its q completions, packed back to back
+    into rows, attend to the repeated KV cache: logprobs, entropies and the gradient of
+    Σ logp equal one plain forward over each [prompt | completion] row (left-padded
+    prompts, completions of different lengths, several per packed row)."""
     model = models.load(tiny_hf_dirs["smollm2"])
     cfg, params = model.config, model.params
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(q)
     m, p, c, t = 2, 7, 6, 0.8
     prompt_mask = np.ones((m, p), np.int32)
     prompt_mask[0, :3] = 0
     prompt_tokens = rng.integers(3, 200, (m, p)) * prompt_mask
     lengths = rng.integers(1, c + 1, (m, q))
+    lengths[0, 0] = 1  # a one-token completion shares a row with others
     mask = (np.arange(c) < lengths[..., None]).astype(np.int32)
     tokens = rng.integers(3, 200, (m, q, c)) * mask
+    rows = packing.rows_needed(lengths, c)
+    assert q == 1 or rows < q  # the case packs several completions into a row
+    inputs = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
+    inputs |= packing.pack(tokens, lengths, rows)
+    inputs["packed_index"] = inputs["packed_index"].reshape(m, q, c)
     s = trainer.UpdateSettings(cfg, None, t, m, q, on_policy=True, unstack_layers=unstack)
 
     def ours(model_params):
-        return trainer.sequence_logprobs(model_params, prompt_tokens, prompt_mask, tokens, mask, s)
+        return trainer.sequence_logprobs(model_params, inputs, s)
 
     def concatenated(model_params):
         full = np.concatenate([np.repeat(prompt_tokens, q, 0), tokens.reshape(m * q, c)], 1)
@@ -135,6 +141,7 @@ def test_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q, u
 
     (logp, entropy), (ref_logp, ref_entropy) = ours(params), concatenated(params)
     valid = mask.astype(bool)
+    assert not np.asarray(logp)[~valid].any() and not np.asarray(entropy)[~valid].any()
     np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(ref_logp)[valid], atol=2e-5)
     np.testing.assert_allclose(
         np.asarray(entropy)[valid], np.asarray(ref_entropy)[valid], atol=2e-5

@@ -24,6 +24,9 @@ Two entry points share `forward`:
   the whole cache (the caller keeps it), and query t attends to slots s ≤ cache_pos + t.
   The cache is {"k", "v"} of [L, B, KV, S, Dh] (slots next to the head dim, so attention
   reads it without a transposed copy).
+Either way `mask` may instead be [B, T, S] booleans, the key slots each query attends to
+(the update's packed rows, `daro_jax.packing`), used as given; keys must still lie at or
+before the query's own slot.
 
 `params["layers"]` (and the cache's "k", "v") may also be given unstacked, as lists of L
 per-layer pytrees (`unstack_layers`): the layers then run as a Python loop. The sampler's
@@ -201,8 +204,9 @@ def _attention(q, k, v, allowed, cfg: ModelConfig):
     return out.reshape(b, t, cfg.num_heads, dh)
 
 
-def _causal_attention(q, k, v, allowed, cfg: ModelConfig):
-    """`_attention` without a cache, where query t is key slot t: the queries are split
+def _causal_attention(q, k, v, allowed, cfg: ModelConfig, offset: int = 0):
+    """`_attention` where query t is key slot offset + t (a static `offset`: the cached
+    slots before the new tokens) and attends to no later slot: the queries are split
     into at most 8 blocks (of ≥ 64 rows) and each block only reads the keys up to its
     last row, skipping the causally masked score blocks above the diagonal (about 40% of
     the attention work at 4 blocks, and better cache use on CPU)."""
@@ -211,9 +215,9 @@ def _causal_attention(q, k, v, allowed, cfg: ModelConfig):
     outs = [
         _attention(
             q[:, i : i + block],
-            k[:, :, : i + block],
-            v[:, :, : i + block],
-            allowed[:, i : i + block, : i + block],
+            k[:, :, : offset + i + block],
+            v[:, :, : offset + i + block],
+            allowed[:, i : i + block, : offset + i + block],
             cfg,
         )
         for i in range(0, t, block)
@@ -247,7 +251,10 @@ def _layer(cfg: ModelConfig, inv_freq, positions, allowed, cache_pos, x, lp, cac
         ck = lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_pos, axis=2)
         cv = lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_pos, axis=2)
         cache_kv, k, v = (ck, cv), ck, cv
-    attn = (_attention if cache_kv is not None else _causal_attention)(q, k, v, allowed, cfg)
+    if isinstance(cache_pos, int):  # the T new tokens sit at the static slots cache_pos + t
+        attn = _causal_attention(q, k, v, allowed, cfg, cache_pos)
+    else:  # a decode step at a traced slot
+        attn = _attention(q, k, v, allowed, cfg)
     out = _project(attn, lp["wo"].astype(dt), contract=2)
     if cfg.o_bias:
         out = out + lp["bo"].astype(dt)
@@ -272,12 +279,15 @@ def forward(
     """Final hidden states [B, T, D] (after the last RMSNorm) and the updated cache.
 
     tokens, positions [B, T] int; mask [B, T] without a cache, [B, S] (valid cache slots,
-    including the T new ones) with a cache; see the module docstring.
+    including the T new ones) with a cache, or [B, T, S] allowed key slots per query; see
+    the module docstring.
     """
-    t = tokens.shape[1]
-    query_slot = cache_pos + jnp.arange(t) if cache is not None else jnp.arange(t)
-    key_slot = jnp.arange(mask.shape[1])
-    allowed = (key_slot[None, :] <= query_slot[:, None])[None] & mask[:, None, :].astype(bool)
+    if mask.ndim == 3:
+        allowed = mask.astype(bool)
+    else:
+        query_slot = cache_pos + jnp.arange(tokens.shape[1])
+        key_slot = jnp.arange(mask.shape[1])
+        allowed = (key_slot[None, :] <= query_slot[:, None])[None] & mask[:, None, :].astype(bool)
     inv_freq = rope_inv_freq(cfg)
     x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
     x = sharding.constrain(x, ("batch", "length", "embed"))
