@@ -6,11 +6,18 @@ One jitted function per static shape (prompt length bucket P, max new tokens N, 
    cache; the logits of each prompt's last position give the first sampled token;
 2. the cache is padded to S = P + N slots and repeated K times on the batch axis
    (row r = b·K + j is sample j of prompt b: prompt-major);
-3. decode: a `lax.while_loop` feeds the token sampled at step i − 1 (position
-   n_b + i − 1, cache slot P + i − 1, n_b = number of real prompt tokens) and samples token
-   i from the new logits, until N tokens or until every row has emitted a stop token.
-   The loop state (cache, token buffers) is carried in place; nothing returns to the host
-   until the loop ends.
+3. decode, in stages of static, halving row counts R = B·K, R/2, R/4, … down to `min_rows`
+   (`stage_sizes`; multiples of the mesh's row shards; on CPU only, one stage elsewhere):
+   stage j runs a `lax.while_loop` that feeds the token sampled at step i − 1 (position
+   n_r + i − 1, cache slot P + i − 1, n_r = number of real prompt tokens of the row) and
+   samples token i from the new logits,
+   while i < N and more rows are live (no stop token yet) than the next stage holds (the
+   last stage: while any is live). Between stages the live rows, in row order, are gathered
+   with their cache, last token, prompt mask and original row ids into the next stage's
+   smaller arrays (the rows left out are finished), so the decode steps after most rows
+   stopped cost what the remaining rows cost. Each stage's token buffers are written into
+   the full [R, N] buffers at its rows' ids when it ends. The loop state (cache, token
+   buffers) is carried in place; nothing returns to the host until the last stage ends.
 
 Completion conventions (what the trainer relies on):
 - `tokens[r, i]` is the i-th completion token; the stop token itself is part of the
@@ -25,16 +32,21 @@ Completion conventions (what the trainer relies on):
 
 Randomness: token i of every row is drawn by inverse-CDF sampling with one uniform per row
 from `fold_in(rng, i)` (one uniform per row instead of V Gumbel variables: threefry for
-[B·K, V] numbers costs more than the rest of the selection on CPU). With JAX's
-partitionable threefry the uniforms do not depend on how the rows are sharded, and each
-row's selection runs on one device (vocab gathered), so the same seed gives the same
-samples on one device and on a mesh.
+[B·K, V] numbers costs more than the rest of the selection on CPU). The R uniforms are drawn
+for all rows at every step and each stage takes those of its rows, so a row's draws do not
+depend on the stages. With JAX's partitionable threefry the uniforms do not depend on how
+the rows are sharded, and each row's selection runs on one device (vocab gathered), so the
+same seed gives the same samples on one device and on a mesh. The stages and meshes change
+no operation of a row, but XLA may round a reduction differently at another row count or
+sharding (ulps of the logits and CDF): a draw whose uniform lies within such ulps of a CDF
+boundary then picks the neighbouring token.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -51,6 +63,9 @@ PAD_ID = 0
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 MIN_PROMPT_BUCKET = 16
 SAMPLE_BLOCK = 256
+# The smallest decode stage by default. SmolLM2-135M on 2 CPU cores: a decode step costs
+# about 285/160/122/99 ms at 32/16/8/4 rows (reading the weights dominates below 8 rows).
+MIN_STAGE_ROWS = 8
 
 
 def _first_argmax(x: jnp.ndarray) -> jnp.ndarray:
@@ -77,13 +92,14 @@ def _inverse_cdf(weights: jnp.ndarray, u: jnp.ndarray) -> jnp.ndarray:
     return jnp.minimum(below, _last_positive(weights)).astype(jnp.int32)
 
 
-def _sample(z: jnp.ndarray, key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _sample(z: jnp.ndarray, uniforms: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """A draw from softmax(z) per row of z [N, V] (−∞ = excluded) and its log-probability.
 
-    Inverse-CDF sampling with one uniform u ~ U[0, 1) per row, in two levels so that no
-    length-V scan is needed: w = exp(z − max z) in blocks of SAMPLE_BLOCK tokens; pick the
-    block where the cumulative block mass passes u·Σw, then the token inside that block
-    where the cumulative mass passes the remainder. log p = z_i − max z − log Σw.
+    Inverse-CDF sampling at the uniform u ~ U[0, 1) of each row (`uniforms` [N]), in two
+    levels so that no length-V scan is needed: w = exp(z − max z) in blocks of SAMPLE_BLOCK
+    tokens; pick the block where the cumulative block mass passes u·Σw, then the token
+    inside that block where the cumulative mass passes the remainder.
+    log p = z_i − max z − log Σw.
     """
     n, vocab = z.shape
     top = jnp.max(z, axis=-1, keepdims=True)
@@ -91,7 +107,7 @@ def _sample(z: jnp.ndarray, key: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
     blocks = jnp.pad(weights, ((0, 0), (0, -vocab % SAMPLE_BLOCK))).reshape(n, -1, SAMPLE_BLOCK)
     block_mass = jnp.sum(blocks, axis=-1)
     total = jnp.sum(block_mass, axis=-1)
-    u = jax.random.uniform(key, (n,), jnp.float32) * total
+    u = uniforms * total
     block = _inverse_cdf(block_mass, u)
     before = jnp.sum(jnp.where(jnp.arange(block_mass.shape[1]) < block[:, None], block_mass, 0), -1)
     inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
@@ -110,12 +126,33 @@ def select_tokens(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Draw one token per row of `logits` [N, V]; returns (tokens [N] int32, logprobs [N]).
 
+    `select_with_uniforms` with the uniforms `jax.random.uniform(key, (N,))` (`key` is
+    unused, and may be None, when T = 0).
+    """
+    uniforms = None
+    if temperature != 0:
+        uniforms = jax.random.uniform(key, (logits.shape[0],), jnp.float32)
+    return select_with_uniforms(logits, uniforms, temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+def select_with_uniforms(
+    logits: jnp.ndarray,
+    uniforms: jnp.ndarray | None,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """One token per row of `logits` [N, V] by inverse CDF at the row's uniform in
+    `uniforms` [N] ~ U[0, 1); returns (tokens [N] int32, logprobs [N]).
+
     z = logits / T; top-k keeps z_v ≥ the k-th largest z; top-p then keeps the smallest set
     of highest-probability tokens whose mass reaches top_p (token v is kept when the mass of
     the tokens strictly more likely than it is < top_p; ties at the threshold are kept);
     the token is drawn from softmax(z̃), z̃ = z on kept tokens and −∞ elsewhere, and its
-    logprob is z̃_v − logsumexp(z̃). T = 0 is greedy: the first argmax of the logits, with
-    logprob under softmax(logits) (see the module docstring).
+    logprob is z̃_v − logsumexp(z̃). T = 0 is greedy (`uniforms` unused, may be None): the
+    first argmax of the logits, with logprob under softmax(logits) (see the module
+    docstring).
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
@@ -136,7 +173,7 @@ def select_tokens(
         kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
         z = jnp.where(z >= threshold, z, -jnp.inf)
-    return _sample(z, key)
+    return _sample(z, uniforms)
 
 
 def prompt_bucket(length: int) -> int:
@@ -158,6 +195,17 @@ def _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_
             raise ValueError(f"sampler: {message}.")
 
 
+def stage_sizes(rows: int, min_rows: int, shards: int = 1) -> tuple[int, ...]:
+    """The row counts of the decode stages: `rows`, then repeatedly half of the previous
+    count rounded up to a multiple of `shards`, as long as that is smaller and ≥ min_rows."""
+    sizes = [rows]
+    half = -(-rows // (2 * shards)) * shards
+    while min_rows <= half < sizes[-1]:
+        sizes.append(half)
+        half = -(-half // (2 * shards)) * shards
+    return tuple(sizes)
+
+
 def _constrain_cache(c: jnp.ndarray) -> jnp.ndarray:
     """Pin a stacked [L, B, KV, S, Dh] or one layer's [B, KV, S, Dh] cache to the mesh."""
     return sharding.constrain(c, decoder.CACHE_LOGICAL_AXES[-c.ndim :])
@@ -171,6 +219,8 @@ class Sampler:
     int32, logprobs [B·K, N] float32, lengths [B·K] int32, truncated [B·K] bool. Prompts
     are left-padded (mask 1 on real tokens, each row with at least one). New params,
     prompts and keys of the same shapes reuse the compiled function; a new B compiles once.
+    The decode runs in stages down to `min_rows` rows (see the module docstring and
+    `stage_sizes`); min_rows ≥ B·K decodes all rows in one stage.
 
     On CPU the decode loop runs the layers unstacked (`decoder.unstack_layers`, one copy of
     the weights per call): slicing them out of the stacked arrays at every step costs more
@@ -189,8 +239,11 @@ class Sampler:
         top_k: int,
         stop_token_ids: tuple[int, ...],
         mesh: Mesh | None,
+        min_rows: int = MIN_STAGE_ROWS,
     ):
         _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_k)
+        if min_rows < 1:
+            raise ValueError(f"sampler: min_rows={min_rows} must be ≥ 1.")
         bad = [t for t in stop_token_ids if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(
@@ -205,6 +258,7 @@ class Sampler:
         self.top_k = int(top_k)
         self.stop_token_ids = tuple(stop_token_ids)
         self.mesh = mesh
+        self.min_rows = int(min_rows)
         self.param_shardings = None
         if mesh is not None:
             self.param_shardings = sharding.tree_shardings(
@@ -233,17 +287,35 @@ class Sampler:
             rng = jax.device_put(rng, NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
         return self.jitted(params, prompt_tokens, prompt_mask, rng)
 
+    def stage_sizes(self, rows: int) -> tuple[int, ...]:
+        """The decode stages' row counts for B·K = `rows` (see `stage_sizes`): multiples of
+        the number of shards the mesh splits `rows` rows into. One stage off CPU: the gain
+        there is unmeasured, and the memory plan models one stage's cache."""
+        if not self.unstack_layers:
+            return (rows,)
+        shards = 1
+        if self.mesh is not None:
+            axes = sharding.logical_spec(("batch",), (rows,), self.mesh)[0]
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            shards = math.prod(self.mesh.shape[a] for a in axes)
+        return stage_sizes(rows, self.min_rows, shards)
+
     def _rollout(self, params, prompt_tokens, prompt_mask, rng):
         if self.mesh is None:
             return self._decode(params, prompt_tokens, prompt_mask, rng)
         with sharding.use_mesh(self.mesh):
             return self._decode(params, prompt_tokens, prompt_mask, rng)
 
-    def _select(self, logits, rng, step):
-        """Tokens of one step: each row's whole logits on one device, key fold_in(rng, step)."""
-        return select_tokens(
+    def _select(self, logits, rng, step, ids, rows):
+        """Tokens of one step for the rows `ids` of all `rows`: each row's whole logits on
+        one device and the row's uniform of `uniform(fold_in(rng, step), (rows,))`."""
+        uniforms = None
+        if self.temperature != 0:
+            uniforms = jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32)
+            uniforms = uniforms[ids]
+        return select_with_uniforms(
             sharding.constrain(logits, ("batch", None)),
-            jax.random.fold_in(rng, step),
+            uniforms,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -264,9 +336,8 @@ class Sampler:
             cache = {name: decoder.unstack_layers(c) for name, c in cache.items()}
         cache = jax.tree.map(expand, cache)
         logits = jnp.repeat(logits, k, axis=0)
-        prompt_mask = jnp.repeat(prompt_mask, k, axis=0)
-        next_position = jnp.sum(prompt_mask, axis=-1)
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
+        by_row = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
 
         def record(state, step, tokens, logp):
             """Write the step's tokens (padding on rows already stopped) into the buffers."""
@@ -281,28 +352,50 @@ class Sampler:
                 "last": tokens,
             }
 
-        def cond(state):
-            return (state["step"] < n_new) & ~jnp.all(state["done"])
+        def run_stage(state, rows_in, next_size):
+            """Decode the stage's rows while steps remain and more than `next_size` live."""
+            ids, mask, position = rows_in["ids"], rows_in["prompt_mask"], rows_in["position"]
+            size = ids.shape[0]
 
-        def body(state):
-            step = state["step"]
-            slot = p + step - 1
-            kv_mask = jnp.concatenate(
-                [prompt_mask, jnp.broadcast_to(jnp.arange(n_new) < step, (rows, n_new))], axis=1
-            ).astype(jnp.int32)
-            hidden, cache = decoder.forward(
-                params,
-                cfg,
-                state["last"][:, None],
-                (next_position + step - 1)[:, None],
-                kv_mask,
-                state["cache"],
-                slot,
-            )
-            logits = decoder.lm_logits(params, cfg, hidden[:, 0])
-            tokens, logp = self._select(logits, rng, step)
-            new = record(state, step, tokens, logp)
-            return new | {"cache": jax.tree.map(_constrain_cache, cache), "step": step + 1}
+            def cond(state):
+                return (state["step"] < n_new) & (jnp.sum(~state["done"]) > next_size)
+
+            def body(state):
+                step = state["step"]
+                kv_mask = jnp.concatenate(
+                    [mask, jnp.broadcast_to(jnp.arange(n_new) < step, (size, n_new))], axis=1
+                ).astype(jnp.int32)
+                hidden, cache = decoder.forward(
+                    params,
+                    cfg,
+                    state["last"][:, None],
+                    (position + step - 1)[:, None],
+                    kv_mask,
+                    state["cache"],
+                    p + step - 1,
+                )
+                logits = decoder.lm_logits(params, cfg, hidden[:, 0])
+                tokens, logp = self._select(logits, rng, step, ids, rows)
+                new = record(state, step, tokens, logp)
+                return new | {"cache": jax.tree.map(_constrain_cache, cache), "step": step + 1}
+
+            return lax.while_loop(cond, body, state)
+
+        written = ("tokens", "logprobs", "mask", "done")
+
+        def write_back(out, state, rows_in):
+            """The full [B·K, ..] buffers with the stage's rows written at their ids."""
+            return {name: out[name].at[rows_in["ids"]].set(state[name]) for name in written}
+
+        def shrink(state, rows_in, size):
+            """The first `size` rows of the stage, the live ones first (in row order)."""
+            keep = jnp.argsort(state["done"].astype(jnp.int32), stable=True)[:size]
+            gather = lambda c: _constrain_cache(jnp.take(c, keep, axis=-4))  # noqa: E731
+            state = {name: by_row(state[name][keep]) for name in empty} | {
+                "cache": jax.tree.map(gather, state["cache"]),
+                "step": state["step"],
+            }
+            return state, {name: by_row(x[keep]) for name, x in rows_in.items()}
 
         empty = {
             "tokens": jnp.full((rows, n_new), PAD_ID, jnp.int32),
@@ -311,19 +404,29 @@ class Sampler:
             "done": jnp.zeros((rows,), bool),
             "last": jnp.zeros((rows,), jnp.int32),
         }
-        empty = {
-            name: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-            for name, x in empty.items()
+        empty = {name: by_row(x) for name, x in empty.items()}
+        prompt_mask = jnp.repeat(prompt_mask, k, axis=0)
+        rows_in = {
+            "ids": by_row(jnp.arange(rows, dtype=jnp.int32)),
+            "prompt_mask": prompt_mask,
+            "position": jnp.sum(prompt_mask, axis=-1),
         }
-        tokens, logp = self._select(logits, rng, 0)
+        tokens, logp = self._select(logits, rng, 0, rows_in["ids"], rows)
         state = record(empty, 0, tokens, logp) | {"cache": cache, "step": jnp.int32(1)}
-        state = lax.while_loop(cond, body, state)
+        out = {name: empty[name] for name in written}
+        sizes = self.stage_sizes(rows)
+        for size, next_size in zip(sizes, (*sizes[1:], 0), strict=True):
+            if size < rows:
+                out = write_back(out, state, rows_in)
+                state, rows_in = shrink(state, rows_in, size)
+            state = run_stage(state, rows_in, next_size)
+        out = write_back(out, state, rows_in)
         return {
-            "tokens": state["tokens"],
-            "mask": state["mask"],
-            "logprobs": state["logprobs"],
-            "lengths": jnp.sum(state["mask"], axis=-1),
-            "truncated": ~state["done"],
+            "tokens": out["tokens"],
+            "mask": out["mask"],
+            "logprobs": out["logprobs"],
+            "lengths": jnp.sum(out["mask"], axis=-1),
+            "truncated": ~out["done"],
         }
 
 
@@ -339,12 +442,14 @@ def make_sampler(
     top_k: int = 0,
     stop_token_ids: tuple[int, ...] = (),
     mesh: Mesh | None = None,
+    min_rows: int = MIN_STAGE_ROWS,
 ) -> Sampler:
     """The (cached) compiled sampler for these static settings; see `Sampler`.
 
-    Under `mesh`, params are placed with the decoder's logical-axis shardings (a no-op when
-    they already are), rows are split over ("data", "fsdp") and heads over "tensor", and the
-    KV cache follows `decoder.CACHE_LOGICAL_AXES`.
+    `min_rows`: the smallest decode stage (`stage_sizes`). Under `mesh`, params are placed
+    with the decoder's logical-axis shardings (a no-op when they already are), rows are
+    split over ("data", "fsdp") and heads over "tensor", and the KV cache follows
+    `decoder.CACHE_LOGICAL_AXES`.
     """
     return Sampler(
         cfg,
@@ -356,6 +461,7 @@ def make_sampler(
         top_k=top_k,
         stop_token_ids=tuple(int(t) for t in stop_token_ids),
         mesh=mesh,
+        min_rows=min_rows,
     )
 
 

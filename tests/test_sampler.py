@@ -1,6 +1,7 @@
 """daro_jax.sampler: parity with transformers' greedy generate, log-probs equal to the
 training forward's, stop handling, sampling distributions (chi-square against softmax
-written here in NumPy), sharded meshes, one compilation per shape.
+written here in NumPy), decode stages that shrink to the live rows, sharded meshes, one
+compilation per shape.
 """
 
 import os
@@ -161,6 +162,46 @@ def test_stop_tokens_and_mixed_prompt_lengths(tiny, tiny_prompts):
         np.testing.assert_allclose(out["logprobs"][i], one["logprobs"][0], atol=1e-5)
 
 
+def test_stage_sizes_halve_down_to_min_rows_in_multiples_of_the_shards():
+    assert sampler.stage_sizes(32, 8) == (32, 16, 8)
+    assert sampler.stage_sizes(32, 1) == (32, 16, 8, 4, 2, 1)
+    assert sampler.stage_sizes(32, 32) == sampler.stage_sizes(32, 10**6) == (32,)
+    assert sampler.stage_sizes(24, 4) == (24, 12, 6)
+    assert sampler.stage_sizes(7, 1) == (7, 4, 2, 1)  # halves rounded up
+    assert sampler.stage_sizes(16, 1, shards=4) == (16, 8, 4)
+    assert sampler.stage_sizes(24, 1, shards=8) == (24, 16, 8)
+    assert sampler.stage_sizes(8, 1, shards=8) == (8,)
+
+
+@pytest.mark.parametrize("temperature,seed", [(1.0, 2), (0.0, 0)])
+def test_compacted_stages_give_the_rollouts_of_one_stage(tiny, temperature, seed):
+    """Rows stop at very different steps (a tenth of the vocabulary stops), so the live
+    rows fall through every stage (24 → 12 → 6 → 3 → 2 → 1 rows) while one row goes on to
+    N; the rollouts equal those of one 24-row stage. Logprobs may differ in the last ulps:
+    XLA:CPU rounds some reductions differently at small row counts."""
+    k = 4 if temperature else 1  # greedy: distinct prompts, as a prompt's K rows are equal
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(3, 259, n)) for n in rng.integers(2, 16, 24 // k)]
+    tokens, mask = sampler.left_pad(prompts, 16)
+    settings = dict(
+        k=k,
+        max_new_tokens=32,
+        prompt_len=16,
+        temperature=temperature,
+        stop_token_ids=tuple(range(3, 35)),
+    )
+    one = sampler.make_sampler(tiny.config, min_rows=24, **settings)
+    staged = sampler.make_sampler(tiny.config, min_rows=1, **settings)
+    assert one.stage_sizes(24) == (24,) and staged.stage_sizes(24) == (24, 12, 6, 3, 2, 1)
+    ref = jax.device_get(one(tiny.params, tokens, mask, jax.random.key(3)))
+    out = jax.device_get(staged(tiny.params, tokens, mask, jax.random.key(3)))
+    live = ref["mask"].sum(0)
+    assert live[:-1].min() == 1 and live[-1] == 1 and ref["truncated"].sum() == 1
+    for name in ("tokens", "mask", "lengths", "truncated"):
+        np.testing.assert_array_equal(out[name], ref[name])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], rtol=0, atol=1e-5)
+
+
 def test_one_compilation_per_shape(tiny, tiny_prompts):
     """New params, prompts and keys reuse the compiled sampler (same settings: same one)."""
     _, tokens, mask = tiny_prompts
@@ -222,6 +263,7 @@ def test_bad_arguments_name_the_field(tiny, tiny_prompts):
         ({"top_k": -2}, "top_k"),
         ({"k": 0}, "k="),
         ({"stop_token_ids": (10**6,)}, "stop_token_ids"),
+        ({"min_rows": 0}, "min_rows"),
     ]:
         with pytest.raises(ValueError, match=field):
             sampler.make_sampler(tiny.config, **(base | bad))
@@ -321,6 +363,9 @@ def llama_unsharded(tiny_hf_dirs):
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_mesh_gives_same_rollouts(mesh_shape, tiny_hf_dirs, llama_unsharded):
+    """Sharded rollouts equal one device's, also when the decode stages shrink the rows
+    (16 → 8 → 4 on the (2, 2, 2) mesh's 4 row shards, 16 → 8 on 8) and gather them across
+    devices."""
     prompts = ["one", "two three", "four five six", "seven"]
     kw = dict(k=2, max_new_tokens=8, stop_token_ids=[])
     mesh = sharding.make_mesh(mesh_shape)
@@ -337,3 +382,20 @@ def test_sharded_mesh_gives_same_rollouts(mesh_shape, tiny_hf_dirs, llama_unshar
     np.testing.assert_array_equal(result["tokens"], ref.tokens)
     rows = NamedSharding(mesh, P("data" if mesh_shape[1] == 1 else ("data", "fsdp")))
     assert result["tokens"].sharding.is_equivalent_to(rows, 2)
+    staged = dict(
+        k=4,
+        max_new_tokens=16,
+        prompt_len=out.prompt_tokens.shape[1],
+        stop_token_ids=tuple(range(3, 40)),
+    )
+    one = sampler.make_sampler(llama_unsharded.config, min_rows=16, **staged)
+    fn = sampler.make_sampler(placed.config, min_rows=1, mesh=mesh, **staged)
+    assert fn.stage_sizes(16) == ((16, 8) if mesh_shape[0] == 8 else (16, 8, 4))
+    args = out.prompt_tokens[::2], out.prompt_mask[::2], jax.random.key(4)
+    ref = jax.device_get(one(llama_unsharded.params, *args))
+    result = jax.device_get(fn(placed.params, *args))
+    live = ref["mask"].sum(0)
+    assert live[:-1].min() <= 4 and live[-1] > 0  # the last stage runs to N
+    for name in ("tokens", "mask", "lengths", "truncated"):
+        np.testing.assert_array_equal(result[name], ref[name])
+    np.testing.assert_allclose(result["logprobs"], ref["logprobs"], rtol=0, atol=1e-5)
