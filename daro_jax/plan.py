@@ -405,7 +405,7 @@ def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
     t, s = config.train, config.sampler
     b, k, p, n = t.batch_prompts, spec.k, s.max_prompt_tokens, s.max_new_tokens
     rows = b * k
-    micro = t.microbatch_size or rows // t.minibatches
+    micro = sharding.microbatch_rows(t, k)
     gathered = _gathered_weights(cfg, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     notes = [

@@ -142,3 +142,9 @@ def completions_per_unit(k: int, micro_rows: int, shards: int) -> int:
     fits = [q for q in range(1, k + 1) if k % q == 0 and micro_rows % q == 0]
     spread = [q for q in fits if (micro_rows // q) % shards == 0]
     return max(spread or fits)
+
+
+def microbatch_rows(train, k: int) -> int:
+    """Rollouts per micro-batch of an update: `train.microbatch_size`, or (0) the whole
+    minibatch, batch_prompts · K / minibatches."""
+    return train.microbatch_size or train.batch_prompts * k // train.minibatches

@@ -109,7 +109,6 @@ class UpdateSettings:
     micro_prompts: int  # units per micro-batch
     completions_per_unit: int  # q, a divisor of K
     on_policy: bool
-    unstack_layers: bool  # run the layers as a Python loop (faster on CPU) instead of a scan
 
 
 def _microbatches(x: jax.Array, size: int) -> jax.Array:
@@ -159,7 +158,7 @@ _MODEL_INPUTS = (
 )
 
 
-def sequence_logprobs(model_params, inputs: dict, s: UpdateSettings):
+def sequence_logprobs(params, inputs: dict, s: UpdateSettings):
     """log π(o_t | prompt, o_<t) and entropy of softmax(logits / T) at every completion
     position.
 
@@ -179,9 +178,6 @@ def sequence_logprobs(model_params, inputs: dict, s: UpdateSettings):
     )
     prompt_mask, index = inputs["prompt_mask"], inputs["packed_index"]
     m, r, w = tokens.shape
-    params = dict(model_params)
-    if s.unstack_layers:
-        params["layers"] = decoder.unstack_layers(params["layers"])
     hidden_p, cache = decoder.prefill(params, cfg, inputs["prompt_tokens"], prompt_mask)
     cache = jax.tree.map(lambda x: decoder.repeat_cache(x, r, w), cache)
     tokens, segments, offsets = (x.reshape(m * r, w) for x in (tokens, segments, offsets))
@@ -483,7 +479,7 @@ class Trainer:
         self.state = {"params": state, "opt": opt_state}
         self.ref_params = jax.tree.map(jnp.copy, model.params) if self.spec.kl_beta > 0 else None
         shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        micro_rows = t.microbatch_size or t.batch_prompts * self.spec.k // t.minibatches
+        micro_rows = sharding.microbatch_rows(t, self.spec.k)
         q = sharding.completions_per_unit(
             self.spec.k, micro_rows, self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         )
@@ -494,7 +490,6 @@ class Trainer:
             micro_prompts=micro_rows // q,
             completions_per_unit=q,
             on_policy=self.updates_per_step == 1,
-            unstack_layers=all(d.platform == "cpu" for d in self.mesh.devices.flat),
         )
         self.update = jax.jit(
             on_mesh(update_step, self.mesh),

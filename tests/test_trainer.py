@@ -102,8 +102,8 @@ def test_microbatches_and_minibatch_settings_agree():
         assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), name
 
 
-@pytest.mark.parametrize("q,unstack", [(3, False), (3, True), (1, True), (5, True)])
-def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q, unstack):
+@pytest.mark.parametrize("q", [1, 3, 5])
+def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q):
     """The update forwards each prompt once and lets its q completions, packed back to back
     into rows, attend to the repeated KV cache: logprobs, entropies and the gradient of
     Σ logp equal one plain forward over each [prompt | completion] row (left-padded
@@ -124,7 +124,7 @@ def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dir
     inputs = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
     inputs |= packing.pack(tokens, lengths, rows)
     inputs["packed_index"] = inputs["packed_index"].reshape(m, q, c)
-    s = trainer.UpdateSettings(cfg, None, t, m, q, on_policy=True, unstack_layers=unstack)
+    s = trainer.UpdateSettings(cfg, None, t, m, q, on_policy=True)
 
     def ours(model_params):
         return trainer.sequence_logprobs(model_params, inputs, s)
