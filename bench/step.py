@@ -170,10 +170,11 @@ class Ours:
         update = trainer.update
 
         def counted_update(state, batch, **kw):
-            prompts, packed = np.asarray(batch["prompt_mask"]), np.asarray(batch["unit_segments"])
-            units = packed.shape[0]
-            computed = units * prompts.shape[1] + packed.size
-            real = prompts.sum() * (units // prompts.shape[0]) + (packed >= 0).sum()
+            prompts = np.asarray(batch["prompt_mask"])
+            n = int(batch["n_chunks"])
+            packed = np.asarray(batch["chunk_segments"])[:, :n]  # the chunks computed
+            computed = prompts.size + packed.size
+            real = prompts.sum() + (packed >= 0).sum()
             self.positions.append((computed, int(real)))
             return update(state, batch, **kw)
 

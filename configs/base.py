@@ -102,7 +102,11 @@ def get_config():
     c.train.batch_prompts = 32  # prompts per RL step (× k responses)
     c.train.ppo_epochs = 1
     c.train.minibatches = 1  # optimizer updates per epoch
-    c.train.microbatch_size = 0  # sequences per forward/backward chunk; 0 = whole minibatch
+    # The update packs completions into rows of max_new_tokens (daro_jax/packing.py): the
+    # prompts of a minibatch split into blocks (0: one per data shard), and each micro-batch
+    # computes microbatch_rows packed rows over all blocks (0: one per block).
+    c.train.prompt_blocks = 0
+    c.train.microbatch_rows = 0
     c.train.log_every = 1
     c.train.ckpt_every = 50
     c.train.keep_checkpoints = 3

@@ -19,7 +19,6 @@ def get_config():
     c.data.source = "open-r1/OpenR1-Math-220k"
     c.train.batch_prompts = 128
     c.train.minibatches = 4
-    c.train.microbatch_size = 32  # one row per data shard of v5p-64
     c.train.ckpt_every = 25
     c.eval.every_steps = 50
     c.eval.max_new_tokens = 3072

@@ -20,7 +20,6 @@ def get_config():
     c.data.instruction = ""
     c.train.batch_prompts = 128
     c.train.minibatches = 4
-    c.train.microbatch_size = 16
     c.train.ckpt_every = 25
     c.eval.every_steps = 50
     c.eval.max_new_tokens = 3072

@@ -8,5 +8,4 @@ def get_config():
     c.model.path = "Qwen/Qwen2.5-Math-7B"
     c.tpu.accelerator = "v5p-32"
     c.tpu.zone = "us-east5-a"
-    c.train.microbatch_size = 16  # one row per data shard of v5p-32
     return c

@@ -1,20 +1,22 @@
 """Completions packed into rows for the update (host-side NumPy, before the arrays go to the
 devices).
 
-In RL most completions stop long before `max_new_tokens`, so a [rows, max_new_tokens]
-layout computes mostly padding. The update instead packs each unit's q completions of one
-prompt (`sharding.completions_per_unit`) into r rows of W = max_new_tokens positions:
+In RL most completions stop long before `max_new_tokens` (C), so a [rollouts, C] layout
+computes mostly padding, and any layout whose shape follows the lengths recompiles. The
+update instead uses one shape for every step:
 
-- first-fit decreasing: the completions, longest first, each go to the first row with room;
-  a completion is never split, so r ≤ q and a row holds whole completions back to back;
-- every row of a unit attends to that unit's prompt KV cache, and inside a row each token
-  attends to the tokens of its own completion before it (`segments`: the completion's index
-  j in the unit, −1 on padding; `offsets`: its position inside the completion), so the
-  packed forward equals the forward of each [prompt | completion] sequence alone;
-- r is the largest count any unit of the step needs, rounded up to `rows_bucket` (1, 2, 3,
-  4, 6, 8, 12, …) so that the update compiles for at most 2·log2(q) + 1 shapes;
-- `index[u, j, c]` is where completion token c of completion j lies in the unit's flattened
-  [r·W] positions (−1 past its length), to bring per-token results back to [rows, C].
+- the prompts of an update are split into G blocks of g consecutive prompts (one or more
+  blocks per data shard); each block's g·K completions are packed back to back into rows of
+  C positions by first-fit decreasing (`first_fit`; a completion is never split, so a
+  block never needs more than g·K rows), completions of different prompts sharing rows;
+- the rows of block j are cut into chunks of R rows: chunk i of every block forms the
+  micro-batch [G, R, C] of loop iteration i, so the arrays are [G, S, R, C] with S =
+  ⌈g·K / R⌉ slots (enough for any lengths) and the update loops over the first
+  `n_chunks` slots only (a traced loop bound: no recompilation);
+- `segments` is the completion's index in its block (prompt · K + sample), −1 on padding;
+  `offsets` its token's position in the completion. In the update a token attends to its
+  own prompt's KV cache and to the earlier tokens of its own completion, so the packed
+  forward equals the forward of each [prompt | completion] sequence alone.
 """
 
 from __future__ import annotations
@@ -22,18 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def rows_bucket(needed: int, limit: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, … (2^i and 3·2^i) that is ≥ `needed`,
-    capped at `limit` (the unit's q completions never need more than q rows)."""
-    bucket = 1
-    while bucket < needed:  # 2^i → 2^i + 2^(i−1) → 2^(i+1)
-        bucket = bucket + max(1, bucket // 2) if bucket & (bucket - 1) == 0 else bucket // 3 * 4
-    return min(bucket, limit)
-
-
 def first_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """First-fit-decreasing placement of one unit's completions of `lengths` [q] (each
-    ≤ width) into rows of `width`; returns (row [q], start [q]) of every completion."""
+    """First-fit-decreasing placement of completions of `lengths` [n] (each ≤ width) into
+    rows of `width`; returns (row [n], start [n]) of every completion."""
     lengths = np.asarray(lengths)
     if lengths.max(initial=0) > width:
         raise ValueError(f"a completion of {lengths.max()} tokens exceeds the row width {width}")
@@ -49,36 +42,43 @@ def first_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     return row, start
 
 
-def rows_needed(lengths: np.ndarray, width: int) -> int:
-    """The most rows any unit of `lengths` [U, q] needs under `first_fit` (≥ 1)."""
-    return max([1] + [int(first_fit(unit, width)[0].max(initial=-1)) + 1 for unit in lengths])
+def chunk_slots(prompts_per_block: int, k: int, rows: int) -> int:
+    """S = ⌈g·K / R⌉: chunks of R rows that hold a block of g prompts' K completions each
+    in the worst case (one completion per row)."""
+    return -(-prompts_per_block * k // rows)
 
 
-def pack(tokens: np.ndarray, lengths: np.ndarray, rows: int) -> dict[str, np.ndarray]:
-    """Pack the completions `tokens` [U, q, C] of `lengths` [U, q] into `rows` rows of C.
+def pack_blocks(tokens: np.ndarray, lengths: np.ndarray, blocks: int, rows: int) -> dict:
+    """Pack the completions `tokens` [b, K, C] of `lengths` [b, K] of b = G·g prompts.
 
-    Returns unit_tokens, unit_segments, unit_offsets [U, rows, C] int32 (padding: token 0,
-    segment −1, offset 0) and packed_index [U·q, C] int32: the flat position in its unit's
-    rows of every completion token, −1 past the completion's length.
+    Returns chunk_tokens, chunk_segments, chunk_offsets [G, S, R, C] int32 (padding: token
+    0, segment −1, offset 0; S = `chunk_slots`) and n_chunks, the most chunks any block
+    fills (≥ 1). Completions of length 0 (padding prompts) are not placed.
     """
-    u, q, c = tokens.shape
+    b, k, c = tokens.shape
+    if b % blocks:
+        raise ValueError(f"{b} prompts do not split into {blocks} blocks")
+    g = b // blocks
+    slots = chunk_slots(g, k, rows)
     out = {
-        "unit_tokens": np.zeros((u, rows * c), np.int32),
-        "unit_segments": np.full((u, rows * c), -1, np.int32),
-        "unit_offsets": np.zeros((u, rows * c), np.int32),
+        "chunk_tokens": np.zeros((blocks, slots * rows * c), np.int32),
+        "chunk_segments": np.full((blocks, slots * rows * c), -1, np.int32),
+        "chunk_offsets": np.zeros((blocks, slots * rows * c), np.int32),
     }
-    index = np.full((u, q, c), -1, np.int32)
-    for i in range(u):
-        row, start = first_fit(lengths[i], c)
-        if row.max(initial=0) >= rows:
-            raise ValueError(f"unit {i} needs {row.max() + 1} rows of {c}; only {rows} given")
-        for j in range(q):
-            n = int(lengths[i, j])
+    used = 1
+    for block in range(blocks):
+        block_lengths = lengths[block * g : (block + 1) * g].reshape(-1)
+        block_tokens = tokens[block * g : (block + 1) * g].reshape(g * k, c)
+        row, start = first_fit(block_lengths, c)
+        placed = block_lengths > 0
+        if placed.any():
+            used = max(used, -(-(int(row[placed].max()) + 1) // rows))
+        for j in np.flatnonzero(placed):
+            n = int(block_lengths[j])
             at = row[j] * c + start[j] + np.arange(n)
-            out["unit_tokens"][i, at] = tokens[i, j, :n]
-            out["unit_segments"][i, at] = j
-            out["unit_offsets"][i, at] = np.arange(n)
-            index[i, j, :n] = at
-    out = {name: x.reshape(u, rows, c) for name, x in out.items()}
-    out["packed_index"] = index.reshape(u * q, c)
+            out["chunk_tokens"][block, at] = block_tokens[j, :n]
+            out["chunk_segments"][block, at] = j
+            out["chunk_offsets"][block, at] = np.arange(n)
+    out = {name: x.reshape(blocks, slots, rows, c) for name, x in out.items()}
+    out["n_chunks"] = used
     return out

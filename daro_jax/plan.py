@@ -28,37 +28,75 @@ sampling: decode (the B·K rollouts, one token at a time)
                       path, unstacked layers, holds the cache about once)
     logits            [B·K, V] float32 ×4 (logits, scaled, exp, block sums)
     gathered weights  as in the prefill
-update (one optimizer step; a micro-batch of b completions of N tokens at a time, each
-        unit of q of a prompt's completions packed into at most q rows of N positions
-        that attend to that prompt's P-token KV cache, q = sharding.completions_per_unit;
-        sized for the worst step, q rows per unit, when no completion stops early)
-    gradients         2 × params in float32: the accumulator and one micro-batch's gradient
+update (one optimizer update on a minibatch of b = B / train.minibatches prompts,
+        trainer.update_gradients: the b prompts [b, P] are forwarded once under jax.vjp,
+        in G blocks of g = b / G (G, R = sharding.update_blocks); then a loop over
+        micro-batches of R packed rows of N positions per block, [G, R, N], accumulates
+        each one's gradient; then the prompts' part is pulled back through their forward.
+        Sized for the worst step, every completion N tokens long and one per row, so all
+        S = ⌈g·K / R⌉ slots of the packed arrays are filled), two phases:
+  update: micro-batch loop
+    gradients         the float32 accumulator of the params + one micro-batch's gradient
+                      (param dtype)
     gathered weights  the largest weight block used at once (one layer, or the output matrix
                       for the logprob chunks), all-gathered over fsdp, in the compute dtype,
                       plus its unsharded float32 gradient before the reduce-scatter
-    activations       with remat: the L saved layer inputs b × N × D (+ b/q × P × D of the
-                      prompts); without: L layers' working sets (below), completions and prompts
-    prompt caches     k and v of [L, b, KV, P + N, Dh]: each prompt's cache repeated for its
-                      (at most q) packed rows, with room for theirs
+    prompts' residuals  what the prompts' forward keeps for the pull-back: with remat the L
+                      saved layer inputs b × P × D; without, L layers' working sets (below)
+                      on the [b, P] prompts
+    prompt caches     k and v of [L, G, KV, g·P, Dh] (a block's g prompts side by side) and
+                      the last hidden states [G, g, D], in the compute dtype; and the loop's
+                      float32 accumulators of their cotangents, of the same shapes
+    micro-batch cache k and v of [L, G·R, KV, g·P + N, Dh] (each block's cache repeated for
+                      its R rows, with room for them) and its cotangent, in the compute dtype
+    activations       with remat the L saved layer inputs G·R × N × D; without, L layers'
+                      working sets (below)
     layer working set recompute and backward of one layer: 3 × the float32 attention scores
-                      b × H × N × (P + N), 6 × the MLP intermediates b × N × F, 4 × float32
-                      q/k/v (rope), 10 × the residual stream b × N × D, the bool mask
-    logprob chunk     3 × the float32 logits of b × min(128, N) positions × V
-    batch arrays      the step's prompts [B, P] ×2, packed tokens/segments/offsets and the
-                      unpacking index [B·K, N] ×4 (int32) and per-token floats [B·K, N] ×5
+                      G·R × H × pairs, 6 × the MLP intermediates G·R × N × F, 4 × float32
+                      q/k/v (rope), 10 × the residual stream G·R × N × D, the bool mask
+                      G·R × N × (g·P + N). pairs = `causal_pairs`(N, g·P): the queries of
+                      decoder._causal_attention in blocks of max(64, ⌈N/8⌉) rows, each block
+                      scoring the keys up to its own last one, about N × (g·P + N/2)
+    logprob chunk     3 × the float32 logits of G·R rows × min(128, N) positions × V
+    per-token arrays  the loss on the rollout layout (trainer.to_rows): [b·K, N] float32 ×8
+                      (the micro-batch's logp, entropy and mask scattered there, the loss's
+                      terms, their gradients) and 2 unsharded [b·K·N] 4-byte buffers of the
+                      differentiated scatter
+    batch arrays      the update's arguments: prompt tokens and mask [b, P] int32, chunk
+                      tokens, segments and offsets [G, S, R, N] int32, n_chunks, loss_mask
+                      and sampler_logp [b·K, N] float32 (+ old_logp off-policy, when
+                      ppo_epochs × minibatches > 1; + ref_logp when kl_beta > 0), advantages
+                      [b·K] float32 and group_ids [b·K] int32
+  update: prompts' backward (after the loop)
+    gradients         the float32 accumulator + the prompts' gradient (param dtype)
+    gathered weights, prompts' residuals, batch arrays: as in the loop
+    cache cotangent   k and v of [L, G, KV, g·P, Dh] in the compute dtype, twice: side by side
+                      per block, and per prompt [L, b, KV, P, Dh]
+    layer working set recompute and backward of one layer (as above) on the [b, P] prompts,
+                      pairs = `causal_pairs`(P, 0)
 
 Every activation is sized by its shard shape under the same logical-axis rules as the
 arrays of the run (`sharding.logical_spec`, as `sharding.constrain` pins them when the
-update is traced under `sharding.use_mesh`), so a micro-batch that the data × fsdp shards
-do not divide counts whole on every device, exactly as the run would replicate it.
-P = sampler.max_prompt_tokens and N = sampler.max_new_tokens (the longest step). The
-old-policy and reference logprob passes run forward only over the same micro-batches and
-need less than the update, so they are not a phase of their own.
+update is traced under `sharding.use_mesh`), so a micro-batch of G·R rows that the data ×
+fsdp shards do not divide counts whole on every device, exactly as the run would replicate
+it (and so do prompt blocks when G is not a multiple of the shards).
+P = sampler.max_prompt_tokens and N = sampler.max_new_tokens (the longest step). With
+several minibatches the step's own per-rollout arrays ([B·K, N] float32 ×3, a few MiB) stay
+alive beside the update's; they are not counted. The old-policy and reference logprob
+passes (trainer.batch_logprobs) run forward only over the whole step's packed arrays: the
+same G blocks with B / G prompts each, so longer block caches and keys, but no gradients,
+residuals or cotangents; by the same formulas they come to about 0.6–0.75 × the update's
+phase for the paper recipes, so they are not a phase of their own.
 
-Checked on XLA:CPU (tests/test_plan.py): params and optimizer bytes equal the real arrays';
-the update phase came to 0.87–1.46 × the compiled update's temp bytes over tiny models
-(remat on/off, split or replicated micro-batches), the decode phase to about 1.0 × the
-compiled sampler's. No TPU measurement has been made.
+Checked on XLA:CPU (tests/test_plan.py): params and optimizer bytes equal the real arrays',
+the update's argument bytes equal the state's plus its batch arrays, and the larger update
+phase came to 1.07–1.30 × the compiled update's temp bytes where the caches and attention
+dominate (4 layers, V = 512; g = 2 or 4 prompts per block, one block per device, R = 1 or
+2, remat on and off), 1.54–1.58 × for configs/tiny.py (its 49k vocabulary dominates; 4
+blocks replicated over 8 devices, where XLA computes the logits from the fsdp-sharded
+output matrix instead of gathering it) and 0.77–0.78 × for tiny with one block per device
+(XLA:CPU also keeps a transposed copy of the tied embedding); the decode phase came to
+about 1.0 × the compiled sampler's. No TPU measurement has been made.
 
 peak = resident + the largest phase; the verdict is "fits" when the peak is at most
 (1 − RESERVE) of the chip's HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB), leaving
@@ -83,7 +121,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from daro_jax import losses, optim, sharding
+from daro_jax import losses, optim, packing, sharding
 from daro_jax.models import decoder
 from daro_jax.models import model as model_io
 from daro_jax.models.config import ModelConfig
@@ -91,6 +129,7 @@ from daro_jax.models.config import ModelConfig
 GIB = 1 << 30
 RESERVE = 0.10  # share of HBM kept free for XLA's own buffers and fragmentation
 LOGPROB_CHUNK = 128  # positions per chunk in decoder.token_logprobs
+PER_TOKEN_ARRAYS = 8  # [b·K, N] float32 arrays of one micro-batch's loss (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,23 +288,35 @@ def shard_bytes(names, shape, dtype, mesh) -> int:
     return math.prod(local) * jnp.dtype(dtype).itemsize
 
 
+def causal_pairs(t: int, offset: int) -> int:
+    """Query-key pairs per row and head of `decoder._causal_attention` on t queries after
+    `offset` cached slots: the queries in blocks of max(64, ⌈t/8⌉) rows, each reading the
+    keys up to its last row, Σ_blocks rows × (offset + end of the block)."""
+    block = max(64, -(-t // 8))
+    return sum((min(i + block, t) - i) * (offset + min(i + block, t)) for i in range(0, t, block))
+
+
 @dataclasses.dataclass(frozen=True)
 class Activations:
     """Per-device activation bytes of one layer on b rows × t queries × s keys."""
 
-    scores: int  # float32 attention scores [b, H, t, s]
+    scores: int  # float32 attention scores [b, H, t, s] (or [b, H, pairs], `causal_pairs`)
     mlp: int  # one MLP intermediate [b, t, F] in the compute dtype
     qkv: int  # float32 q + k + v [b, t, H + 2 KV, Dh] (rope runs in float32)
     stream: int  # one residual-stream tensor [b, t, D] in the compute dtype
     mask: int  # the [b, t, s] bool attention mask
 
     @classmethod
-    def of(cls, cfg: ModelConfig, rows: int, t: int, s: int, mesh) -> Activations:
+    def of(
+        cls, cfg: ModelConfig, rows: int, t: int, s: int, mesh, pairs: int | None = None
+    ) -> Activations:
+        """`pairs`: the query-key pairs each row and head scores, t × s when None."""
         dt = cfg.compute_dtype
         heads = cfg.num_heads + 2 * cfg.num_kv_heads
+        pairs = t * s if pairs is None else pairs
         return cls(
             scores=shard_bytes(
-                ("batch", "heads", "length", None), (rows, cfg.num_heads, t, s), jnp.float32, mesh
+                ("batch", "heads", None), (rows, cfg.num_heads, pairs), jnp.float32, mesh
             ),
             mlp=shard_bytes(("batch", "length", "mlp"), (rows, t, cfg.intermediate_size), dt, mesh),
             qkv=shard_bytes(
@@ -404,8 +455,8 @@ def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
     }
     t, s = config.train, config.sampler
     b, k, p, n = t.batch_prompts, spec.k, s.max_prompt_tokens, s.max_new_tokens
-    rows = b * k
-    micro = sharding.microbatch_rows(t, k)
+    per = b // t.minibatches
+    blocks, r = sharding.update_blocks(t, mesh)
     gathered = _gathered_weights(cfg, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     notes = [
@@ -413,14 +464,16 @@ def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
         f"H={cfg.num_heads}, KV={cfg.num_kv_heads}, V={cfg.vocab_size}; "
         f"{_count(state['params']['model']) / 1e9:.2f} B params; "
         f"compute {cfg.dtype}, remat {'on' if cfg.remat else 'off'}",
-        f"step: B={b} prompts × K={k}; P={p} prompt + N={n} new tokens; micro-batch {micro} "
-        f"of the {rows // t.minibatches} rollouts of an update",
+        f"step: B={b} prompts × K={k}; P={p} prompt + N={n} new tokens; an update of b={per} "
+        f"prompts in G={blocks} blocks of g={per // blocks}, micro-batches of G×R = "
+        f"{blocks}×{r} packed rows (at most S={packing.chunk_slots(per // blocks, k, r)})",
     ]
-    if micro % shards:
+    if (blocks * r) % shards:
+        step = math.lcm(blocks, shards)
         notes.append(
-            f"warning: the micro-batch of {micro} rows is not divisible by the {shards} "
-            "data × fsdp shards, so every device holds (and computes) all of it; set "
-            f"train.microbatch_size to a multiple of {shards}."
+            f"warning: the micro-batch of {blocks * r} packed rows is not divisible by the "
+            f"{shards} data × fsdp shards, so every device holds (and computes) all of it; "
+            f"set train.microbatch_rows to a multiple of {step}."
         )
     return Plan(
         title=title or str(config.model.path),
@@ -431,7 +484,7 @@ def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
         resident=resident,
         phases={
             **_sampling(cfg, b, k, p, n, gathered, mesh),
-            "update": _update(cfg, state, rows, micro, k, p, n, gathered, mesh),
+            **_update(cfg, state, config, spec, gathered, mesh),
         },
         notes=tuple(notes),
     )
@@ -473,46 +526,79 @@ def decode_cache_copies(layers: int) -> float:
     return 2.0 + 1.5 / layers
 
 
-def _update(cfg: ModelConfig, state, rows, micro, k, p, n, gathered, mesh) -> dict[str, int]:
-    """One optimizer update over micro-batches of `micro` completions of N tokens, each unit
-    of q completions attending to its prompt's P-token KV cache (trainer.sequence_logprobs)."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    q = sharding.completions_per_unit(k, micro, shards)
-    act = Activations.of(cfg, micro, n, p + n, mesh)
-    prompt_act = Activations.of(cfg, micro // q, p, p, mesh)
-    chunk = min(LOGPROB_CHUNK, n)
-    logits = shard_bytes(
-        ("batch", None, "vocab"), (micro, chunk, cfg.vocab_size), jnp.float32, mesh
-    )
-    cache = 2 * shard_bytes(
-        decoder.CACHE_LOGICAL_AXES[1:],
-        (micro, cfg.num_kv_heads, p + n, cfg.head_dim),
-        cfg.compute_dtype,
-        mesh,
-    )
-    batch = 2 * shard_bytes(("batch", None), (rows // k, p), jnp.int32, mesh)
-    batch += 4 * shard_bytes(("batch", None), (rows, n), jnp.int32, mesh)
-    batch += 5 * shard_bytes(("batch", None), (rows, n), jnp.float32, mesh)
+def _update(cfg: ModelConfig, state, config, spec, gathered, mesh) -> dict[str, dict[str, int]]:
+    """The update of one minibatch of b prompts (trainer.update_gradients) at its two
+    moments: inside the loop over the packed micro-batches [G, R, N], and the pull-back
+    through the prompts' forward after it. Every term, its shape and its formula are in the
+    module docstring."""
+    t, smp = config.train, config.sampler
+    b, k = t.batch_prompts // t.minibatches, spec.k
+    p, n = smp.max_prompt_tokens, smp.max_new_tokens
+    blocks, r = sharding.update_blocks(t, mesh)
+    if b % blocks or (t.microbatch_rows and t.microbatch_rows % blocks):
+        raise ValueError(
+            f"train.prompt_blocks={blocks} must divide the {b} prompts of a minibatch, and "
+            f"train.microbatch_rows={t.microbatch_rows} must be a multiple of it."
+        )
+    g = b // blocks
+    rows, keys, layers = blocks * r, g * p + n, cfg.num_layers
+    dt, f32 = cfg.compute_dtype, jnp.float32
+    block_kv = (layers, blocks, cfg.num_kv_heads, g * p, cfg.head_dim)
+    chunk_kv = (layers, rows, cfg.num_kv_heads, keys, cfg.head_dim)
+
+    def cache_bytes(shape, dtype):  # k and v
+        return 2 * shard_bytes(decoder.CACHE_LOGICAL_AXES, shape, dtype, mesh)
+
+    def last_hidden(dtype):
+        return shard_bytes(("batch", None, "embed"), (blocks, g, cfg.hidden_size), dtype, mesh)
+
+    chunk_act = Activations.of(cfg, rows, n, keys, mesh, causal_pairs(n, g * p))
+    prompt_act = Activations.of(cfg, b, p, p, mesh, causal_pairs(p, 0))
     if cfg.remat:
-        stored = (
-            "activations: saved layer inputs (remat)",
-            cfg.num_layers * (act.stream + prompt_act.stream),
-        )
+        residuals = ("prompts' residuals: saved layer inputs (remat)", prompt_act.stream)
+        saved = ("micro-batch activations: saved layer inputs (remat)", chunk_act.stream)
     else:
-        stored = (
-            "activations: all layers (no remat)",
-            cfg.num_layers * (act.backward() + prompt_act.backward()),
-        )
-    return {
-        "gradients ×2 (float32)": 2 * device_bytes(state["params"]["model"], jnp.float32),
-        "gathered weights + their gradient": max(gathered["layer"], gathered["output"])
-        + gathered["f32 grad"],
-        stored[0]: stored[1],
-        f"prompt KV caches repeated for the packed rows (≤ q = {q})": cfg.num_layers * cache,
-        "one layer's working set": act.backward(),
+        residuals = ("prompts' residuals: all layers (no remat)", prompt_act.backward())
+        saved = ("micro-batch activations: all layers (no remat)", chunk_act.backward())
+    chunk = min(LOGPROB_CHUNK, n)
+    logits = shard_bytes(("batch", None, "vocab"), (rows, chunk, cfg.vocab_size), f32, mesh)
+    per_token = shard_bytes(("batch", None), (b * k, n), f32, mesh)
+    scatter = shard_bytes((None,), (b * k * n,), f32, mesh)  # unsharded
+    loss_arrays = PER_TOKEN_ARRAYS * per_token + 2 * scatter
+    on_policy = t.ppo_epochs * t.minibatches == 1
+    batch = 2 * shard_bytes(("batch", None), (b, p), jnp.int32, mesh)
+    slots = packing.chunk_slots(g, k, r)
+    batch += 3 * shard_bytes(("batch", None, None, None), (blocks, slots, r, n), jnp.int32, mesh)
+    batch += shard_bytes((), (), jnp.int32, mesh)  # n_chunks
+    batch += (2 + (not on_policy) + (spec.kl_beta > 0)) * per_token
+    batch += shard_bytes(("batch",), (b * k,), f32, mesh) + shard_bytes(
+        ("batch",), (b * k,), jnp.int32, mesh
+    )
+    gradients = device_bytes(state["params"], f32) + device_bytes(state["params"])
+    weights = max(gathered["layer"], gathered["output"]) + gathered["f32 grad"]
+    loop = {
+        "gradients: float32 accumulator + one micro-batch's": gradients,
+        "gathered weights + their gradient": weights,
+        residuals[0]: layers * residuals[1],
+        f"prompt caches k, v {list(block_kv)} + last hidden": cache_bytes(block_kv, dt)
+        + last_hidden(dt),
+        "their float32 cotangent accumulators": cache_bytes(block_kv, f32) + last_hidden(f32),
+        f"micro-batch cache k, v {list(chunk_kv)} + its cotangent": 2 * cache_bytes(chunk_kv, dt),
+        saved[0]: layers * saved[1],
+        "one layer's working set (micro-batch)": chunk_act.backward(),
         f"logprob chunk ×3 ({chunk} positions × V)": 3 * logits,
+        f"per-token loss arrays [b·K, N] ×{PER_TOKEN_ARRAYS} + scatters ×2": loss_arrays,
         "batch arrays": batch,
     }
+    pull_back = {
+        "gradients: float32 accumulator + the prompts'": gradients,
+        "gathered weights + their gradient": weights,
+        residuals[0]: layers * residuals[1],
+        "prompt caches' cotangent ×2 (blocks, prompts)": 2 * cache_bytes(block_kv, dt),
+        "one layer's working set (prompts)": prompt_act.backward(),
+        "batch arrays": batch,
+    }
+    return {"update: micro-batch loop": loop, "update: prompts' backward": pull_back}
 
 
 def _gathered_weights(cfg: ModelConfig, mesh) -> dict[str, int]:

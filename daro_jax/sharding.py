@@ -131,20 +131,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     )
 
 
-def completions_per_unit(k: int, micro_rows: int, shards: int) -> int:
-    """q: how many of a prompt's K completions share one computation of that prompt.
-
-    The largest divisor q of K that divides the micro-batch and leaves at least one unit
-    (prompt) per data shard (micro_rows / q divisible by `shards`), so the prompts of a
-    micro-batch are spread over the shards like its rows; else the largest divisor of K
-    dividing the micro-batch.
-    """
-    fits = [q for q in range(1, k + 1) if k % q == 0 and micro_rows % q == 0]
-    spread = [q for q in fits if (micro_rows // q) % shards == 0]
-    return max(spread or fits)
-
-
-def microbatch_rows(train, k: int) -> int:
-    """Rollouts per micro-batch of an update: `train.microbatch_size`, or (0) the whole
-    minibatch, batch_prompts · K / minibatches."""
-    return train.microbatch_size or train.batch_prompts * k // train.minibatches
+def update_blocks(train, mesh: Mesh) -> tuple[int, int]:
+    """(G, R) of the packed update (`daro_jax.packing`): `train.prompt_blocks` blocks of a
+    minibatch's prompts (0: gcd(prompts per minibatch, data × fsdp shards), one block per
+    shard when they divide) and R = `train.microbatch_rows` / G packed rows per block in
+    each micro-batch (0: one row per block)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    blocks = train.prompt_blocks or math.gcd(train.batch_prompts // train.minibatches, shards)
+    rows = train.microbatch_rows or blocks
+    return blocks, max(1, rows // blocks)

@@ -13,17 +13,20 @@ One RL step s (B prompts per global batch, K responses each):
    old_logp = stop_gradient(logp) exactly, so the importance ratio is exactly 1.
    Reference logprobs are computed when the KL term is on;
 6. ppo_epochs × minibatches jitted updates (donated state), each accumulating the
-   gradient over micro-batches with `lax.scan`; the loss normalisers come from the whole
-   minibatch (losses.token_batch), so micro-batching is exact;
+   gradient over micro-batches of packed rows in a loop; the loss normalisers come from
+   the whole minibatch (losses.token_batch), so micro-batching is exact;
 7. metrics to TensorBoard (process 0) and the console; a checkpoint every
    `train.ckpt_every` steps, at the end, and on SIGTERM.
 
 Log-probabilities in the update use logits / T with the sampling temperature T, exactly as
-the sampler does. Each prompt (left-padded to a fixed length P for the whole run) is
-forwarded once into a KV cache; its completions, packed back to back into rows of N =
-max_new_tokens positions (`daro_jax.packing`), attend to it. Only the number of packed rows
-per unit changes from step to step (a bucket of 1, 2, 3, 4, 6, 8, … rows), so the update
-compiles at most 2·log2(q) + 1 times; per-token arrays of the loss stay [B·K, N].
+the sampler does. The prompts of a minibatch (left-padded to a fixed length P for the
+whole run) are forwarded once, in G blocks of g prompts whose KV caches sit side by side;
+their completions, packed back to back into rows of N = max_new_tokens positions
+(`daro_jax.packing`, completions of several prompts sharing a row), attend to their own
+prompt's cache. The update loops over micro-batches of R packed rows per block with a
+traced trip count, so every array keeps one shape for the whole run and the update
+compiles once; the prompts' share of the gradient is pulled back through their forward
+once per update (`update_gradients`). Per-token arrays of the loss stay [B·K, N].
 """
 
 from __future__ import annotations
@@ -95,139 +98,187 @@ def to_local(x: jax.Array) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class UpdateSettings:
-    """Static settings of the compiled update and logprob functions.
-
-    The update computes each prompt once and lets its completions attend to the prompt's
-    KV cache: a micro-batch holds `micro_prompts` units of one prompt with
-    `completions_per_unit` (q) of its K completions (see `sharding.completions_per_unit`),
-    packed into rows (`daro_jax.packing`).
-    """
+    """Static settings of the compiled update and logprob functions (the shapes of the
+    packed chunks come from the arrays; `daro_jax.packing`)."""
 
     cfg: ModelConfig
     spec: losses.AlgoSpec
     temperature: float
-    micro_prompts: int  # units per micro-batch
-    completions_per_unit: int  # q, a divisor of K
     on_policy: bool
 
 
-def _microbatches(x: jax.Array, size: int) -> jax.Array:
-    """[N, ...] → [N / size, size, ...], micro-batch j holding rows j, j + N/size, …
+CHUNK_INPUTS = ("chunk_tokens", "chunk_segments", "chunk_offsets")
 
-    Strided, so that each micro-batch stays spread over the batch-sharded devices.
+
+def prompt_blocks(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, blocks: int):
+    """The b = G·g left-padded prompts [b, P] forwarded once: the hidden state of each
+    prompt's last position [G, g, D] (it predicts the first completion token) and the KV
+    cache of each block, its g prompts side by side: {"k", "v"} [L, G, KV, g·P, Dh]."""
+    hidden, cache = decoder.prefill(params, cfg, tokens, mask)
+    b, p = tokens.shape
+    g = b // blocks
+
+    def side_by_side(c):
+        layers, _, kv, _, dh = c.shape
+        c = c.reshape(layers, blocks, g, kv, p, dh).transpose(0, 1, 3, 2, 4, 5)
+        return c.reshape(layers, blocks, kv, g * p, dh)
+
+    return hidden[:, -1].reshape(blocks, g, -1), jax.tree.map(side_by_side, cache)
+
+
+def chunk_logprobs(params, last_hidden, cache, prompt_mask, chunk: dict, s: UpdateSettings):
+    """log π(o_t | prompt, o_<t) and entropy of softmax(logits / T) of every token of one
+    packed chunk (`daro_jax.packing`): chunk_tokens, chunk_segments, chunk_offsets [G, R, C].
+
+    last_hidden [G, g, D] and cache [L, G, KV, g·P, Dh] from `prompt_blocks`; prompt_mask
+    [G, g, P]. Token i of completion j = segments_i (prompt j // K of the block) sits at
+    position len(prompt) + offset_i and attends to its prompt's cache slots and to the
+    tokens of completion j before it: the forward of each [prompt | completion] alone. It
+    is predicted by the hidden state before it in its row, or by its prompt's last one for
+    offset 0. Returns two [G, R, C] arrays (values at padding are meaningless).
     """
-    n = x.shape[0]
-    return x.reshape(size, n // size, *x.shape[1:]).swapaxes(0, 1)
-
-
-def _row_units(x: jax.Array, s: UpdateSettings) -> jax.Array:
-    """A row array [N, ...] → [n_mb, micro_prompts, q, ...]: unit u holds rows u·q … u·q+q−1
-    (q completions of prompt u // (K/q)), micro-batches strided over the units."""
-    q = s.completions_per_unit
-    return _microbatches(x.reshape(x.shape[0] // q, q, *x.shape[1:]), s.micro_prompts)
-
-
-def _unit_microbatches(batch: dict, s: UpdateSettings, k: int) -> dict:
-    """`_row_units` of the row arrays; prompt arrays [N / K, P] → [n_mb, micro_prompts, P],
-    each prompt repeated for its K/q units; unit arrays ("unit_*", [N / q, ...]) →
-    [n_mb, micro_prompts, ...]."""
-    repeats = k // s.completions_per_unit
-
-    def split(name, x):
-        if name.startswith("prompt_"):
-            return _microbatches(jnp.repeat(x, repeats, axis=0), s.micro_prompts)
-        if name.startswith("unit_"):
-            return _microbatches(x, s.micro_prompts)
-        return _row_units(x, s)
-
-    return {name: split(name, x) for name, x in batch.items()}
-
-
-def _from_microbatches(x: jax.Array) -> jax.Array:
-    """Inverse of the row part of `_unit_microbatches`: [n_mb, m, q, C] → [N, C]."""
-    return x.swapaxes(0, 1).reshape(-1, x.shape[-1])
-
-
-_MODEL_INPUTS = (
-    "prompt_tokens",
-    "prompt_mask",
-    "unit_tokens",
-    "unit_segments",
-    "unit_offsets",
-    "packed_index",
-)
-
-
-def sequence_logprobs(params, inputs: dict, s: UpdateSettings):
-    """log π(o_t | prompt, o_<t) and entropy of softmax(logits / T) at every completion
-    position.
-
-    inputs (`_MODEL_INPUTS`): prompt_tokens, prompt_mask [m, P] (left-padded); each prompt's
-    q completions packed into r rows of W positions, unit_tokens, unit_segments,
-    unit_offsets [m, r, W], and packed_index [m, q, C] (`packing.pack`). Each prompt is
-    forwarded once into a KV cache, repeated for its r rows; packed token i of completion j
-    sits at position n_prompt + offset_i and attends to the prompt and to the tokens of
-    completion j before it (gradients flow through the cache to the prompt's forward),
-    which equals the forward of each [prompt | completion] sequence alone. Token i is
-    predicted by the hidden state before it in its completion, or the prompt's last one
-    for the first token. Returns two [m, q, C] arrays, 0 past each completion's length.
-    """
-    cfg = s.cfg
-    tokens, segments, offsets = (
-        inputs[n] for n in ("unit_tokens", "unit_segments", "unit_offsets")
-    )
-    prompt_mask, index = inputs["prompt_mask"], inputs["packed_index"]
-    m, r, w = tokens.shape
-    hidden_p, cache = decoder.prefill(params, cfg, inputs["prompt_tokens"], prompt_mask)
-    cache = jax.tree.map(lambda x: decoder.repeat_cache(x, r, w), cache)
-    tokens, segments, offsets = (x.reshape(m * r, w) for x in (tokens, segments, offsets))
-    prompt_rows = jnp.repeat(prompt_mask.astype(bool), r, 0)
-    own = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0)
+    tokens, segments, offsets = (chunk[n] for n in CHUNK_INPUTS)
+    blocks, r, w = tokens.shape
+    g, p = prompt_mask.shape[1:]
+    k = s.spec.k
+    prompt = jnp.maximum(segments, 0) // k  # [G, R, C]: the token's prompt in its block
+    positions = jnp.take_along_axis(
+        jnp.repeat(prompt_mask.sum(-1), r, 0), prompt.reshape(blocks * r, w), axis=1
+    ) + offsets.reshape(blocks * r, w)
+    key_valid = jnp.repeat(prompt_mask.reshape(blocks, g * p).astype(bool), r, 0)
+    to_prompt = (jnp.arange(g * p) // p)[None, None] == prompt.reshape(blocks * r, w, 1)
+    seg = segments.reshape(blocks * r, w)
+    own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
     own &= jnp.tril(jnp.ones((w, w), bool))
-    allowed = jnp.concatenate(
-        [jnp.broadcast_to(prompt_rows[:, None], (m * r, w, prompt_rows.shape[1])), own], 2
+    allowed = jnp.concatenate([to_prompt & key_valid[:, None], own], 2)
+    cache = jax.tree.map(lambda x: decoder.repeat_cache(x, r, w), cache)
+    hidden, _ = decoder.forward(
+        params, s.cfg, tokens.reshape(blocks * r, w), positions, allowed, cache, g * p
     )
-    positions = jnp.sum(prompt_rows, axis=1, keepdims=True) + offsets
-    hidden_c, _ = decoder.forward(
-        params, cfg, tokens, positions, allowed, cache, prompt_mask.shape[1]
+    previous = jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    start = jnp.take_along_axis(
+        jnp.repeat(last_hidden, r, 0), prompt.reshape(blocks * r, w, 1), axis=1
     )
-    before = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], r, 0), hidden_c[:, :-1]], 1)
-    source = jnp.where(offsets > 0, jnp.arange(w), 0)
-    hidden = jnp.take_along_axis(before, source[..., None], axis=1)
-    logp, entropy = decoder.token_logprobs(params, cfg, hidden, tokens, s.temperature)
+    hidden = jnp.where(offsets.reshape(blocks * r, w, 1) > 0, previous, start)
+    logp, entropy = decoder.token_logprobs(
+        params, s.cfg, hidden, tokens.reshape(blocks * r, w), s.temperature
+    )
+    return logp.reshape(blocks, r, w), entropy.reshape(blocks, r, w)
 
-    def unpack(x):
-        flat = index.reshape(m, -1)
-        x = jnp.take_along_axis(x.reshape(m, r * w), jnp.maximum(flat, 0), axis=1)
-        return jnp.where(flat >= 0, x, 0.0).reshape(index.shape)
 
-    return unpack(logp), unpack(entropy)
+def to_rows(x: jax.Array, chunk: dict, k: int, g: int, rows: int) -> jax.Array:
+    """A chunk's per-token values [G, R, C] scattered to the update's rollout layout
+    [rows, C] (row block·g·K + segment, column offset); 0 where the chunk has no token."""
+    segments, offsets = chunk["chunk_segments"], chunk["chunk_offsets"]
+    c = segments.shape[-1]
+    row = jnp.arange(segments.shape[0])[:, None, None] * (g * k) + segments
+    flat = jnp.where(segments >= 0, row * c + offsets, rows * c)
+    out = jnp.zeros(rows * c, x.dtype).at[flat.reshape(-1)].set(x.reshape(-1), mode="drop")
+    return out.reshape(rows, c)
+
+
+def _chunk(batch: dict, i) -> dict:
+    """Loop iteration i's chunk [G, R, C] of the packed arrays [G, S, R, C]."""
+    return {n: lax.dynamic_index_in_dim(batch[n], i, axis=1, keepdims=False) for n in CHUNK_INPUTS}
+
+
+def _blocks(batch: dict) -> tuple[int, int]:
+    """(G, g): prompt blocks of the packed arrays and prompts per block."""
+    blocks = batch["chunk_tokens"].shape[0]
+    return blocks, batch["prompt_tokens"].shape[0] // blocks
 
 
 def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
-    """Completion logprobs [N, C] of a whole batch (`_MODEL_INPUTS` of an update batch),
-    micro-batch by micro-batch, rows in the original order."""
-    k = batch["packed_index"].shape[0] // batch["prompt_tokens"].shape[0]
-    xs = _unit_microbatches({n: batch[n] for n in _MODEL_INPUTS}, s, k)
+    """Completion logprobs [b·K, C] of a packed batch (prompt_tokens, prompt_mask, the
+    chunk arrays, n_chunks), rows prompt-major, 0 past each completion."""
+    blocks, g = _blocks(batch)
+    rows, c = batch["prompt_tokens"].shape[0] * s.spec.k, batch["chunk_tokens"].shape[-1]
+    prompt_mask = batch["prompt_mask"].reshape(blocks, g, -1)
+    last, cache = prompt_blocks(
+        model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
+    )
 
-    def one(mb):
-        return sequence_logprobs(model_params, mb, s)[0]
+    def body(i, out):
+        chunk = _chunk(batch, i)
+        logp = chunk_logprobs(model_params, last, cache, prompt_mask, chunk, s)[0]
+        return out + to_rows(logp, chunk, s.spec.k, g, rows)
 
-    return _from_microbatches(lax.map(one, xs))
+    return lax.fori_loop(0, batch["n_chunks"], body, jnp.zeros((rows, c), jnp.float32))
+
+
+def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettings):
+    """∇ of Σ_chunks microbatch_loss, the metric sums and Σ |logp − sampler_logp|·mask.
+
+    The prompts are forwarded once (`prompt_blocks`, under `jax.vjp`); each chunk's
+    gradient w.r.t. the parameters, the prompts' last hidden states and their caches is
+    accumulated over the `n_chunks` loop iterations, and the prompts' part is pulled back
+    through their forward at the end: ∇ = Σ_i ∂L_i/∂θ + vjp_prompts(Σ_i ∂L_i/∂(h, cache)),
+    the chain rule of L = Σ_i L_i(θ, prompts(θ)).
+    """
+    blocks, g = _blocks(batch)
+    rows = batch["prompt_tokens"].shape[0] * s.spec.k
+    prompt_mask = batch["prompt_mask"].reshape(blocks, g, -1)
+
+    def prompts(model_params):
+        return prompt_blocks(
+            model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
+        )
+
+    (last, cache), pull_back = jax.vjp(prompts, params["model"])
+
+    def loss_fn(p, last, cache, chunk):
+        logp, entropy = chunk_logprobs(p["model"], last, cache, prompt_mask, chunk, s)
+        inside = to_rows(jnp.ones(logp.shape, jnp.float32), chunk, s.spec.k, g, rows)
+        logp, entropy = (to_rows(x, chunk, s.spec.k, g, rows) for x in (logp, entropy))
+        part = tb._replace(mask=tb.mask * inside)
+        if s.on_policy:
+            part = part._replace(old_logp=lax.stop_gradient(logp))
+        loss, sums = losses.microbatch_loss(
+            p["daro"], logp, part, s.spec, lax.stop_gradient(entropy)
+        )
+        gap = jnp.abs(lax.stop_gradient(logp) - batch["sampler_logp"]) * part.mask
+        return loss, (sums, gap.sum())
+
+    grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+
+    def f32_zeros(tree):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+    def body(i, carry):
+        grads, sums, gap = carry
+        new, (s_i, gap_i) = grad_fn(params, last, cache, _chunk(batch, i))
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, new)
+        return grads, losses.accumulate_metrics(sums, s_i), gap + gap_i
+
+    init = (
+        (f32_zeros(params), f32_zeros(last), f32_zeros(cache)),
+        losses.empty_metrics(s.spec, kl=tb.ref_logp is not None, entropy=True),
+        jnp.zeros((), jnp.float32),
+    )
+    (grads, d_last, d_cache), sums, gap = lax.fori_loop(0, batch["n_chunks"], body, init)
+    cotangent = jax.tree.map(lambda d, x: d.astype(x.dtype), (d_last, d_cache), (last, cache))
+    (d_model,) = pull_back(cotangent)
+    grads["model"] = jax.tree.map(
+        lambda a, b, x: (a + b.astype(jnp.float32)).astype(x.dtype),
+        grads["model"],
+        d_model,
+        params["model"],
+    )
+    grads["daro"] = grads["daro"].astype(params["daro"].dtype)
+    return grads, sums, gap
 
 
 def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings):
     """One optimizer update on a minibatch; returns (new state, metrics).
 
-    batch: prompt_tokens, prompt_mask [N / K, P]; the packed completions unit_tokens,
-    unit_segments, unit_offsets [N / q, r, C] and packed_index [N, C] (`packing.pack`);
-    loss_mask, old_logp, sampler_logp [N, C]; advantages, group_ids [N]; optional ref_logp
-    [N, C]. Rows are prompt-major (row i·K + j is completion j of prompt i). If the loss
-    or the gradient norm is not finite, the state is returned unchanged and
+    batch: prompt_tokens, prompt_mask [b, P] and the packed completions chunk_tokens,
+    chunk_segments, chunk_offsets [G, S, R, C] with n_chunks (`packing.pack_blocks`);
+    loss_mask, old_logp, sampler_logp [b·K, C]; advantages, group_ids [b·K]; optional
+    ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j of prompt i). If
+    the loss or the gradient norm is not finite, the state is returned unchanged and
     metrics["finite"] is 0.
     """
     params = state["params"]
-    k = batch["packed_index"].shape[0] // batch["prompt_tokens"].shape[0]
     tb = losses.token_batch(
         batch["old_logp"],
         batch["loss_mask"],
@@ -236,36 +287,7 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
         s.spec,
         ref_logp=batch.get("ref_logp"),
     )
-
-    def loss_fn(p, mb):
-        logp, entropy = sequence_logprobs(p["model"], mb, s)
-        logp, entropy = logp.reshape(-1, logp.shape[-1]), entropy.reshape(-1, logp.shape[-1])
-        rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mb["tb"])
-        if s.on_policy:
-            rows = rows._replace(old_logp=lax.stop_gradient(logp))
-        loss, sums = losses.microbatch_loss(
-            p["daro"], logp, rows, s.spec, lax.stop_gradient(entropy)
-        )
-        gap = jnp.abs(lax.stop_gradient(logp) - mb["sampler_logp"].reshape(logp.shape))
-        return loss, (sums, (gap * rows.mask).sum())
-
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-
-    def body(carry, mb):
-        grads, sums, gap = carry
-        g, (s_mb, gap_mb) = grad_fn(params, mb)
-        grads = jax.tree.map(jnp.add, grads, g)
-        return (grads, losses.accumulate_metrics(sums, s_mb), gap + gap_mb), None
-
-    inputs = {n: batch[n] for n in (*_MODEL_INPUTS, "sampler_logp")}
-    xs = _unit_microbatches(inputs, s, k)
-    xs["tb"] = jax.tree.map(lambda x: _row_units(x, s), tb)
-    init = (
-        jax.tree.map(jnp.zeros_like, params),
-        losses.empty_metrics(s.spec, kl=tb.ref_logp is not None, entropy=True),
-        jnp.zeros((), jnp.float32),
-    )
-    (grads, sums, gap), _ = lax.scan(body, init, xs)
+    grads, sums, gap = update_gradients(params, batch, tb, s)
     out = losses.finalize_metrics(sums, params["daro"], s.spec)
     out["grad_norm"] = optax.tree.norm(grads["model"])
     out["sampler_logp_gap"] = gap / jnp.maximum(sums["tokens"], 1.0)
@@ -277,17 +299,9 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
     return new, out
 
 
-def select_minibatch(batch: dict, rows: jax.Array, prompts: jax.Array) -> dict:
-    """The minibatch of `prompts` (their rows `rows`, their units) of an update batch."""
-    per = batch["unit_tokens"].shape[0] // batch["prompt_tokens"].shape[0]
-    units = (prompts[:, None] * per + jnp.arange(per)).reshape(-1)
-
-    def take(name, x):
-        if name.startswith("prompt_"):
-            return x[prompts]
-        return x[units] if name.startswith("unit_") else x[rows]
-
-    return {n: take(n, x) for n, x in batch.items()}
+def take_rows(batch: dict, rows: jax.Array) -> dict:
+    """The rows `rows` of every per-rollout array of a step: one minibatch's."""
+    return {n: x[rows] for n, x in batch.items()}
 
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
@@ -414,11 +428,22 @@ def _check_batch(config, mesh: Mesh) -> None:
             f"train.minibatches={t.minibatches} must divide train.batch_prompts="
             f"{t.batch_prompts} (minibatches hold whole prompts)."
         )
-    per_mb = rows // t.minibatches
-    if t.microbatch_size < 0 or (t.microbatch_size and per_mb % t.microbatch_size):
+    per_mb = t.batch_prompts // t.minibatches
+    if t.prompt_blocks < 0 or t.microbatch_rows < 0:
         raise ValueError(
-            f"train.microbatch_size={t.microbatch_size} must divide the {per_mb} rollouts of "
-            "a minibatch (or be 0 for the whole minibatch)."
+            f"train.prompt_blocks={t.prompt_blocks} and train.microbatch_rows="
+            f"{t.microbatch_rows} must be ≥ 0 (0: one per data shard)."
+        )
+    blocks, _ = sharding.update_blocks(t, mesh)
+    if per_mb % blocks or blocks % jax.process_count():
+        raise ValueError(
+            f"train.prompt_blocks={blocks} must divide the {per_mb} prompts of a minibatch "
+            f"and be a multiple of the {jax.process_count()} processes."
+        )
+    if t.microbatch_rows % blocks:
+        raise ValueError(
+            f"train.microbatch_rows={t.microbatch_rows} must be a multiple of the {blocks} "
+            "prompt blocks (each block gets the same number of packed rows per micro-batch)."
         )
     if t.ppo_epochs < 1 or t.steps < 1:
         raise ValueError("train.ppo_epochs and train.steps must be ≥ 1.")
@@ -479,16 +504,11 @@ class Trainer:
         self.state = {"params": state, "opt": opt_state}
         self.ref_params = jax.tree.map(jnp.copy, model.params) if self.spec.kl_beta > 0 else None
         shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        micro_rows = sharding.microbatch_rows(t, self.spec.k)
-        q = sharding.completions_per_unit(
-            self.spec.k, micro_rows, self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        )
+        self.blocks, self.chunk_rows = sharding.update_blocks(t, self.mesh)
         self.settings = UpdateSettings(
             self.cfg,
             self.spec,
             float(config.sampler.temperature),
-            micro_prompts=micro_rows // q,
-            completions_per_unit=q,
             on_policy=self.updates_per_step == 1,
         )
         self.update = jax.jit(
@@ -514,7 +534,7 @@ class Trainer:
         self.rollout_key = jax.jit(
             functools.partial(rollout_key, config.seed), out_shardings=replicated
         )
-        self.take_rows = jax.jit(select_minibatch)
+        self.take_rows = jax.jit(take_rows)
         self.n_params = sum(x.size for x in jax.tree.leaves(model.params))
         self.peak = metrics.peak_flops(jax.devices()[0])
 
@@ -571,31 +591,50 @@ class Trainer:
         scores = np.concatenate([scores, np.zeros((pad, self.spec.k), scores.dtype)])
         return scores, _pad_prompts(rollout, b), extra
 
-    def _update_batch(self, rollout: dict, groups) -> dict:
-        """Global update arrays of the step, each prompt's completions packed into rows."""
+    def _packed(self, rollout: dict, prompts: np.ndarray) -> dict:
+        """Global prompt and packed chunk arrays of the step's `prompts` (global indices,
+        sorted): they split into `self.blocks` blocks, this process packs its own."""
+        per = len(prompts) // jax.process_count()
+        mine = prompts[jax.process_index() * per : (jax.process_index() + 1) * per]
+        local = packing.pack_blocks(
+            rollout["tokens"][mine],
+            rollout["lengths"][mine],
+            self.blocks // jax.process_count(),
+            self.chunk_rows,
+        )
+        n_chunks = self._global_max(local.pop("n_chunks"))
+        local["prompt_tokens"] = rollout["prompt_tokens"][mine]
+        local["prompt_mask"] = rollout["prompt_mask"][mine]
+        packed = {name: to_global(x, self.mesh) for name, x in local.items()}
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        packed["n_chunks"] = jax.device_put(np.int32(n_chunks), replicated)
+        return packed
+
+    def _update_batch(self, rollout: dict, groups) -> tuple[dict, dict]:
+        """The step's per-rollout arrays (global, [B·K, ...]) and the rollouts of every
+        process on the host (packing a minibatch may need another process's prompts)."""
         b, k, n = rollout["tokens"].shape
-        q = self.settings.completions_per_unit
-        units = rollout["lengths"].reshape(b * k // q, q)
-        rows = packing.rows_bucket(self._global_max(packing.rows_needed(units, n)), q)
         local = {
-            "prompt_tokens": rollout["prompt_tokens"],
-            "prompt_mask": rollout["prompt_mask"],
-            **packing.pack(rollout["tokens"].reshape(-1, q, n), units, rows),
             "loss_mask": rollout["mask"].reshape(b * k, n).astype(np.float32),
             "sampler_logp": rollout["logprobs"].reshape(b * k, n),
         }
         batch = {name: to_global(x, self.mesh) for name, x in local.items()}
         batch["advantages"], batch["group_ids"] = groups
-        model_inputs = {n: batch[n] for n in _MODEL_INPUTS}
-        if self.settings.on_policy:
-            batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
-        else:
+        names = ("tokens", "lengths", "prompt_tokens", "prompt_mask")
+        host = {name: rollout[name] for name in names}
+        if jax.process_count() > 1:
+            host = multihost_utils.process_allgather(host, tiled=True)
+        everything = np.arange(b * jax.process_count())
+        if self.settings.on_policy and self.ref_params is None:
+            return batch, host
+        packed = self._packed(host, everything)
+        if not self.settings.on_policy:
             batch["old_logp"] = self.logprobs(
-                self.state["params"]["model"], model_inputs, s=self.settings
+                self.state["params"]["model"], packed, s=self.settings
             )
         if self.ref_params is not None:
-            batch["ref_logp"] = self.logprobs(self.ref_params, model_inputs, s=self.settings)
-        return batch
+            batch["ref_logp"] = self.logprobs(self.ref_params, packed, s=self.settings)
+        return batch, host
 
     @staticmethod
     def _global_max(value: int) -> int:
@@ -604,22 +643,25 @@ class Trainer:
             return value
         return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
-    def _updates(self, step: int, batch: dict) -> list[dict]:
+    def _updates(self, step: int, batch: dict, host: dict) -> list[dict]:
         """ppo_epochs passes of `minibatches` updates over whole prompts; their metrics."""
         t, k = self.config.train, self.spec.k
         per = t.batch_prompts // t.minibatches
+        if "old_logp" not in batch:
+            batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
         outs = []
         for epoch in range(t.ppo_epochs):
             order = np.random.default_rng([self.config.seed, step, epoch]).permutation(
                 t.batch_prompts
             )
             for i in range(t.minibatches):
+                prompts = np.sort(order[i * per : (i + 1) * per])
                 if t.minibatches == 1:
-                    minibatch = batch
+                    minibatch = dict(batch)
                 else:
-                    prompts = np.sort(order[i * per : (i + 1) * per])
                     rows = (prompts[:, None] * k + np.arange(k)).reshape(-1)
-                    minibatch = self.take_rows(batch, jnp.asarray(rows), jnp.asarray(prompts))
+                    minibatch = self.take_rows(batch, jnp.asarray(rows))
+                minibatch |= self._packed(host, prompts)
                 self.state, out = self.update(self.state, minibatch, tx=self.tx, s=self.settings)
                 outs.append(out)
         return jax.device_get(outs)
@@ -638,7 +680,8 @@ class Trainer:
             to_global(scores, self.mesh), to_global(rollout["lengths"], self.mesh)
         )
         t_update = time.perf_counter()
-        updates = self._updates(step, self._update_batch(rollout, (advantages, group_ids)))
+        batch, host = self._update_batch(rollout, (advantages, group_ids))
+        updates = self._updates(step, batch, host)
         update_s = time.perf_counter() - t_update
         for i, m in enumerate(updates):
             if not m["finite"]:
@@ -657,8 +700,7 @@ class Trainer:
         real = lengths > 0
         n_proc = jax.process_count()
         sampled = float(lengths.sum()) * n_proc
-        units_per_prompt = self.spec.k // self.settings.completions_per_unit
-        trained = float(rollout["prompt_mask"].sum() * units_per_prompt + lengths.sum()) * n_proc
+        trained = float(rollout["prompt_mask"].sum() + lengths.sum()) * n_proc
         stats = jax.device_get(stats)
         out |= {
             "reward": float(stats["reward"]),

@@ -10,14 +10,6 @@ import pytest
 from daro_jax import packing
 
 
-def test_rows_bucket_is_the_next_power_of_two_or_one_and_a_half_times_one():
-    grid = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
-    for needed in range(1, 33):
-        assert packing.rows_bucket(needed, 64) == min(g for g in grid if g >= needed)
-    assert packing.rows_bucket(5, 5) == 5  # capped at q
-    assert packing.rows_bucket(7, 8) == 8
-
-
 def test_first_fit_decreasing_places_every_completion_without_overlap():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -36,41 +28,55 @@ def test_first_fit_decreasing_places_every_completion_without_overlap():
         assert all(fill[a] + fill[b] > width for a in range(rows) for b in range(a + 1, rows))
 
 
-def test_first_fit_known_case_and_rows_needed():
+def test_first_fit_known_case():
     # 6, 5, 4, 3, 2 into rows of 8: FFD gives [6, 2], [5, 3], [4] → 3 rows.
     row, start = packing.first_fit(np.array([2, 6, 4, 5, 3]), 8)
     assert row.tolist() == [0, 0, 2, 1, 1] and start.tolist() == [6, 0, 0, 0, 5]
-    assert packing.rows_needed(np.array([[2, 6, 4, 5, 3], [8, 0, 0, 0, 0]]), 8) == 3
     with pytest.raises(ValueError, match="exceeds the row width 8"):
         packing.first_fit(np.array([9]), 8)
 
 
-def test_pack_puts_each_token_at_its_index_segment_and_offset():
-    rng = np.random.default_rng(1)
-    u, q, c = 3, 4, 10
-    lengths = rng.integers(0, c + 1, (u, q))
-    tokens = rng.integers(1, 1000, (u, q, c)) * (np.arange(c) < lengths[..., None])
-    rows = packing.rows_needed(lengths, c)
-    out = packing.pack(tokens, lengths, rows)
-    assert out["unit_tokens"].shape == (u, rows, c) and out["packed_index"].shape == (u * q, c)
-    index = out["packed_index"].reshape(u, q, c)
-    for i in range(u):
-        flat = {n: out[n][i].reshape(-1) for n in ("unit_tokens", "unit_segments", "unit_offsets")}
-        for j in range(q):
-            n = lengths[i, j]
-            at = index[i, j, :n]
-            np.testing.assert_array_equal(flat["unit_tokens"][at], tokens[i, j, :n])
-            np.testing.assert_array_equal(flat["unit_segments"][at], j)
-            np.testing.assert_array_equal(flat["unit_offsets"][at], np.arange(n))
-            assert (index[i, j, n:] == -1).all()
-            # Consecutive tokens of a completion are adjacent in one row.
-            assert np.all(np.diff(at) == 1) and len(set(at // c)) <= 1
-        # Padding: everything not indexed is segment −1, token 0.
-        free = np.setdiff1d(np.arange(rows * c), index[i][index[i] >= 0])
-        assert (flat["unit_segments"][free] == -1).all() and (flat["unit_tokens"][free] == 0).all()
+@pytest.mark.parametrize("blocks,rows", [(1, 1), (1, 2), (2, 1), (3, 2)])
+def test_pack_blocks_puts_each_token_at_its_segment_and_offset(blocks, rows):
+    """Every token of every completion lies once in its own block's chunks, in one row,
+    consecutive, with its completion's index (prompt · K + j) and its offset; the chunks a
+    block needs are at most n_chunks; the rest is padding (token 0, segment −1)."""
+    rng = np.random.default_rng(blocks * 10 + rows)
+    g, k, c = 2, 4, 10
+    b = blocks * g
+    lengths = rng.integers(0, c + 1, (b, k))
+    lengths[0, 0] = 0  # a padding rollout is not placed
+    tokens = rng.integers(1, 1000, (b, k, c)) * (np.arange(c) < lengths[..., None])
+    out = packing.pack_blocks(tokens, lengths, blocks, rows)
+    slots = packing.chunk_slots(g, k, rows)
+    assert slots == -(-g * k // rows)
+    for name in ("chunk_tokens", "chunk_segments", "chunk_offsets"):
+        assert out[name].shape == (blocks, slots, rows, c)
+    for block in range(blocks):
+        seg, tok, off = (
+            out[n][block].reshape(-1, c)
+            for n in ("chunk_segments", "chunk_tokens", "chunk_offsets")
+        )  # [S·R rows, C]
+        for j in range(g * k):
+            prompt, sample = block * g + j // k, j % k
+            n = lengths[prompt, sample]
+            where = np.argwhere(seg == j)
+            assert len(where) == n
+            if n == 0:
+                continue
+            row = where[:, 0]
+            assert (row == row[0]).all() and np.all(np.diff(where[:, 1]) == 1)
+            assert row[0] // rows < out["n_chunks"]
+            np.testing.assert_array_equal(tok[seg == j], tokens[prompt, sample, :n])
+            np.testing.assert_array_equal(off[seg == j], np.arange(n))
+        assert (tok[seg < 0] == 0).all() and (off[seg < 0] == 0).all()
+    needed = max(
+        packing.first_fit(lengths[i * g : (i + 1) * g].reshape(-1), c)[0].max() + 1
+        for i in range(blocks)
+    )
+    assert out["n_chunks"] == -(-needed // rows)
 
 
-def test_pack_refuses_too_few_rows():
-    lengths = np.array([[5, 5, 5]])
-    with pytest.raises(ValueError, match="unit 0 needs 3 rows of 8; only 1 given"):
-        packing.pack(np.ones((1, 3, 8), np.int32), lengths, 1)
+def test_pack_blocks_refuses_uneven_blocks():
+    with pytest.raises(ValueError, match="3 prompts do not split into 2 blocks"):
+        packing.pack_blocks(np.ones((3, 2, 4), np.int32), np.ones((3, 2), np.int32), 2, 1)

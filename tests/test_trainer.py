@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import load_config_file
 
-from daro_jax import checkpoint, losses, models, packing, sharding, trainer
+from daro_jax import checkpoint, losses, models, packing, trainer
 from daro_jax.models import decoder
 
 ALGOS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
@@ -91,55 +91,84 @@ def test_absent_group_weight_does_not_move():
 
 
 def test_microbatches_and_minibatch_settings_agree():
-    """Micro-batching is exact: 1 or 4 micro-batches give the same first update."""
+    """Micro-batching is exact: the same first update with one packed row per micro-batch
+    (several loop iterations) and with 16 (one iteration), one or two prompt blocks."""
     outs = []
-    for micro in (0, 4):
-        config = tiny_config(**{"train.batch_prompts": 4, "train.microbatch_size": micro})
+    for blocks, rows in ((1, 0), (1, 16), (2, 2)):
+        config = tiny_config(
+            **{
+                "train.batch_prompts": 4,
+                "train.prompt_blocks": blocks,
+                "train.microbatch_rows": rows,
+            }
+        )
         t = trainer.Trainer(config)
         outs.append(t.step(0, PatternPool(config.algo.k)))
-    a, b = outs
-    for name in ("loss", "grad_norm", "entropy", "group/L/1of4", "group/tokens/2of4"):
-        assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), name
+    for out in outs[1:]:
+        for name in ("loss", "grad_norm", "entropy", "group/L/1of4", "group/tokens/2of4"):
+            assert out[name] == pytest.approx(outs[0][name], rel=1e-5, abs=1e-7), name
 
 
-@pytest.mark.parametrize("q", [1, 3, 5])
-def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dirs, q):
-    """The update forwards each prompt once and lets its q completions, packed back to back
-    into rows, attend to the repeated KV cache: logprobs, entropies and the gradient of
-    Σ logp equal one plain forward over each [prompt | completion] row (left-padded
-    prompts, completions of different lengths, several per packed row)."""
+def _packed_case(tiny_hf_dirs, rows: int, seed: int, padding: bool = False):
+    """Tiny SmolLM2, G = 2 blocks of g = 2 left-padded prompts, K = 4 completions each of
+    random lengths (`padding`: prompt 2's are all empty, as DAPO's padding prompts), packed
+    with `rows` rows per chunk; and the plain forward of every [prompt | completion]
+    sequence alone (the reference)."""
+    spec = losses.resolve(dict(load_config_file("configs/tiny.py").algo), max_response_len=6)
     model = models.load(tiny_hf_dirs["smollm2"])
     cfg, params = model.config, model.params
-    rng = np.random.default_rng(q)
-    m, p, c, t = 2, 7, 6, 0.8
-    prompt_mask = np.ones((m, p), np.int32)
+    rng = np.random.default_rng(seed)
+    blocks, g, k, p, c, t = 2, 2, spec.k, 7, 6, 0.8
+    b = blocks * g
+    prompt_mask = np.ones((b, p), np.int32)
     prompt_mask[0, :3] = 0
-    prompt_tokens = rng.integers(3, 200, (m, p)) * prompt_mask
-    lengths = rng.integers(1, c + 1, (m, q))
+    prompt_mask[3, :1] = 0
+    prompt_tokens = rng.integers(3, 200, (b, p)) * prompt_mask
+    lengths = rng.integers(1, c + 1, (b, k))
     lengths[0, 0] = 1  # a one-token completion shares a row with others
+    if padding:
+        lengths[2] = 0
     mask = (np.arange(c) < lengths[..., None]).astype(np.int32)
-    tokens = rng.integers(3, 200, (m, q, c)) * mask
-    rows = packing.rows_needed(lengths, c)
-    assert q == 1 or rows < q  # the case packs several completions into a row
-    inputs = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
-    inputs |= packing.pack(tokens, lengths, rows)
-    inputs["packed_index"] = inputs["packed_index"].reshape(m, q, c)
-    s = trainer.UpdateSettings(cfg, None, t, m, q, on_policy=True)
+    tokens = rng.integers(3, 200, (b, k, c)) * mask
+    batch = packing.pack_blocks(tokens, lengths, blocks, rows)
+    batch |= {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
+    rows_of = batch["chunk_segments"].reshape(blocks, -1, c)
+    shared = any(len(set(r[r >= 0] // k)) > 1 for blk in rows_of for r in blk)
+    assert shared  # some row holds completions of two prompts
+    s = trainer.UpdateSettings(cfg, spec, t, on_policy=False)
 
-    def ours(model_params):
-        return trainer.sequence_logprobs(model_params, inputs, s)
-
-    def concatenated(model_params):
-        full = np.concatenate([np.repeat(prompt_tokens, q, 0), tokens.reshape(m * q, c)], 1)
-        full_mask = np.concatenate([np.repeat(prompt_mask, q, 0), mask.reshape(m * q, c)], 1)
+    def plain(model_params):
+        full = np.concatenate([np.repeat(prompt_tokens, k, 0), tokens.reshape(b * k, c)], 1)
+        full_mask = np.concatenate([np.repeat(prompt_mask, k, 0), mask.reshape(b * k, c)], 1)
         positions = decoder.positions_from_mask(full_mask)
         hidden, _ = decoder.forward(model_params, cfg, full, positions, full_mask)
-        logp, entropy = decoder.token_logprobs(
-            model_params, cfg, hidden[:, p - 1 : -1], full[:, p:], t
-        )
-        return logp.reshape(m, q, c), entropy.reshape(m, q, c)
+        return decoder.token_logprobs(model_params, cfg, hidden[:, p - 1 : -1], full[:, p:], t)
 
-    (logp, entropy), (ref_logp, ref_entropy) = ours(params), concatenated(params)
+    return params, batch, s, mask.reshape(b * k, c), plain
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_packed_logprobs_equal_the_plain_forward(tiny_hf_dirs, rows):
+    """Prompts forwarded once per block, completions of several prompts packed back to back
+    into rows attending to their own prompt's cache: logprobs and entropies (scattered back
+    to [b·K, C]), and the gradient of Σ logp through the prompts' caches, equal one plain
+    forward of each [prompt | completion] sequence."""
+    params, batch, s, mask, plain = _packed_case(tiny_hf_dirs, rows, seed=rows)
+    blocks, g = trainer._blocks(batch)
+
+    def ours(model_params):
+        last, cache = trainer.prompt_blocks(
+            model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
+        )
+        prompt_mask = batch["prompt_mask"].reshape(blocks, g, -1)
+        out = []
+        for i in range(batch["n_chunks"]):
+            chunk = trainer._chunk(batch, i)
+            pair = trainer.chunk_logprobs(model_params, last, cache, prompt_mask, chunk, s)
+            out.append([trainer.to_rows(x, chunk, s.spec.k, g, mask.shape[0]) for x in pair])
+        return tuple(sum(parts) for parts in zip(*out, strict=True))
+
+    (logp, entropy), (ref_logp, ref_entropy) = ours(params), plain(params)
     valid = mask.astype(bool)
     assert not np.asarray(logp)[~valid].any() and not np.asarray(entropy)[~valid].any()
     np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(ref_logp)[valid], atol=2e-5)
@@ -150,7 +179,10 @@ def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dir
     def objective(fn):
         return jax.grad(lambda w: (fn(w)[0] * mask).sum())(params)
 
-    grads, ref_grads = objective(ours), objective(concatenated)
+    _assert_grads_close(objective(ours), objective(plain))
+
+
+def _assert_grads_close(grads, ref_grads):
     for (path, g), r in zip(
         jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
     ):
@@ -158,12 +190,31 @@ def test_packed_prompt_cache_logprobs_equal_the_concatenated_forward(tiny_hf_dir
         assert float(np.abs(np.asarray(g) - np.asarray(r)).max()) <= 1e-4 * scale, path
 
 
-@pytest.mark.parametrize(
-    "k,micro,shards,q", [(8, 32, 1, 8), (8, 32, 8, 4), (8, 32, 32, 1), (8, 4, 1, 4), (4, 6, 4, 2)]
-)
-def test_completions_per_unit(k, micro, shards, q):
-    """q divides K and the micro-batch, leaving ≥ 1 prompt per shard when it can."""
-    assert sharding.completions_per_unit(k, micro, shards) == q
+@pytest.mark.parametrize("rows", [1, 3])
+def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, rows):
+    """The update's gradient — chunks in a loop, prompts pulled back once through jax.vjp —
+    equals jax.grad of the DARO loss of one plain forward over every sequence, for the
+    model and the DARO weights, off-policy (clipped ratios) and with padding rollouts."""
+    params, batch, s, mask, plain = _packed_case(tiny_hf_dirs, rows, seed=10 + rows, padding=True)
+    rng = np.random.default_rng(rows)
+    n, c = mask.shape
+    ref_logp = np.asarray(plain(params)[0])
+    old_logp = (ref_logp + rng.normal(0, 0.3, ref_logp.shape)) * mask
+    advantages = rng.normal(0, 1, n).astype(np.float32)
+    group_ids = np.repeat(rng.integers(0, s.spec.k + 1, n // s.spec.k), s.spec.k)
+    tb = losses.token_batch(old_logp, mask, advantages, group_ids, s.spec)
+    daro = jax.numpy.asarray(rng.normal(0, 0.1, s.spec.k - 1), jax.numpy.float32)
+    full = {"model": params, "daro": daro}
+    batch = {**batch, "sampler_logp": old_logp}
+    grads, sums, _ = jax.jit(trainer.update_gradients, static_argnames="s")(full, batch, tb, s=s)
+
+    def plain_loss(p):
+        return losses.microbatch_loss(p["daro"], plain(p["model"])[0], tb, s.spec)[0]
+
+    loss, ref_grads = jax.value_and_grad(plain_loss)(full)
+    assert float(sums["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(sums["clip_low"] + sums["clip_high"]) > 0  # the clipped branch is exercised
+    _assert_grads_close(grads, ref_grads)
 
 
 def test_train_hands_periodic_eval_metrics_to_on_step(tmp_path):
