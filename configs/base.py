@@ -104,9 +104,9 @@ def get_config():
     c.train.minibatches = 1  # optimizer updates per epoch
     # The update packs completions into rows of max_new_tokens (daro_jax/packing.py): the
     # prompts of a minibatch split into blocks (0: one per data shard), and each micro-batch
-    # computes microbatch_rows packed rows over all blocks (0: one per block).
+    # computes block_rows packed rows of every block (memory: prompt_blocks × block_rows rows).
     c.train.prompt_blocks = 0
-    c.train.microbatch_rows = 0
+    c.train.block_rows = 1
     c.train.log_every = 1
     c.train.ckpt_every = 50
     c.train.keep_checkpoints = 3

@@ -27,7 +27,7 @@ def get_config():
     c.data.instruction = "Give only the final number."
     c.train.steps = 12
     c.train.batch_prompts = 4
-    c.train.microbatch_rows = 2  # measured on 2 CPU cores: 1 row 11 ms, 2 rows 8 ms per position
+    c.train.block_rows = 2  # measured on 2 CPU cores: 1 row 11 ms, 2 rows 8 ms per position
     c.train.ckpt_every = 6
     c.eval.max_new_tokens = 48
     c.eval.benchmarks = ("generated_heldout",)

@@ -473,7 +473,7 @@ def make_plan(config, cfg: ModelConfig | None = None, title: str = "") -> Plan:
         notes.append(
             f"warning: the micro-batch of {blocks * r} packed rows is not divisible by the "
             f"{shards} data × fsdp shards, so every device holds (and computes) all of it; "
-            f"set train.microbatch_rows to a multiple of {step}."
+            f"make train.prompt_blocks × train.block_rows a multiple of {step}."
         )
     return Plan(
         title=title or str(config.model.path),
@@ -535,10 +535,10 @@ def _update(cfg: ModelConfig, state, config, spec, gathered, mesh) -> dict[str, 
     b, k = t.batch_prompts // t.minibatches, spec.k
     p, n = smp.max_prompt_tokens, smp.max_new_tokens
     blocks, r = sharding.update_blocks(t, mesh)
-    if b % blocks or (t.microbatch_rows and t.microbatch_rows % blocks):
+    if b % blocks or r < 1:
         raise ValueError(
             f"train.prompt_blocks={blocks} must divide the {b} prompts of a minibatch, and "
-            f"train.microbatch_rows={t.microbatch_rows} must be a multiple of it."
+            f"train.block_rows={r} must be ≥ 1."
         )
     g = b // blocks
     rows, keys, layers = blocks * r, g * p + n, cfg.num_layers

@@ -134,9 +134,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def update_blocks(train, mesh: Mesh) -> tuple[int, int]:
     """(G, R) of the packed update (`daro_jax.packing`): `train.prompt_blocks` blocks of a
     minibatch's prompts (0: gcd(prompts per minibatch, data × fsdp shards), one block per
-    shard when they divide) and R = `train.microbatch_rows` / G packed rows per block in
-    each micro-batch (0: one row per block)."""
+    shard when they divide) and R = `train.block_rows` packed rows per block in each
+    micro-batch."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     blocks = train.prompt_blocks or math.gcd(train.batch_prompts // train.minibatches, shards)
-    rows = train.microbatch_rows or blocks
-    return blocks, max(1, rows // blocks)
+    return blocks, train.block_rows

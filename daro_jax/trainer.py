@@ -429,21 +429,16 @@ def _check_batch(config, mesh: Mesh) -> None:
             f"{t.batch_prompts} (minibatches hold whole prompts)."
         )
     per_mb = t.batch_prompts // t.minibatches
-    if t.prompt_blocks < 0 or t.microbatch_rows < 0:
+    if t.prompt_blocks < 0 or t.block_rows < 1:
         raise ValueError(
-            f"train.prompt_blocks={t.prompt_blocks} and train.microbatch_rows="
-            f"{t.microbatch_rows} must be ≥ 0 (0: one per data shard)."
+            f"train.prompt_blocks={t.prompt_blocks} must be ≥ 0 (0: one per data shard) and "
+            f"train.block_rows={t.block_rows} ≥ 1."
         )
     blocks, _ = sharding.update_blocks(t, mesh)
     if per_mb % blocks or blocks % jax.process_count():
         raise ValueError(
             f"train.prompt_blocks={blocks} must divide the {per_mb} prompts of a minibatch "
             f"and be a multiple of the {jax.process_count()} processes."
-        )
-    if t.microbatch_rows % blocks:
-        raise ValueError(
-            f"train.microbatch_rows={t.microbatch_rows} must be a multiple of the {blocks} "
-            "prompt blocks (each block gets the same number of packed rows per micro-batch)."
         )
     if t.ppo_epochs < 1 or t.steps < 1:
         raise ValueError("train.ppo_epochs and train.steps must be ≥ 1.")

@@ -158,6 +158,7 @@ def test_update_caches_within_factor_of_the_compiled_update(tiny):
             "sampler.max_prompt_tokens": 256,
             "sampler.max_new_tokens": 512,
             "train.batch_prompts": 16,
+            "train.block_rows": 1,
         },
     )
     cfg = dataclasses.replace(
@@ -273,14 +274,13 @@ def test_micro_batch_not_divisible_by_the_shards_is_replicated():
         act = plan.Activations.of(cfg, micro, 512, 512, mesh)
         assert act.scores == per_device * cfg.num_heads * 512 * 512 * 4
     # 4 prompt blocks of 8 prompts on 16 shards: a micro-batch of 4 packed rows (one per
-    # block) is replicated, so its cache costs every device as much as 64 rows split.
+    # block) is replicated, so its cache costs every device as much as 64 rows (16 per
+    # block) split.
     blocks = {"train.prompt_blocks": 4}
     replicated = plan.make_plan(
-        load_config("qwen2_5_math_1_5b", **blocks, **{"train.microbatch_rows": 4})
+        load_config("qwen2_5_math_1_5b", **blocks, **{"train.block_rows": 1})
     )
-    split = plan.make_plan(
-        load_config("qwen2_5_math_1_5b", **blocks, **{"train.microbatch_rows": 64})
-    )
+    split = plan.make_plan(load_config("qwen2_5_math_1_5b", **blocks, **{"train.block_rows": 16}))
     shards = replicated.chips  # mesh (1, -1, 1): every chip is a data × fsdp shard
     note = f"micro-batch of 4 packed rows is not divisible by the {shards} data × fsdp shards"
     assert any(note in line for line in replicated.notes)

@@ -92,14 +92,15 @@ def test_absent_group_weight_does_not_move():
 
 def test_microbatches_and_minibatch_settings_agree():
     """Micro-batching is exact: the same first update with one packed row per micro-batch
-    (several loop iterations) and with 16 (one iteration), one or two prompt blocks."""
+    per block (several loop iterations) and with 16 (one iteration), one or two prompt
+    blocks."""
     outs = []
-    for blocks, rows in ((1, 0), (1, 16), (2, 2)):
+    for blocks, rows in ((1, 1), (1, 16), (2, 1)):
         config = tiny_config(
             **{
                 "train.batch_prompts": 4,
                 "train.prompt_blocks": blocks,
-                "train.microbatch_rows": rows,
+                "train.block_rows": rows,
             }
         )
         t = trainer.Trainer(config)
@@ -269,6 +270,8 @@ class _ContextPool(PatternPool):
         ({"train.batch_prompts": 3, "algo.k": 4}, "divisible by the 8 data shards"),
         ({"data.source": "/nonexistent/train.jsonl"}, "/nonexistent/train.jsonl"),
         ({"train.minibatches": 3}, "train.minibatches=3"),
+        ({"train.prompt_blocks": 3}, "train.prompt_blocks=3 must divide the 4 prompts"),
+        ({"train.block_rows": 0}, "train.block_rows=0"),
         ({"algo.name": "ppo"}, "config.algo.name='ppo'"),
     ],
 )
