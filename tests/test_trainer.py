@@ -148,13 +148,12 @@ def _packed_case(tiny_hf_dirs, rows: int, seed: int, padding: bool = False):
     return params, batch, s, mask.reshape(b * k, c), plain
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_packed_logprobs_equal_the_plain_forward(tiny_hf_dirs, rows):
+def test_packed_logprobs_equal_the_plain_forward(tiny_hf_dirs, rows=2):
     """Prompts forwarded once per block, completions of several prompts packed back to back
     into rows attending to their own prompt's cache: logprobs and entropies (scattered back
     to [b·K, C]), and the gradient of Σ logp through the prompts' caches, equal one plain
     forward of each [prompt | completion] sequence."""
-    params, batch, s, mask, plain = _packed_case(tiny_hf_dirs, rows, seed=rows)
+    params, batch, s, mask, plain = _packed_case(tiny_hf_dirs, rows, seed=2)
     blocks, g = trainer._blocks(batch)
 
     def ours(model_params):
