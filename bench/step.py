@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--algo", default="", help="our algo.name (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--skip-trl", action="store_true", help="time our side only")
+    parser.add_argument(
+        "--skip-ours", action="store_true", help="time TRL only (our trainer still exports)"
+    )
     return parser.parse_args()
 
 
@@ -347,6 +350,17 @@ def run_trl(args, export_dir: str, batches: list[list[dict]], after_step) -> dic
     }
 
 
+def print_trl(args, trl: dict) -> None:
+    print(
+        f"TRL,  s/step (mean of {args.steps}): {trl['step']:.2f} = generate "
+        f"{trl['generate']:.2f} + reward {trl['reward']:.2f} + rest {trl['rest']:.2f}; "
+        f"mean completion {trl['length']:.1f} tokens (per step: {trl['lengths']}); "
+        f"{padding_line(trl['positions'])}; "
+        f"warm-up {trl['warmup_step']:.1f} s"
+    )
+    print(f"load average at the end: {load_average()}")
+
+
 def main() -> None:
     args = parse_args()
     if args.steps < 1 or args.warmup < 0:
@@ -365,7 +379,11 @@ def main() -> None:
                     ours.step(step)
                 trl = None
             else:
-                trl = run_trl(args, export_dir, ours.batches, ours.step)
+                between = (lambda step: None) if args.skip_ours else ours.step
+                trl = run_trl(args, export_dir, ours.batches, between)
+    if args.skip_ours:
+        print_trl(args, trl)
+        return
     mine = ours.summary()
     print(
         f"ours, s/step (mean of {args.steps}): {mine['step']:.2f} = sampler "
@@ -378,14 +396,7 @@ def main() -> None:
     )
     if trl is None:
         return
-    print(
-        f"TRL,  s/step (mean of {args.steps}): {trl['step']:.2f} = generate "
-        f"{trl['generate']:.2f} + reward {trl['reward']:.2f} + rest {trl['rest']:.2f}; "
-        f"mean completion {trl['length']:.1f} tokens (per step: {trl['lengths']}); "
-        f"{padding_line(trl['positions'])}; "
-        f"warm-up {trl['warmup_step']:.1f} s"
-    )
-    print(f"load average at the end: {load_average()}")
+    print_trl(args, trl)
     steady = mine["step"] - mine["compile_timed"] / args.steps
     print(
         f"RL step vs TRL GRPOTrainer without our JAX compilation in the timed steps "
