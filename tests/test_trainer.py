@@ -91,11 +91,11 @@ def test_absent_group_weight_does_not_move():
 
 
 def test_microbatches_and_minibatch_settings_agree():
-    """Micro-batching is exact: the same first update with one packed row per micro-batch
-    per block (several loop iterations) and with 16 (one iteration), one or two prompt
-    blocks."""
+    """Micro-batching is exact: the same first update with one prompt block and one packed
+    row per micro-batch (several loop iterations) and with two blocks of 16 rows (one
+    iteration)."""
     outs = []
-    for blocks, rows in ((1, 1), (1, 16), (2, 1)):
+    for blocks, rows in ((1, 1), (2, 16)):
         config = tiny_config(
             **{
                 "train.batch_prompts": 4,
