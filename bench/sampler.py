@@ -20,7 +20,7 @@ re-measured at every repeat (best kept, as the machine load varies); the bound i
 time is larger, and our fraction is bound time ÷ our end-to-end time per new token
 (prefill and setup included, so it understates the decode step's own fraction).
 
-    python bench/sampler.py [--repeats 3 --threads 2]
+    python -m bench.sampler [--repeats 3 --threads 2]
 
 The last line is `sampler vs transformers.generate: X.XXx` (tokens/s ours ÷ theirs).
 """
