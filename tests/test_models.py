@@ -331,6 +331,25 @@ def test_random_init_with_overrides(tiny_hf_dirs):
         models.load(path, random_init=True, overrides={"num_hidden_layer": 1})
 
 
+
+def test_checkpoint_rewritten_in_place_is_read_again(tiny_hf_dirs, tmp_path):
+    """Config and tokenizer are parsed once per process, but a checkpoint saved again at the
+    same path (a new config.json and tokenizer) is not served from that cache."""
+    path = copy_checkpoint(tiny_hf_dirs["smollm2"], tmp_path / "ckpt")
+    first = models.load(path)
+    assert models.load(path).tokenizer is first.tokenizer  # cached while unchanged
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rms_norm_eps"] = 1e-3
+    config_file.write_text(json.dumps(config))
+    first.tokenizer.chat_template = "{{ messages[0]['content'] }}!"
+    first.tokenizer.save_pretrained(path)
+    again = models.load(path)
+    assert first.config.rms_norm_eps != 1e-3 and again.config.rms_norm_eps == 1e-3
+    text = again.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "hi!"
+
+
 # ---- Bad input: each a clear error naming the culprit. ----
 
 

@@ -97,15 +97,27 @@ def _pretrained_args(location: str) -> tuple[tuple, dict]:
     return (location,), {}
 
 
+def _stamp(location: str) -> tuple:
+    """(path, mtime, size) of the files config and tokenizer are read from: the .gguf file,
+    or a directory's top-level files other than weights. Part of the cache keys below, so
+    a checkpoint rewritten in place (same path) is read again."""
+    if os.path.isdir(location):
+        names = sorted(n for n in os.listdir(location) if not n.endswith(".safetensors"))
+        files = [f for f in (os.path.join(location, n) for n in names) if os.path.isfile(f)]
+    else:
+        files = [location]
+    return tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [os.stat(f)])
+
+
 @functools.lru_cache(maxsize=8)
-def _read_hf_config(location: str):
-    """config.json (or the GGUF metadata) of `location`, parsed once per process."""
+def _read_hf_config(location: str, stamp: tuple):
+    """config.json (or the GGUF metadata) of `location`, parsed once per `_stamp`."""
     args, kwargs = _pretrained_args(location)
     return transformers.AutoConfig.from_pretrained(*args, **kwargs)
 
 
 def _hf_config(location: str, overrides: Mapping[str, Any]):
-    hf = copy.deepcopy(_read_hf_config(location))
+    hf = copy.deepcopy(_read_hf_config(location, _stamp(location)))
     for key, value in overrides.items():
         if not hasattr(hf, key):
             raise ValueError(
@@ -117,8 +129,8 @@ def _hf_config(location: str, overrides: Mapping[str, Any]):
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(location: str):
-    """The tokenizer of `location`, loaded once per process (GGUF parsing takes seconds)."""
+def _tokenizer(location: str, stamp: tuple):
+    """The tokenizer of `location`, loaded once per `_stamp` (GGUF parsing takes seconds)."""
     args, kwargs = _pretrained_args(location)
     try:
         return transformers.AutoTokenizer.from_pretrained(*args, **kwargs)
@@ -178,7 +190,7 @@ def load(
         with hf_io.open_safetensors(location) as source:
             hf_io.check_tensors(source, cfg, location)
             params = hf_io.load_params(source, cfg, shardings)
-    return Model(cfg, params, _tokenizer(location), mesh)
+    return Model(cfg, params, _tokenizer(location, _stamp(location)), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
