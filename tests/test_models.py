@@ -331,7 +331,6 @@ def test_random_init_with_overrides(tiny_hf_dirs):
         models.load(path, random_init=True, overrides={"num_hidden_layer": 1})
 
 
-
 def test_checkpoint_rewritten_in_place_is_read_again(tiny_hf_dirs, tmp_path):
     """Config and tokenizer are parsed once per process, but a checkpoint saved again at the
     same path (a new config.json and tokenizer) is not served from that cache."""
