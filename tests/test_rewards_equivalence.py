@@ -261,6 +261,7 @@ CASES = {
 FIXES = [
     # tiny magnitudes collapse under evalf(chop=True) / 6-decimal rounding
     ("\\frac{1}{2004!}", "\\frac{1}{2006!}", False, True),
+    ("1+\\frac{1}{2004!}", "1+\\frac{1}{2006!}", False, True),  # no tiny magnitude: 30 digits
     ("\\frac{1}{2^{99}}", "\\frac{1}{2^{98}}", False, True),
     ("\\frac{1}{2^{99}}", "0.0", False, True),
     ("0.0000672", "0.0000673", False, True),

@@ -18,13 +18,17 @@
   constants is kept only if their relative difference at 30 significant digits is at most
   1e-20 (exact expressions) or 1e-4 (a float is involved: this only bites below about
   0.01, where 6-decimal rounding equates `0.0000672` with `0.0000673`; at ordinary
-  magnitudes math-verify's rounding is stricter). Percentages are left to math-verify.
+  magnitudes math-verify's rounding is stricter). Two exact constants built only from
+  integers, + − × ÷, integer powers, factorials and binomials are compared as exact
+  rationals instead: 30 digits cannot tell `1 + 1/2004!` from `1 + 1/2006!`.
+  Percentages are left to math-verify.
 """
 
 import math
 import re
 
 from sympy import (
+    Add,
     Expr,
     Float,
     Integer,
@@ -34,6 +38,7 @@ from sympy import (
     UnevaluatedExpr,
     binomial,
     factorial,
+    preorder_traversal,
 )
 
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![A-Za-z])")
@@ -146,6 +151,19 @@ def _numeric_value(expr):
     return value if value.is_number and value.is_finite else None
 
 
+_RATIONAL_NODES = (Integer, Rational, Add, Mul, Pow, factorial, binomial)
+
+
+def _exact_rational(expr):
+    """The exact value of a constant made only of rationals, +, ×, powers, factorials and
+    binomials, if that value is rational (else None). Sizes are bounded by `digits_bound`
+    (answers over the limit are refused before any comparison)."""
+    if not all(isinstance(node, _RATIONAL_NODES) for node in preorder_traversal(expr)):
+        return None
+    value = expr.doit()
+    return value if value.is_Rational else None
+
+
 def numeric_disagreement(gold, pred) -> bool:
     """True if `gold` and `pred` are numeric constants that differ beyond the tolerance
     described in the module docstring (then math-verify's positive verdict is refused)."""
@@ -154,6 +172,10 @@ def numeric_disagreement(gold, pred) -> bool:
     if g is None or p is None:
         return False
     rtol = _FLOAT_RTOL if gold.has(Float) or pred.has(Float) else _EXACT_RTOL
+    if rtol == _EXACT_RTOL:
+        exact = _exact_rational(gold), _exact_rational(pred)
+        if None not in exact:
+            return exact[0] != exact[1]
     try:
         return bool(abs(g - p) > rtol * max(abs(g), abs(p)))
     except TypeError:
