@@ -156,8 +156,9 @@ _RATIONAL_NODES = (Integer, Rational, Add, Mul, Pow, factorial, binomial)
 
 def _exact_rational(expr):
     """The exact value of a constant made only of rationals, +, ×, powers, factorials and
-    binomials, if that value is rational (else None). Sizes are bounded by `digits_bound`
-    (answers over the limit are refused before any comparison)."""
+    binomials, if that value is rational (else None: also for anything holding a Float or
+    a symbol). Sizes are bounded by `digits_bound` (answers over the limit are refused
+    before any comparison)."""
     if not all(isinstance(node, _RATIONAL_NODES) for node in preorder_traversal(expr)):
         return None
     value = expr.doit()
@@ -167,15 +168,14 @@ def _exact_rational(expr):
 def numeric_disagreement(gold, pred) -> bool:
     """True if `gold` and `pred` are numeric constants that differ beyond the tolerance
     described in the module docstring (then math-verify's positive verdict is refused)."""
+    exact = _exact_rational(gold), _exact_rational(pred)
+    if None not in exact:
+        return exact[0] != exact[1]
     g = _numeric_value(gold)
     p = _numeric_value(pred)
     if g is None or p is None:
         return False
     rtol = _FLOAT_RTOL if gold.has(Float) or pred.has(Float) else _EXACT_RTOL
-    if rtol == _EXACT_RTOL:
-        exact = _exact_rational(gold), _exact_rational(pred)
-        if None not in exact:
-            return exact[0] != exact[1]
     try:
         return bool(abs(g - p) > rtol * max(abs(g), abs(p)))
     except TypeError:
