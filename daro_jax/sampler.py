@@ -56,7 +56,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 
 from daro_jax import sharding
-from daro_jax.models import decoder
+from daro_jax.models import decode, decoder
 from daro_jax.models.config import ModelConfig
 
 PAD_ID = 0
@@ -207,8 +207,8 @@ def stage_sizes(rows: int, min_rows: int, shards: int = 1) -> tuple[int, ...]:
 
 
 def _constrain_cache(c: jnp.ndarray) -> jnp.ndarray:
-    """Pin a stacked [L, B, KV, S, Dh] or one layer's [B, KV, S, Dh] cache to the mesh."""
-    return sharding.constrain(c, decoder.CACHE_LOGICAL_AXES[-c.ndim :])
+    """Pin a stacked [L, B, KV, S, Dh] cache to the mesh."""
+    return sharding.constrain(c, decoder.CACHE_LOGICAL_AXES)
 
 
 class Sampler:
@@ -222,9 +222,10 @@ class Sampler:
     The decode runs in stages down to `min_rows` rows (see the module docstring and
     `stage_sizes`); min_rows ≥ B·K decodes all rows in one stage.
 
-    On CPU the decode loop runs the layers unstacked (`decoder.unstack_layers`, one copy of
-    the weights per call): slicing them out of the stacked arrays at every step costs more
-    than the matmuls. On accelerators the stacked scan is kept (no second weight copy).
+    On CPU the decode loop runs `decode.step` on the weights and cache in its layout
+    (`decode.decode_params`: unstacked layers, matrices [out, in], keys slot-last; one copy
+    of the weights per call), which streams them faster than the training layout. On
+    accelerators `decoder.forward` scans the stacked layers (no second weight copy).
     """
 
     def __init__(
@@ -265,7 +266,7 @@ class Sampler:
                 decoder.param_logical_axes(cfg), decoder.param_shapes(cfg), mesh
             )
         devices = jax.devices()[:1] if mesh is None else mesh.devices.flat
-        self.unstack_layers = all(d.platform == "cpu" for d in devices)
+        self.cpu_layout = all(d.platform == "cpu" for d in devices)
         self.jitted = jax.jit(self._rollout)
 
     def __call__(self, params, prompt_tokens, prompt_mask, rng) -> dict[str, jax.Array]:
@@ -291,7 +292,7 @@ class Sampler:
         """The decode stages' row counts for B·K = `rows` (see `stage_sizes`): multiples of
         the number of shards the mesh splits `rows` rows into. One stage off CPU: the gain
         there is unmeasured, and the memory plan models one stage's cache."""
-        if not self.unstack_layers:
+        if not self.cpu_layout:
             return (rows,)
         shards = 1
         if self.mesh is not None:
@@ -327,14 +328,14 @@ class Sampler:
         hidden, cache = decoder.prefill(params, cfg, prompt_tokens, prompt_mask)
         logits = decoder.lm_logits(params, cfg, hidden[:, -1])
 
-        def expand(c):
-            """[.., B, KV, P, Dh] → [.., B·K, KV, P + N, Dh]: K copies, N empty slots."""
-            return _constrain_cache(decoder.repeat_cache(c, k, n_new))
-
-        if self.unstack_layers:
-            params = {**params, "layers": decoder.unstack_layers(params["layers"])}
-            cache = {name: decoder.unstack_layers(c) for name, c in cache.items()}
-        cache = jax.tree.map(expand, cache)
+        if self.cpu_layout:
+            params = decode.decode_params(params, cfg)
+            cache = decode.decode_cache(cache, k, n_new)
+            constrain_cache = decode.constrain_cache
+        else:
+            expand = lambda c: decoder.repeat_cache(c, k, n_new)  # noqa: E731
+            cache = jax.tree.map(lambda c: _constrain_cache(expand(c)), cache)
+            constrain_cache = functools.partial(jax.tree.map, _constrain_cache)
         logits = jnp.repeat(logits, k, axis=0)
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
         by_row = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
@@ -365,19 +366,21 @@ class Sampler:
                 kv_mask = jnp.concatenate(
                     [mask, jnp.broadcast_to(jnp.arange(n_new) < step, (size, n_new))], axis=1
                 ).astype(jnp.int32)
-                hidden, cache = decoder.forward(
-                    params,
-                    cfg,
-                    state["last"][:, None],
-                    (position + step - 1)[:, None],
-                    kv_mask,
-                    state["cache"],
-                    p + step - 1,
-                )
-                logits = decoder.lm_logits(params, cfg, hidden[:, 0])
+                last, positions, slot = state["last"], position + step - 1, p + step - 1
+                if self.cpu_layout:
+                    hidden, cache = decode.step(
+                        params, cfg, last, positions, kv_mask, state["cache"], slot
+                    )
+                    logits = decode.logits(params, hidden)
+                else:
+                    hidden, cache = decoder.forward(
+                        params, cfg, last[:, None], positions[:, None], kv_mask, state["cache"],
+                        slot,
+                    )  # fmt: skip
+                    logits = decoder.lm_logits(params, cfg, hidden[:, 0])
                 tokens, logp = self._select(logits, rng, step, ids, rows)
                 new = record(state, step, tokens, logp)
-                return new | {"cache": jax.tree.map(_constrain_cache, cache), "step": step + 1}
+                return new | {"cache": constrain_cache(cache), "step": step + 1}
 
             return lax.while_loop(cond, body, state)
 
@@ -390,9 +393,9 @@ class Sampler:
         def shrink(state, rows_in, size):
             """The first `size` rows of the stage, the live ones first (in row order)."""
             keep = jnp.argsort(state["done"].astype(jnp.int32), stable=True)[:size]
-            gather = lambda c: _constrain_cache(jnp.take(c, keep, axis=-4))  # noqa: E731
+            gather = lambda c: jnp.take(c, keep, axis=-4)  # noqa: E731
             state = {name: by_row(state[name][keep]) for name in empty} | {
-                "cache": jax.tree.map(gather, state["cache"]),
+                "cache": constrain_cache(jax.tree.map(gather, state["cache"])),
                 "step": state["step"],
             }
             return state, {name: by_row(x[keep]) for name, x in rows_in.items()}

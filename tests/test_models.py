@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from daro_jax import models, sharding
-from daro_jax.models import decoder, gguf_io, hf_io
+from daro_jax.models import decode, decoder, gguf_io, hf_io
 
 FAMILIES = ("llama31", "qwen2_tied", "qwen2_untied", "smollm2")
 
@@ -222,6 +222,39 @@ def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
         out, cache = step(model.params, ids[:, sl], positions[:, sl], cache_mask, cache, i)
         outs.append(out)
     assert max_err_on_tokens(np.concatenate(outs, axis=1), full, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_decode_layout_matches_full_forward(tiny_hf_dirs, family):
+    """decode.step (weights [out, in], keys slot-last, multiply-reduce attention) on a
+    prefill cache repeated twice per row gives the full forward's logits of each token."""
+    model = models.load(tiny_hf_dirs[family])
+    cfg = model.config
+    ids, mask = left_padded_batch(length=80, pads=(0, 3, 69))
+    full = np.repeat(np.asarray(models.logits(model, ids, mask)), 2, axis=0)
+    positions = np.repeat(np.asarray(decoder.positions_from_mask(mask)), 2, axis=0)
+    prefill, t = 72, ids.shape[1]
+
+    @jax.jit
+    def start(params):
+        _, cache = decoder.prefill(params, cfg, ids[:, :prefill], mask[:, :prefill])
+        return decode.decode_params(params, cfg), decode.decode_cache(cache, 2, t - prefill)
+
+    @jax.jit
+    def step(dparams, tokens, pos, cache_mask, cache, slot):
+        hidden, cache = decode.step(dparams, cfg, tokens, pos, cache_mask, cache, slot)
+        return decode.logits(dparams, hidden), cache
+
+    dparams, cache = start(model.params)
+    rows = np.repeat(ids, 2, axis=0)
+    cache_mask = np.zeros(rows.shape, np.int32)
+    cache_mask[:, :prefill] = np.repeat(mask[:, :prefill], 2, axis=0)
+    outs = []
+    for i in range(prefill, t):
+        cache_mask[:, i] = 1
+        out, cache = step(dparams, rows[:, i], positions[:, i], cache_mask, cache, i)
+        outs.append(np.asarray(out))
+    np.testing.assert_allclose(np.stack(outs, axis=1), full[:, prefill:], atol=1e-5, rtol=0)
 
 
 # Expected PartitionSpecs, written out: embed over fsdp, heads/mlp/vocab over tensor.

@@ -219,7 +219,7 @@ def test_decode_cache_copies_match_the_compiled_sampler(tiny):
         stop_token_ids=(),
         mesh=run.mesh,
     )
-    rollout.unstack_layers = False  # the TPU path; the CPU path unstacks the layers
+    rollout.cpu_layout = False  # the TPU path; the CPU path uses the decode layout
     params = plan.train_state(config, cfg, run.spec, run.mesh)["params"]["model"]
     prompts = jax.ShapeDtypeStruct(
         (16, 128), jnp.int32, sharding=trainer.batch_sharding(run.mesh, (16, 128))
