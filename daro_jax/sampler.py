@@ -330,12 +330,10 @@ class Sampler:
 
         if self.cpu_layout:
             params = decode.decode_params(params, cfg)
-            cache = decode.decode_cache(cache, k, n_new)
-            constrain_cache = decode.constrain_cache
+            cache = decode.decode_cache(cache, prompt_mask, k, n_new)
         else:
-            expand = lambda c: decoder.repeat_cache(c, k, n_new)  # noqa: E731
-            cache = jax.tree.map(lambda c: _constrain_cache(expand(c)), cache)
-            constrain_cache = functools.partial(jax.tree.map, _constrain_cache)
+            expand = lambda c: _constrain_cache(decoder.repeat_cache(c, k, n_new))  # noqa: E731
+            cache = jax.tree.map(expand, cache)
         logits = jnp.repeat(logits, k, axis=0)
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
         by_row = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
@@ -353,34 +351,36 @@ class Sampler:
                 "last": tokens,
             }
 
+        def next_logits(cache, last, positions, mask, step):
+            """The logits after token `step` − 1 (`last` [R], at `positions`) and the cache
+            with its key and value written (new slot step − 1; `mask`: the prompt mask)."""
+            if self.cpu_layout:
+                hidden, cache = decode.step(params, cfg, last, positions, cache, step - 1)
+                return decode.logits(params, hidden), cache
+            new = jnp.broadcast_to(jnp.arange(n_new) < step, (mask.shape[0], n_new))
+            hidden, cache = decoder.forward(
+                params, cfg, last[:, None], positions[:, None], jnp.concatenate([mask, new], 1),
+                cache, p + step - 1,
+            )  # fmt: skip
+            return decoder.lm_logits(params, cfg, hidden[:, 0]), jax.tree.map(
+                _constrain_cache, cache
+            )
+
         def run_stage(state, rows_in, next_size):
             """Decode the stage's rows while steps remain and more than `next_size` live."""
             ids, mask, position = rows_in["ids"], rows_in["prompt_mask"], rows_in["position"]
-            size = ids.shape[0]
 
             def cond(state):
                 return (state["step"] < n_new) & (jnp.sum(~state["done"]) > next_size)
 
             def body(state):
                 step = state["step"]
-                kv_mask = jnp.concatenate(
-                    [mask, jnp.broadcast_to(jnp.arange(n_new) < step, (size, n_new))], axis=1
-                ).astype(jnp.int32)
-                last, positions, slot = state["last"], position + step - 1, p + step - 1
-                if self.cpu_layout:
-                    hidden, cache = decode.step(
-                        params, cfg, last, positions, kv_mask, state["cache"], slot
-                    )
-                    logits = decode.logits(params, hidden)
-                else:
-                    hidden, cache = decoder.forward(
-                        params, cfg, last[:, None], positions[:, None], kv_mask, state["cache"],
-                        slot,
-                    )  # fmt: skip
-                    logits = decoder.lm_logits(params, cfg, hidden[:, 0])
+                logits, cache = next_logits(
+                    state["cache"], state["last"], position + step - 1, mask, step
+                )
                 tokens, logp = self._select(logits, rng, step, ids, rows)
                 new = record(state, step, tokens, logp)
-                return new | {"cache": constrain_cache(cache), "step": step + 1}
+                return new | {"cache": cache, "step": step + 1}
 
             return lax.while_loop(cond, body, state)
 
@@ -393,9 +393,8 @@ class Sampler:
         def shrink(state, rows_in, size):
             """The first `size` rows of the stage, the live ones first (in row order)."""
             keep = jnp.argsort(state["done"].astype(jnp.int32), stable=True)[:size]
-            gather = lambda c: jnp.take(c, keep, axis=-4)  # noqa: E731
             state = {name: by_row(state[name][keep]) for name in empty} | {
-                "cache": constrain_cache(jax.tree.map(gather, state["cache"])),
+                "cache": decode.take_rows(state["cache"], keep),
                 "step": state["step"],
             }
             return state, {name: by_row(x[keep]) for name, x in rows_in.items()}

@@ -226,8 +226,8 @@ def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cpu_decode_layout_matches_full_forward(tiny_hf_dirs, family):
-    """decode.step (weights [out, in], keys slot-last, multiply-reduce attention) on a
-    prefill cache repeated twice per row gives the full forward's logits of each token."""
+    """decode.step (weights [out, in], keys slot-last, multiply-reduce attention, the
+    prompt's cache shared by 2 rows each) gives the full forward's logits of each token."""
     model = models.load(tiny_hf_dirs[family])
     cfg = model.config
     ids, mask = left_padded_batch(length=80, pads=(0, 3, 69))
@@ -238,21 +238,19 @@ def test_cpu_decode_layout_matches_full_forward(tiny_hf_dirs, family):
     @jax.jit
     def start(params):
         _, cache = decoder.prefill(params, cfg, ids[:, :prefill], mask[:, :prefill])
-        return decode.decode_params(params, cfg), decode.decode_cache(cache, 2, t - prefill)
+        own = decode.decode_cache(cache, mask[:, :prefill], 2, t - prefill)
+        return decode.decode_params(params, cfg), own
 
     @jax.jit
-    def step(dparams, tokens, pos, cache_mask, cache, slot):
-        hidden, cache = decode.step(dparams, cfg, tokens, pos, cache_mask, cache, slot)
+    def step(dparams, tokens, pos, cache, slot):
+        hidden, cache = decode.step(dparams, cfg, tokens, pos, cache, slot)
         return decode.logits(dparams, hidden), cache
 
     dparams, cache = start(model.params)
     rows = np.repeat(ids, 2, axis=0)
-    cache_mask = np.zeros(rows.shape, np.int32)
-    cache_mask[:, :prefill] = np.repeat(mask[:, :prefill], 2, axis=0)
     outs = []
     for i in range(prefill, t):
-        cache_mask[:, i] = 1
-        out, cache = step(dparams, rows[:, i], positions[:, i], cache_mask, cache, i)
+        out, cache = step(dparams, rows[:, i], positions[:, i], cache, i - prefill)
         outs.append(np.asarray(out))
     np.testing.assert_allclose(np.stack(outs, axis=1), full[:, prefill:], atol=1e-5, rtol=0)
 
