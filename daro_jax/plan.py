@@ -25,7 +25,8 @@ sampling: decode (the B·K rollouts, one token at a time)
                       carry and the scan output (and per-layer slices). Measured: the
                       compiled sampler's temp bytes grow by 2.375 × the cache for L = 4 and
                       2.19 × for L = 8 (XLA:CPU with the accelerator path forced; the CPU
-                      path, unstacked layers, holds the cache about once)
+                      path, models/decode.py, holds less: the prompt part once per prompt,
+                      [B, KV, P, Dh], beside [B·K, KV, N, Dh])
     logits            [B·K, V] float32 ×4 (logits, scaled, exp, block sums)
     gathered weights  as in the prefill
 update (one optimizer update on a minibatch of b = B / train.minibatches prompts,
