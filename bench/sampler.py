@@ -22,6 +22,15 @@ time is larger, and our fraction is bound time ÷ our end-to-end time per new to
 
     python -m bench.sampler [--repeats 3 --threads 2]
 
+The accelerator variant of the issue: a Qwen2.5-1.5B-shaped model with random weights
+(transformers' init, saved once with `save_pretrained` beside the SmolLM2 tokenizer and
+loaded by both sides), bfloat16, 32 prompts × K = 8 = 256 rows, 512 new tokens; PyTorch
+runs on CUDA when it is available, JAX on its default device:
+
+    python -m bench.sampler --model qwen2.5-1.5b-random --dtype bfloat16 --prompts 32 \
+        --max-new-tokens 512 --repeats 2
+    (a CPU smoke run of the same path: add --layers 2 --prompts 4 --max-new-tokens 16)
+
 The last line is `sampler vs transformers.generate: X.XXx` (tokens/s ours ÷ theirs).
 """
 
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
@@ -51,6 +61,10 @@ PROMPTS = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "qwen2.5-1.5b-random"), default="smollm2")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="cycles PROMPTS")
+    parser.add_argument("--layers", type=int, default=0, help="random model depth (0: 28)")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -69,23 +83,30 @@ def _timed(fn) -> float:
 
 
 def memory_bandwidth() -> float:
-    """Bytes/s of a 256 MiB float32 copy (read + write), best of 5."""
+    """Bytes/s of a 256 MiB float32 copy (read + write), best of 5: NumPy's and XLA's on
+    CPU, XLA's on an accelerator."""
     src = np.ones(64 * 2**20, np.float32)
     dst = np.zeros_like(src)
-    return 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src), 5)
+    copy = jax.jit(lambda x: x + 1.0)
+    srcj = jax.device_put(src)
+    copy(srcj).block_until_ready()
+    seconds = best_seconds(lambda: copy(srcj).block_until_ready(), 5)
+    if jax.default_backend() == "cpu":
+        seconds = min(seconds, best_seconds(lambda: np.copyto(dst, src), 5))
+    return 2 * src.nbytes / seconds
 
 
-def matmul_flops() -> float:
-    """FLOP/s of a 2048³ float32 matmul, best of NumPy and XLA, best of 5 each."""
-    n = 2048
+def matmul_flops(dtype: str) -> float:
+    """FLOP/s of a large square matmul in `dtype` (2048³ on CPU, 8192³ on an accelerator),
+    best of 5: the best of NumPy and XLA on CPU, XLA's on an accelerator."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
     a = np.random.default_rng(0).standard_normal((n, n), np.float32)
     dot = jax.jit(lambda x, y: x @ y)
-    aj = jax.device_put(a)
+    aj = jax.device_put(a.astype(dtype))
     dot(aj, aj).block_until_ready()
-    seconds = min(
-        best_seconds(lambda: a @ a, 5),
-        best_seconds(lambda: dot(aj, aj).block_until_ready(), 5),
-    )
+    seconds = best_seconds(lambda: dot(aj, aj).block_until_ready(), 5)
+    if jax.default_backend() == "cpu" and dtype == "float32":
+        seconds = min(seconds, best_seconds(lambda: a @ a, 5))
     return 2 * n**3 / seconds
 
 
@@ -93,34 +114,66 @@ def decode_step_cost(cfg, rows: int, prompt_len: float, new_tokens: int) -> tupl
     """(bytes, FLOPs) of one decode step at the average number of valid cache slots."""
     shapes = jax.tree.leaves(decoder.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
     n_params = sum(int(np.prod(s)) for s in shapes)
+    width = np.dtype(cfg.compute_dtype).itemsize
     slots = prompt_len + new_tokens / 2
-    kv_bytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * slots * cfg.head_dim * 4
+    kv_bytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * slots * cfg.head_dim * width
     matmul_params = n_params - cfg.hidden_size * (2 * cfg.num_layers + 1)  # not the norms
     attn_flops = 4 * cfg.num_layers * rows * cfg.num_heads * slots * cfg.head_dim
-    return 4 * n_params + kv_bytes, 2 * matmul_params * rows + attn_flops
+    return width * n_params + kv_bytes, 2 * matmul_params * rows + attn_flops
+
+
+def qwen_random_checkpoint(folder: str, tokenizer, layers: int, dtype) -> str:
+    """A Qwen2.5-1.5B-shaped checkpoint with transformers' random init (`layers` deep, 0:
+    28) and `tokenizer` saved in `folder`; returns the folder."""
+    config = transformers.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=layers or 28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=True,
+        dtype=dtype,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     k, n_new = args.k, args.max_new_tokens
-    rows = len(PROMPTS) * k
-    ours = models.load("smollm2-gguf", dtype="float32")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    rows = len(prompts) * k
+    torch_dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = models.load("smollm2-gguf", dtype=args.dtype)
     folder, name = os.path.split(models.smollm2_gguf_path())
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
-    ids = sampler.encode_prompts(ours.tokenizer, PROMPTS, chat_template=True)
+    if args.model == "smollm2":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch_dtype
+        )
+    else:
+        checkpoint = tempfile.mkdtemp(prefix="qwen-random-")
+        qwen_random_checkpoint(checkpoint, ours.tokenizer, args.layers, torch_dtype)
+        ours = models.load(checkpoint, dtype=args.dtype)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
+    theirs = theirs.to(device).eval()
+    ids = sampler.encode_prompts(ours.tokenizer, prompts, chat_template=True)
     prompt_tokens, prompt_mask = sampler.left_pad(ids, max(map(len, ids)))
     hf_inputs = dict(
-        input_ids=torch.as_tensor(prompt_tokens, dtype=torch.long),
-        attention_mask=torch.as_tensor(prompt_mask, dtype=torch.long),
+        input_ids=torch.as_tensor(prompt_tokens, dtype=torch.long, device=device),
+        attention_mask=torch.as_tensor(prompt_mask, dtype=torch.long, device=device),
     )
     seed = iter(range(10**6))
 
     def run_ours():
         out = sampler.generate(
-            ours, list(PROMPTS), k=k, max_new_tokens=n_new, temperature=1.0,
+            ours, prompts, k=k, max_new_tokens=n_new, temperature=1.0,
             stop_token_ids=[], seed=next(seed),
         )  # fmt: skip
         assert out.mask.sum() == rows * n_new
@@ -133,6 +186,8 @@ def main() -> None:
                 num_return_sequences=k, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 pad_token_id=sampler.PAD_ID,
             )  # fmt: skip
+            if device == "cuda":
+                torch.cuda.synchronize()
         assert out.shape == (rows, prompt_tokens.shape[1] + new_tokens)
 
     compile_s = _timed(run_ours)
@@ -142,7 +197,8 @@ def main() -> None:
     for _ in range(args.repeats):
         times["ours"].append(_timed(run_ours))
         times["theirs"].append(_timed(run_theirs))
-        bandwidth, flops = max(bandwidth, memory_bandwidth()), max(flops, matmul_flops())
+        bandwidth = max(bandwidth, memory_bandwidth())
+        flops = max(flops, matmul_flops(args.dtype))
         print(f"repeat: ours {times['ours'][-1]:.2f} s, transformers {times['theirs'][-1]:.2f} s")
     best = {side: min(t) for side, t in times.items()}
     tps = {side: rows * n_new / s for side, s in best.items()}
@@ -154,10 +210,11 @@ def main() -> None:
     bound = "memory" if step_bytes / bandwidth > step_flops / flops else "compute"
     ours_step_s = best["ours"] / n_new
 
-    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; torch threads "
-          f"{args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
-    print(f"batch: {len(PROMPTS)} prompts x K={k}, prompt {prompt_tokens.shape[1]} tokens "
-          f"(padded), {n_new} new tokens, T=1.0, float32")  # fmt: skip
+    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; torch on {device}, "
+          f"threads {args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
+    print(f"model: {args.model}, {ours.config.num_layers} layers; batch: {len(prompts)} prompts "
+          f"x K={k}, prompt {prompt_tokens.shape[1]} tokens (padded), {n_new} new tokens, "
+          f"T=1.0, {args.dtype}")  # fmt: skip
     print(f"our compilation + first run: {compile_s:.1f} s")
     print(f"daro_jax.sampler:      {best['ours']:.2f} s  {tps['ours']:.1f} tokens/s")
     print(f"transformers.generate: {best['theirs']:.2f} s  {tps['theirs']:.1f} tokens/s")
