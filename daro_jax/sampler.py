@@ -4,8 +4,10 @@ One jitted function per static shape (prompt length bucket P, max new tokens N, 
 
 1. prefill: the B left-padded prompts run once through the decoder into a [L, B, P, KV, Dh]
    cache; the logits of each prompt's last position give the first sampled token;
-2. the cache is padded to S = P + N slots and repeated K times on the batch axis
-   (row r = b·K + j is sample j of prompt b: prompt-major);
+2. rows r = b·K + j (sample j of prompt b: prompt-major) get room for N new tokens: on
+   accelerators the cache is padded to S = P + N slots and repeated K times on the batch
+   axis; on CPU (`models.decode`) the prompt part stays one per prompt, read once for its
+   K rows, beside each row's own N slots (cache slot P + i − 1 below is own slot i − 1);
 3. decode, in stages of static, halving row counts R = B·K, R/2, R/4, … down to `min_rows`
    (`stage_sizes`; multiples of the mesh's row shards; on CPU only, one stage elsewhere):
    stage j runs a `lax.while_loop` that feeds the token sampled at step i − 1 (position
