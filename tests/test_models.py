@@ -238,8 +238,8 @@ def test_cpu_decode_layout_matches_full_forward(tiny_hf_dirs, family):
     @jax.jit
     def start(params):
         _, cache = decoder.prefill(params, cfg, ids[:, :prefill], mask[:, :prefill])
-        own = decode.decode_cache(cache, mask[:, :prefill], 2, t - prefill)
-        return decode.decode_params(params, cfg), own
+        cache = decode.decode_cache(cache, mask[:, :prefill], 2, t - prefill)
+        return decode.decode_params(params, cfg), cache
 
     @jax.jit
     def step(dparams, tokens, pos, cache, slot):

@@ -63,11 +63,10 @@ def decode_params(params: dict, cfg: ModelConfig) -> dict:
                 w = w.reshape(inputs.get(name, cfg.hidden_size), -1).T
             layer[name] = w
         layers.append(layer)
-    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"].T
     return {
         "embed": params["embed"],
         "final_norm": params["final_norm"],
-        "head": head.astype(dt),
+        "head": decoder.output_matrix(params, cfg).T.astype(dt),
         "layers": layers,
     }
 

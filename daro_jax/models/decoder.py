@@ -28,10 +28,8 @@ Either way `mask` may instead be [B, T, S] booleans, the key slots each query at
 (the update's packed rows, `daro_jax.packing`), used as given; keys must still lie at or
 before the query's own slot.
 
-`params["layers"]` (and the cache's "k", "v") may also be given unstacked, as lists of L
-per-layer pytrees (`unstack_layers`): the layers then run as a Python loop. The sampler's
-decode step does this on CPU, where slicing a layer out of the stacked arrays inside the
-scan copies its weights and cache at every step.
+The sampler's decode step on CPU runs `daro_jax.models.decode` instead: the same function
+for T = 1 in a layout XLA:CPU streams faster.
 """
 
 from __future__ import annotations
@@ -174,12 +172,6 @@ def repeat_cache(c: jnp.ndarray, copies: int, room: int) -> jnp.ndarray:
     return jnp.pad(jnp.repeat(c, copies, axis=-4), padding)
 
 
-def unstack_layers(stacked):
-    """The list of L per-layer pytrees of a pytree whose leaves are stacked on axis 0."""
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
-
-
 def _attention(q, k, v, allowed, cfg: ModelConfig):
     """softmax(q·kᵀ/√Dh + mask)·v with H/KV query heads per key/value head.
 
@@ -298,16 +290,8 @@ def forward(
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    if isinstance(params["layers"], list | tuple):
-        cache_out = ([], [])
-        for i, lp in enumerate(params["layers"]):
-            x, cache_kv = body(x, (lp, None if cache is None else (cache["k"][i], cache["v"][i])))
-            if cache is not None:
-                cache_out[0].append(cache_kv[0])
-                cache_out[1].append(cache_kv[1])
-    else:
-        cache_in = None if cache is None else (cache["k"], cache["v"])
-        x, cache_out = lax.scan(body, x, (params["layers"], cache_in))
+    cache_in = None if cache is None else (cache["k"], cache["v"])
+    x, cache_out = lax.scan(body, x, (params["layers"], cache_in))
     new_cache = None if cache is None else {"k": cache_out[0], "v": cache_out[1]}
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
 
