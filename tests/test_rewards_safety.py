@@ -2,8 +2,11 @@
 nesting, megabytes of text, slow sums) score 0 within timeout + 1 s, in-process and in the
 pool, which keeps scoring afterwards."""
 
+import collections
+import contextlib
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -106,18 +109,134 @@ def test_hazard_batch_counters(pool):
     assert stats["no_answer"] == 2  # the box starts before the last 4,000 characters
 
 
-def test_deadline_interrupts_and_keeps_an_outer_alarm():
+def _busy(until: float) -> None:
+    while time.monotonic() < until:
+        time.sleep(0.005)
+
+
+class _SlowFinalizer:
+    def __init__(self, until: float):
+        self.until = until
+
+    def __del__(self):
+        _busy(self.until)
+
+
+def _swallow_in_except(seen: list, until: float) -> None:
+    for _ in range(3):
+        try:
+            _busy(until)
+        except BaseException as exc:  # a library that catches everything, three times
+            seen.append(exc)
+
+
+def _swallow_in_finalizer(seen: list, until: float, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "unraisablehook", lambda hook_args: seen.append(hook_args.exc_value))
+    finalizer = _SlowFinalizer(until)
+    del finalizer  # __del__ runs now and is still running when the alarm comes
+
+
+@pytest.mark.parametrize("where", ["except BaseException", "__del__"])
+def test_deadline_survives_swallowed_alarms(where, monkeypatch):
+    """The first alarms land where they are swallowed; the block still ends with ItemTimeout
+    within the deadline + 1 s (a one-shot alarm would let it run to its end, 3 s later)."""
+    seen = []
+    start = time.monotonic()
+    end = start + TIMEOUT_S + 2.0
+    with pytest.raises(ItemTimeout), deadline(TIMEOUT_S):
+        if where == "__del__":
+            _swallow_in_finalizer(seen, end, monkeypatch)
+        else:
+            _swallow_in_except(seen, end)
+        _busy(end)
+    assert time.monotonic() - start < TIMEOUT_S + 1.0
+    assert seen and all(isinstance(exc, ItemTimeout) for exc in seen)
+    assert len(seen) == (1 if where == "__del__" else 3)
+
+
+@pytest.mark.parametrize("exit_with", [None, ValueError, KeyboardInterrupt])
+def test_expired_block_that_swallowed_the_alarm(exit_with):
+    """A block that swallowed its only alarm (no repeat within its run) and then returns or
+    raises an Exception ends with ItemTimeout; KeyboardInterrupt passes unchanged."""
+    start = time.monotonic()
+    expected = KeyboardInterrupt if exit_with is KeyboardInterrupt else ItemTimeout
+    with pytest.raises(expected) as raised, deadline(0.1, repeat_s=60.0):
+        with contextlib.suppress(ItemTimeout):
+            _busy(start + 0.5)
+        if exit_with is not None:
+            raise exit_with
+    if exit_with is ValueError:
+        assert isinstance(raised.value.__cause__, ValueError)
+    else:
+        assert raised.value.__cause__ is None
+
+
+@pytest.fixture
+def own_alarm():
+    """The test's own SIGALRM: no handler or timer of the harness's in the way; they are put
+    back afterwards."""
+    handler = signal.getsignal(signal.SIGALRM)
+    timer = signal.setitimer(signal.ITIMER_REAL, 0.0)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0.0)
+    signal.signal(signal.SIGALRM, handler)
+    if timer[0] > 0:
+        signal.setitimer(signal.ITIMER_REAL, *timer)
+
+
+def test_deadline_restores_an_outer_handler_and_timer(own_alarm):
+    calls = []
+
+    def outer(signum, frame):
+        calls.append(time.monotonic())
+
+    signal.signal(signal.SIGALRM, outer)
+    # A caller's repeating timer, not due during the blocks: handler, delay and interval come
+    # back, whether the block ran out (after swallowing alarms) or not.
+    armed = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, 30.0, 7.0)
+    for seconds in (5.0, 0.05):
+        with contextlib.suppress(ItemTimeout), deadline(seconds):
+            _swallow_in_except([], time.monotonic() + 0.5)
+            time.sleep(0.5)
+        delay, interval = signal.getitimer(signal.ITIMER_REAL)
+        assert signal.getsignal(signal.SIGALRM) is outer
+        assert 30.0 - (time.monotonic() - armed) <= delay + 0.01 and delay < 30.0
+        assert interval == pytest.approx(7.0)
+    # A caller's alarm due during the block fires just after it, once.
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    with deadline(5.0):
+        time.sleep(0.4)
+    after = time.monotonic()
+    time.sleep(0.3)
+    assert len(calls) == 1 and calls[0] - after < 0.1
+    # No caller's timer: none is left behind, and the handler is the caller's again.
     with pytest.raises(ItemTimeout), deadline(0.05):
         time.sleep(1.0)
-    fired = []
-    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
-    signal.setitimer(signal.ITIMER_REAL, 0.3)
-    try:
-        with deadline(5.0):
-            pass
-        assert 0.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.3
-        time.sleep(0.4)
-        assert fired == [True]
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0.0)
-        signal.signal(signal.SIGALRM, previous)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is outer
+    time.sleep(0.2)
+    assert len(calls) == 1
+
+
+def test_deadline_enter_and_exit_under_a_storm_of_alarms(own_alarm):
+    """With an alarm every 20 us, entering and leaving are never interrupted half-way: each
+    block ends normally or with ItemTimeout and leaves the caller's handler and no timer."""
+
+    def outer(signum, frame):
+        pass
+
+    signal.signal(signal.SIGALRM, outer)
+    outcomes = collections.Counter()
+    for i in range(300):
+        try:
+            with deadline(1e-4 * (i % 20 + 1), repeat_s=2e-5):
+                end = time.monotonic() + 1e-3
+                while time.monotonic() < end:
+                    pass
+            outcomes["returned"] += 1
+        except ItemTimeout:
+            outcomes["timeouts"] += 1
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        assert signal.getsignal(signal.SIGALRM) is outer
+    assert outcomes["timeouts"] > 0

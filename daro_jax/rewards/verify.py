@@ -29,7 +29,6 @@ import re
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from fractions import Fraction
 from functools import lru_cache
 from typing import NamedTuple
@@ -100,28 +99,72 @@ class ItemTimeout(BaseException):
     through instead of turning it into a silent False)."""
 
 
-@contextmanager
-def deadline(seconds: float):
-    """Raise `ItemTimeout` in the block after `seconds` (only in the main thread; elsewhere
-    the block runs without a deadline and the caller must bound it, as the pool does)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def deadline(seconds: float, repeat_s: float = 0.1) -> "_Deadline":
+    """Context manager: raise `ItemTimeout` in the block once `seconds` have passed, and again
+    every `repeat_s` until the block has exited, so an alarm that lands where it is swallowed
+    (a finalizer, a callback, an `except BaseException`) is followed by another.
 
-    def _expire(signum, frame):
+    A block still running at `seconds` ends with `ItemTimeout`: a block that swallowed it and
+    then returned, or raised an `Exception`, has `ItemTimeout` raised from its exit (chained
+    to that exception); other BaseExceptions (KeyboardInterrupt ...) pass unchanged. Code
+    that swallows every alarm is not bounded (the pool kills such a worker).
+
+    SIGALRM and ITIMER_REAL, in the main thread only; elsewhere the block runs without a
+    deadline and the caller must bound it, as the pool does. A caller's own SIGALRM handler
+    is restored on exit and its timer re-armed with the time it had left (at least 1 ms: an
+    alarm due during the block fires just after it) and its interval. In a process with
+    other threads, an alarm sent as the block ends may be handled late, by the caller's
+    handler, as with any timer cancelled at the moment it fires. Single use."""
+    return _Deadline(seconds, repeat_s)
+
+
+class _Deadline:
+    """The context manager of `deadline`. While one of its methods is on the stack (including
+    what they call, such as `signal.signal`), an alarm only marks the deadline as passed, so
+    entering and leaving are never interrupted half-way."""
+
+    def __init__(self, seconds: float, repeat_s: float):
+        self._seconds = seconds
+        self._repeat_s = repeat_s
+        self._armed = False
+        self._expired = False
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._start = time.monotonic()
+        self._previous = signal.signal(signal.SIGALRM, self._tick)
+        self._outer = signal.setitimer(signal.ITIMER_REAL, self._seconds, self._repeat_s)
+        self._armed = True
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if not self._armed:
+            return False
+        signal.setitimer(signal.ITIMER_REAL, 0.0)
+        signal.signal(signal.SIGALRM, self._previous)
+        outer_delay, outer_interval = self._outer
+        if outer_delay > 0:
+            left = max(outer_delay - (time.monotonic() - self._start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+        if self._expired and (exc is None or isinstance(exc, Exception)):
+            raise ItemTimeout from exc
+        return False
+
+    def _tick(self, signum, frame):
+        if time.monotonic() < self._start + self._seconds:
+            return  # a late alarm of a timer set before this block's
+        self._expired = True
+        while frame is not None:
+            if frame.f_code in _UNINTERRUPTED:
+                return
+            frame = frame.f_back
         raise ItemTimeout
 
-    previous = signal.signal(signal.SIGALRM, _expire)
-    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0.0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer_delay > 0:  # re-arm a caller's own alarm (e.g. a test timeout)
-            left = max(outer_delay - (time.monotonic() - start), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+
+_UNINTERRUPTED = frozenset(
+    method.__code__ for method in (_Deadline.__enter__, _Deadline.__exit__, _Deadline._tick)
+)
 
 
 def normalize(answer: str) -> str:
