@@ -203,13 +203,13 @@ def test_deadline_restores_an_outer_handler_and_timer(own_alarm):
         assert signal.getsignal(signal.SIGALRM) is outer
         assert 30.0 - (time.monotonic() - armed) <= delay + 0.01 and delay < 30.0
         assert interval == pytest.approx(7.0)
-    # A caller's alarm due during the block fires just after it, once.
+    # A caller's alarm due during the block fires after it (not during it), once.
     signal.setitimer(signal.ITIMER_REAL, 0.2)
     with deadline(5.0):
         time.sleep(0.4)
-    after = time.monotonic()
+        block_end = time.monotonic()
     time.sleep(0.3)
-    assert len(calls) == 1 and calls[0] - after < 0.1
+    assert len(calls) == 1 and calls[0] > block_end
     # No caller's timer: none is left behind, and the handler is the caller's again.
     with pytest.raises(ItemTimeout), deadline(0.05):
         time.sleep(1.0)
