@@ -481,3 +481,207 @@ def test_bad_paths_and_arguments(tiny_hf_dirs, monkeypatch):
 def test_mesh_that_does_not_fit_the_devices():
     with pytest.raises(ValueError, match="needs 12 devices but 8"):
         sharding.make_mesh((3, 2, 2))
+
+
+# ---- GGUF metadata without torch: config and tokenizer vs transformers' GGUF loaders ----
+
+TOKENIZER_TEXTS = [
+    "",
+    "Hello, world! What is 2+3?",
+    "  leading spaces, double  spaces,\ttabs and trailing ",
+    "line one\nline two\n\n\nafter blank lines\r\n",
+    "naïve café, Straße, Ελληνικά, 数学题, مرحبا, 🙂👍🏽",
+    "12345 + 6789 = 19134; 3.14159, 1e-10, 1,000,000 and 0.5%",
+    r"Solve $x^2 - 5x + 6 = 0$: \frac{5 \pm \sqrt{25 - 24}}{2}, so \boxed{2} or \boxed{3}.",
+    r"\begin{align} \int_0^1 x\,dx &= \tfrac{1}{2} \end{align}",
+    "don't, I'll, we've, it's -- 'quoted' \"double\"",
+    "<|im_start|>user\ninline special tokens<|im_end|>\n<think>added</think>",
+]
+TOKENIZER_CHATS = [
+    [{"role": "user", "content": "What is 2+3?"}],
+    [
+        {"role": "system", "content": "Reason step by step."},
+        {"role": "user", "content": r"Compute $\sum_{k=1}^{10} k$."},
+        {"role": "assistant", "content": r"The sum is \boxed{55}."},
+        {"role": "user", "content": "And 數 to 100?"},
+    ],
+]
+
+
+def assert_same_tokenizer(ours, ref):
+    """`ours` encodes, decodes, pads and applies the chat template exactly as `ref`."""
+    assert ours.get_vocab() == ref.get_vocab() and len(ours) == len(ref)
+    assert ours.special_tokens_map == ref.special_tokens_map
+    assert ours.all_special_ids == ref.all_special_ids
+    assert {i: str(t) for i, t in ours.added_tokens_decoder.items()} == {
+        i: str(t) for i, t in ref.added_tokens_decoder.items()
+    }
+    assert ours.chat_template == ref.chat_template and ours.chat_template
+    for text in TOKENIZER_TEXTS:
+        ids = ours(text)["input_ids"]
+        assert ids == ref(text)["input_ids"], text
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip
+            )
+    batch = dict(padding=True, padding_side="left")
+    assert ours(TOKENIZER_TEXTS, **batch).data == ref(TOKENIZER_TEXTS, **batch).data
+    for chat in TOKENIZER_CHATS:
+        for prompt in (False, True):
+            kw = dict(add_generation_prompt=prompt)
+            text = ours.apply_chat_template(chat, tokenize=False, **kw)
+            assert text == ref.apply_chat_template(chat, tokenize=False, **kw)
+            assert ours(text)["input_ids"] == ref(text)["input_ids"]
+
+
+def test_smollm2_gguf_config_and_tokenizer_match_transformers(smollm2_model):
+    """Our torch-free GGUF reading gives the config transformers' GGUF loader gives (on
+    every field ModelConfig uses), and a tokenizer that behaves as transformers' own."""
+    path = models.smollm2_gguf_path()
+    folder, name = os.path.split(path)
+    ref_config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+    ours = gguf_io.hf_config(gguf_io.read_metadata(path))
+    assert type(ours) is type(ref_config)
+    assert models.ModelConfig.from_hf(ours) == models.ModelConfig.from_hf(ref_config)
+    assert smollm2_model.config == models.ModelConfig.from_hf(ref_config)
+    assert ours.pad_token_id == ref_config.pad_token_id
+    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert_same_tokenizer(smollm2_model.tokenizer, ref_tokenizer)
+
+
+TORCH_BLOCKED_LOAD = """
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+from daro_jax import models
+
+model = models.load("smollm2-gguf")
+chat = [{"role": "user", "content": "What is 2+3?"}]
+text = model.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+ids = np.asarray([model.tokenizer(text)["input_ids"]])
+np.save(sys.argv[1], np.asarray(models.logits(model, ids, np.ones_like(ids))))
+loaded = sorted(m for m, mod in sys.modules.items() if m.split(".")[0] == "torch" and mod)
+json.dump({"ids": ids.tolist(), "torch_modules": loaded}, open(sys.argv[2], "w"))
+"""
+
+
+def test_smollm2_gguf_loads_without_torch(smollm2_model, tmp_path):
+    """The runtime installs no torch: `models.load` of the embedded GGUF works in a process
+    where `import torch` fails, and gives the in-process model's tokens and logits."""
+    import subprocess
+    import sys
+
+    out_logits, out_info = tmp_path / "logits.npy", tmp_path / "info.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_BLOCKED_LOAD, str(out_logits), str(out_info)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env={**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(out_info.read_text())
+    assert info["torch_modules"] == []
+    tok = smollm2_model.tokenizer
+    text = tok.apply_chat_template(TOKENIZER_CHATS[0], tokenize=False, add_generation_prompt=True)
+    ids = np.asarray([tok(text)["input_ids"]])
+    assert info["ids"] == ids.tolist()
+    ref = np.asarray(models.logits(smollm2_model, ids, np.ones_like(ids)))
+    np.testing.assert_allclose(np.load(out_logits), ref, rtol=0, atol=1e-5)
+
+
+CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_bpe_vocabulary(size):
+    """(tokens, token types, merges) of a byte-level BPE of `size` tokens trained on
+    TOKENIZER_TEXTS, spelled as llama.cpp stores a "gpt2" vocabulary: the control tokens
+    first (type 3), bytes and merged tokens (type 1), and a user-defined "<think>" (type 4)."""
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as token_models
+
+    bpe = Tokenizer(token_models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size - 1,
+        special_tokens=list(CONTROL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(TOKENIZER_TEXTS, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get) + ["<think>"]
+    assert len(tokens) == size
+    types = [3 if t in CONTROL_TOKENS else 1 for t in tokens[:-1]] + [4]
+    return tokens, types, [" ".join(pair) for pair in model["merges"]]
+
+
+def copy_gguf_with_metadata(src, dst, add_metadata):
+    """Copy the GGUF file `src` to `dst`, with the key/values `add_metadata(writer)` adds."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch=reader.get_field("general.architecture").contents())
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            sub_type = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    add_metadata(writer)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_qwen2_gguf_config_tokenizer_and_logits(tiny_hf_dirs, torch_models, tmp_path):
+    """A Qwen2 GGUF as llama.cpp writes one (its keys, a "gpt2" vocabulary with merges and
+    the "qwen2" digit-splitting pre-tokenizer, no bos/unk ids, an untied output matrix):
+    our config equals transformers' GGUF config, our tokenizer behaves as transformers' GGUF
+    tokenizer, and the loaded model gives the logits of the original checkpoint."""
+    hf = transformers.AutoConfig.from_pretrained(tiny_hf_dirs["qwen2_untied"])
+    tensors = load_file(os.path.join(tiny_hf_dirs["qwen2_untied"], hf_io.SINGLE_FILE))
+    write_gguf(tmp_path / "bare.gguf", "qwen2", tensors, n_heads=4, n_kv_heads=2)
+    tokens, types, merges = tiny_bpe_vocabulary(hf.vocab_size)
+
+    def add_metadata(writer):
+        writer.add_context_length(hf.max_position_embeddings)
+        writer.add_embedding_length(hf.hidden_size)
+        writer.add_feed_forward_length(hf.intermediate_size)
+        writer.add_rope_freq_base(hf.rope_parameters["rope_theta"])
+        writer.add_layer_norm_rms_eps(hf.rms_norm_eps)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_eos_token_id(CONTROL_TOKENS.index("<|im_end|>"))
+        writer.add_pad_token_id(CONTROL_TOKENS.index("<|endoftext|>"))
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(CHATML_TEMPLATE)
+
+    copy_gguf_with_metadata(tmp_path / "bare.gguf", tmp_path / "qwen2.gguf", add_metadata)
+    path = str(tmp_path / "qwen2.gguf")
+    model = models.load(path)
+    ref_config = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file="qwen2.gguf")
+    assert model.config == models.ModelConfig.from_hf(ref_config)
+    assert model.config.model_type == "qwen2" and not model.config.tie_word_embeddings
+    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="qwen2.gguf")
+    assert_same_tokenizer(model.tokenizer, ref_tokenizer)
+    assert model.tokenizer("2000")["input_ids"] == [tokens.index(d) for d in "2000"]
+    model.tokenizer.save_pretrained(tmp_path / "saved")  # as export writes it
+    assert_same_tokenizer(
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "saved"), ref_tokenizer
+    )
+    enc = model.tokenizer(
+        TOKENIZER_TEXTS[1:5], return_tensors="np", padding=True, padding_side="left"
+    )
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ref = torch_logits(torch_models["qwen2_untied"], ids, mask)
+    assert max_err_on_tokens(models.logits(model, ids, mask), ref, mask) <= 1e-4

@@ -89,12 +89,10 @@ def _resolve(path: str) -> str:
     )
 
 
-def _pretrained_args(location: str) -> tuple[tuple, dict]:
-    """Arguments for transformers' `from_pretrained` (folder, gguf_file=… for GGUF)."""
-    if location.endswith(".gguf"):
-        folder, name = os.path.split(os.path.abspath(location))
-        return (folder,), {"gguf_file": name}
-    return (location,), {}
+@functools.lru_cache(maxsize=2)
+def _gguf_metadata(location: str, stamp: tuple) -> gguf_io.Metadata:
+    """The metadata of a .gguf `location`, parsed once per `_stamp` (it takes seconds)."""
+    return gguf_io.read_metadata(location)
 
 
 def _stamp(location: str) -> tuple:
@@ -112,8 +110,9 @@ def _stamp(location: str) -> tuple:
 @functools.lru_cache(maxsize=8)
 def _read_hf_config(location: str, stamp: tuple):
     """config.json (or the GGUF metadata) of `location`, parsed once per `_stamp`."""
-    args, kwargs = _pretrained_args(location)
-    return transformers.AutoConfig.from_pretrained(*args, **kwargs)
+    if location.endswith(".gguf"):
+        return gguf_io.hf_config(_gguf_metadata(location, stamp))
+    return transformers.AutoConfig.from_pretrained(location)
 
 
 def _hf_config(location: str, overrides: Mapping[str, Any]):
@@ -131,9 +130,10 @@ def _hf_config(location: str, overrides: Mapping[str, Any]):
 @functools.lru_cache(maxsize=8)
 def _tokenizer(location: str, stamp: tuple):
     """The tokenizer of `location`, loaded once per `_stamp` (GGUF parsing takes seconds)."""
-    args, kwargs = _pretrained_args(location)
+    if location.endswith(".gguf"):
+        return gguf_io.tokenizer(_gguf_metadata(location, stamp))
     try:
-        return transformers.AutoTokenizer.from_pretrained(*args, **kwargs)
+        return transformers.AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError) as e:
         raise hf_io.CheckpointError(
             f"could not load a tokenizer from {location} ({type(e).__name__}: {e}); "
