@@ -92,6 +92,8 @@ def get_config():
     c.data.generated_size = 10000  # generated training problems per epoch
     c.data.subset = ""  # hub dataset config name (datasets.load_dataset(name=...)); "" = default
     c.data.answer_from_boxed = False  # answer = last \boxed{} of the answer column (MATH-style)
+    # Malformed rows (broken JSON, no problem/answer) above this share: the run does not start.
+    c.data.max_bad_fraction = 0.01
     c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.data.system_prompt = placeholder(str)
     c.data.chat_template = True

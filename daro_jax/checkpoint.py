@@ -12,6 +12,11 @@ ignores and the next `Checkpointer` deletes. Saves are asynchronous: `save` retu
 arrays are copied to host memory (so the state may be donated to the next step right away) and
 the files are written in the background; `wait`/`close` block until they are on disk.
 
+A save that fails (in the background or not) raises `CheckpointSaveError`, naming its step and
+the cause, at the first `save`, `check`, `wait` or `close` after the failure: `save` calls
+`check` every step, so a loop that calls it every step stops at the step after. Old
+checkpoints are deleted only after a newer one is complete, so the last good one stays.
+
 Multi-host: every process must make the same calls (`save`, `restore`, `any_process_preempted`)
 in the same order; orbax coordinates the writes.
 
@@ -34,6 +39,7 @@ Typical loop:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -54,6 +60,10 @@ _ABSENT = "<absent>"
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint was written by a run whose config differs in a field that matters."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the run must stop (earlier checkpoints are intact)."""
 
 
 class Checkpointer:
@@ -91,6 +101,7 @@ class Checkpointer:
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
+        self._saving: int | None = None  # the step of the last save not yet checked
 
     def should_save(self, step: int) -> bool:
         """True when `step` falls on the save interval."""
@@ -99,15 +110,27 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: Mapping[str, Any], force: bool = False) -> bool:
         """Saves `state` and `meta` as step `step` if it is due (or `force`) and not saved yet.
 
-        Returns whether a save was started. Collective: call it on every process.
+        Returns whether a save was started. First raises CheckpointSaveError if an earlier
+        save has failed (`check`). Collective: call it on every process.
         """
+        self.check()
         if not (force or self.should_save(step)) or step in self.all_steps():
             return False
         _check_json(meta)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
         )
-        return self._manager.save(step, args=args, force=True)
+        self.wait()  # orbax waits for the previous save here anyway; name its failure
+        with self._failure(step):
+            started = self._manager.save(step, args=args, force=True)
+        self._saving = step if started else None
+        return started
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError if the last save has failed; does not wait for a save
+        still in flight."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def all_steps(self) -> list[int]:
         """Steps of the checkpoints on disk and of a save in flight, ascending."""
@@ -147,18 +170,44 @@ class Checkpointer:
         return restored.state, restored.meta
 
     def wait(self) -> None:
-        """Blocks until the save in flight (if any) is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight (if any) is on disk; raises CheckpointSaveError
+        if it failed."""
+        step, self._saving = self._saving, None
+        with self._failure(step):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for the save in flight and releases orbax's resources."""
-        self._manager.close()
+        """Waits for the save in flight, releases orbax's resources, then raises
+        CheckpointSaveError if the save failed."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def _failure(self, step: int | None):
+        """Turns an exception of orbax saving `step` into CheckpointSaveError."""
+        try:
+            yield
+        except Exception as e:
+            self._manager.reload()  # the steps on disk (orbax drops old ones from its list early)
+            kept = [s for s in self.all_steps() if s != step]
+            last = (
+                f"the last complete checkpoint, step {kept[-1]}, is intact: fix the cause and "
+                "run the same command again to resume from it"
+                if kept
+                else "there is no earlier checkpoint"
+            )
+            raise CheckpointSaveError(
+                f"saving the checkpoint of step {step} in {self.directory} failed "
+                f"({type(e).__name__}: {e}); the run stops here; {last}."
+            ) from e
 
     def _resolve_step(self, step: int | None) -> int | None:
         if step is None:

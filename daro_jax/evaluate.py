@@ -16,13 +16,16 @@ Benchmarks, k, temperature, … come from --config's `eval` section, the prompt 
 its `data` section (see `evaluation.eval_options`). The Markdown table is printed and saved
 with the JSON as <output_dir>/eval_<label>.md and .json, where label is step<N> for a
 workdir, else the checkpoint's file or folder name; output_dir defaults to the workdir for
-a workdir and to the current directory otherwise.
+a workdir and to the current directory otherwise. Local paths (--checkpoint, --output_dir and
+the config's model.path, eval.benchmarks_dir) are made absolute first (`cli.resolve_path`).
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from daro_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/smollm2_135m.py", "Recipe file with get_config().", lock_config=True
@@ -45,14 +48,19 @@ def main(argv):
     import jax
 
     from daro_jax import evaluation
+    from daro_jax.models.model import SMOLLM2_ALIAS
 
+    checkpoint = cli.resolve_path(_CHECKPOINT.value, keep=(SMOLLM2_ALIAS,))
     results, md_path = evaluation.run_evaluation(
-        _CONFIG.value, _CHECKPOINT.value, _OUTPUT_DIR.value, _STEP.value
+        cli.with_local_paths(_CONFIG.value),
+        checkpoint,
+        cli.resolve_path(_OUTPUT_DIR.value, local=True),
+        _STEP.value,
     )
     if jax.process_index() == 0:
         print(evaluation.markdown_table(results))
-        logging.info("wrote %s and its .json", md_path)
+        print(f"wrote {md_path} and its .json")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

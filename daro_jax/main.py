@@ -1,7 +1,10 @@
 """Entry point: `python -m daro_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v]`.
 
 Wires flags, multi-host initialisation and the trainer; everything else lives in
-trainer.py. A workdir that already holds a checkpoint resumes from it.
+trainer.py. A workdir that already holds a checkpoint resumes from it; one whose checkpoint is
+already at train.steps says so and exits 0. Local paths (workdir, model.path, data.source,
+eval.benchmarks_dir) are made absolute here (`cli.resolve_path`); `gs://` URLs stay as they
+are. The console shows the run's own lines; `--verbosity=0` adds the libraries' INFO logs.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from daro_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/smollm2_135m.py", "Recipe file with get_config().", lock_config=True
@@ -52,8 +57,9 @@ def main(argv):
     init_distributed(_DISTRIBUTED.value)
     from daro_jax import trainer
 
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    workdir = cli.resolve_path(_WORKDIR.value, local=True)
+    trainer.train(cli.with_local_paths(_CONFIG.value), workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

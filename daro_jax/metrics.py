@@ -1,12 +1,16 @@
-"""Metric naming, TensorBoard writing (process 0 only) and the one-line console summary."""
+"""Metric naming, TensorBoard writing (process 0 only) and the run's console lines: the
+start-up summary, one line per logged step and the closing line."""
 
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 # Peak dense bf16 FLOP/s per chip, for MFU; devices not listed get no MFU.
 PEAK_FLOPS = {
@@ -86,20 +90,73 @@ class Writer:
             self._tb.close()
 
 
+# (metric, console label, format) of the figures a researcher watches, then the timings.
+FIGURES = (
+    ("reward", "reward", ".3f"),
+    ("accuracy", "acc", ".3f"),
+    ("loss", "loss", "+.4f"),
+    ("entropy", "H", ".3f"),
+    ("clip_frac_high", "clip_hi", ".3f"),
+    ("length_mean", "len", ".1f"),
+)
+TIMINGS = (
+    ("time/sampler_s", "sample", ".1f"),
+    ("time/reward_s", "reward_t", ".1f"),
+    ("time/update_s", "update", ".1f"),
+)
+
+
+def _figures(m: Mapping[str, float], fields) -> list[str]:
+    return [f"{label} {m[key]:{fmt}}" for key, label, fmt in fields if key in m]
+
+
 def summary_line(step: int, m: Mapping[str, float]) -> str:
-    """One console line: the figures a researcher watches."""
-    parts = [f"step {step}"]
-    for key, label, fmt in (
-        ("reward", "reward", ".3f"),
-        ("accuracy", "acc", ".3f"),
-        ("loss", "loss", "+.4f"),
-        ("entropy", "H", ".3f"),
-        ("clip_frac_high", "clip_hi", ".3f"),
-        ("length_mean", "len", ".1f"),
-        ("time/sampler_s", "sample", ".1f"),
-        ("time/reward_s", "reward_t", ".1f"),
-        ("time/update_s", "update", ".1f"),
-    ):
-        if key in m:
-            parts.append(f"{label} {m[key]:{fmt}}")
-    return " | ".join(parts)
+    """One console line: the figures a researcher watches and the step's timings."""
+    return " | ".join([f"step {step}", *_figures(m, FIGURES + TIMINGS)])
+
+
+def console(line: str) -> None:
+    """Prints one of the run's own lines on process 0, above a tqdm bar if one is shown."""
+    if jax.process_index() == 0:
+        tqdm.write(line)
+        sys.stdout.flush()
+
+
+def tensorboard_command(logdir: str) -> str:
+    return f"tensorboard --logdir {shlex.quote(str(logdir))}"
+
+
+def startup_lines(
+    config, workdir: str, n_params: int, mesh_shape: Mapping[str, int], problems: int
+) -> list[str]:
+    """The start-up summary of a run: model, devices, mesh, recipe and data, and where its
+    checkpoints and TensorBoard scalars go."""
+    m, a, t = config.model, config.algo, config.train
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    every = f"every {t.ckpt_every} steps and " if t.ckpt_every else ""
+    return [
+        f"model        {m.path}: {n_params / 1e6:.1f} M parameters"
+        f"{' (random init)' if m.init_random else ''}, params {m.param_dtype}, "
+        f"compute {m.dtype}",
+        f"devices      {jax.device_count()} × {', '.join(kinds)} "
+        f"in {jax.process_count()} process(es)",
+        "mesh         " + " × ".join(f"{name} {size}" for name, size in mesh_shape.items()),
+        f"recipe       {a.name}, K={a.k}, {t.batch_prompts} prompts per step, {t.steps} "
+        f"steps, lr {config.optim.lr:g}, {config.sampler.max_new_tokens} new tokens",
+        f"data         {config.data.source}: {problems} problems",
+        f"checkpoints  {workdir}/checkpoints ({every}at the end; the last "
+        f"{t.keep_checkpoints} kept)",
+        f"TensorBoard  {tensorboard_command(workdir)}",
+    ]
+
+
+def closing_line(step: int, steps: int, m: Mapping[str, float], workdir: str) -> str:
+    """The last console line of a run: where it stopped, its last figures, how to look."""
+    return " | ".join(
+        [
+            f"done: step {step} of {steps}",
+            *_figures(m, FIGURES),
+            f"checkpoints in {workdir}/checkpoints",
+            f"view: {tensorboard_command(workdir)}",
+        ]
+    )

@@ -628,9 +628,11 @@ def main() -> None:
     """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v]`: print the plan;
     exit status 0 whether or not it fits (the verdict is in the output). The flags are
     defined here, not at import, so that importing this module next to daro_jax.main does
-    not define --config twice."""
+    not define --config twice. A local model.path is made absolute first (`cli`)."""
     from absl import app, flags
     from ml_collections import config_flags
+
+    from daro_jax import cli
 
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Recipe file with get_config().", lock_config=True
@@ -641,9 +643,10 @@ def main() -> None:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         if config_flag.value is None:
             raise app.UsageError("--config=configs/<recipe>.py is required.")
-        print(make_plan(config_flag.value, title=flags.FLAGS["config"].config_filename).format())
+        config = cli.with_local_paths(config_flag.value)
+        print(make_plan(config, title=flags.FLAGS["config"].config_filename).format())
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":

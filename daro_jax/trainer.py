@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -385,6 +385,7 @@ def _load_problems(config) -> list[dict]:
         num_generated=d.generated_size,
         subset=d.subset or None,
         answer_from_boxed=d.answer_from_boxed,
+        max_bad_fraction=d.max_bad_fraction,
     )
 
 
@@ -740,7 +741,7 @@ class Trainer:
         )
         self.state, meta = ckpt.restore(target)
         self.iterator.restore(meta["data_position"])
-        logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+        metrics.console(f"resumed from the checkpoint of step {meta['step']} in {ckpt.directory}")
         return int(meta["step"])
 
 
@@ -748,14 +749,26 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
     """Run (or resume) the RL loop of `config` in `workdir`; returns the last step's metrics.
 
     `on_step(step, metrics)` is called after every step, with the periodic evaluation's
-    metrics when it ran at that step (tests and the study use it).
+    metrics when it ran at that step (tests and the study use it). Prints the start-up
+    summary, one line per logged step and a closing line (process 0). A workdir whose
+    checkpoint is already at train.steps is left as it is: one line says so, returns {}.
     """
-    os.makedirs(workdir, exist_ok=True)
+    t = config.train
+    with checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt:
+        meta = ckpt.restore_meta()
+    if meta is not None and meta["step"] >= t.steps:
+        checkpoint.check_compatible(meta["config"], json.loads(config.to_json()))
+        metrics.console(f"{workdir}: already at step {meta['step']} of {t.steps}; nothing to do")
+        return {}
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
+    for line in metrics.startup_lines(
+        config, workdir, trainer.n_params, dict(trainer.mesh.shape), len(trainer.examples)
+    ):
+        metrics.console(line)
     writer = metrics.Writer(workdir)
     evaluator = evaluation.PeriodicEval(config, workdir)
     checkpoint.install_sigterm_handler()
-    t = config.train
     last: dict = {}
     with (
         checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt,
@@ -763,7 +776,7 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
             config.reward.num_workers, config.reward.timeout_s, fallback=config.reward.fallback
         ) as pool,
     ):
-        start = trainer.restore(ckpt)
+        start = done = trainer.restore(ckpt)
         bar = tqdm(
             range(start, t.steps),
             initial=start,
@@ -787,10 +800,12 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
                 bar.write(metrics.summary_line(step + 1, last))
             stop = checkpoint.any_process_preempted()
             ckpt.save(step + 1, trainer.state, trainer.meta(step + 1), force=stop)
+            done = step + 1
             if stop:
                 logging.warning("SIGTERM: saved step %d, exiting", step + 1)
                 break
         else:
             ckpt.save(t.steps, trainer.state, trainer.meta(t.steps), force=True)
     writer.close()
+    metrics.console(metrics.closing_line(done, t.steps, last, workdir))
     return last

@@ -1,5 +1,6 @@
 """Checkpointer: sharded round trip, keep-last-M, atomicity, config compatibility, SIGTERM."""
 
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from helpers import load_config_file
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -231,6 +234,84 @@ def test_sigterm_sets_flag():
         signal.signal(signal.SIGTERM, previous)
         ck.clear_preemption()
     assert not ck.preemption_requested()
+
+
+def _fail_saves_of(monkeypatch, step: int) -> None:
+    """Orbax's write of the `meta` item of checkpoint `step` raises ENOSPC, as a full disk
+    would (in the background thread of an asynchronous save)."""
+    original = ocp.JsonCheckpointHandler._save_fn
+
+    async def save_fn(self, item, directory):
+        if directory.parent.name.split(".")[0] == str(step):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await original(self, item, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
+
+
+FAILED_2 = r"step 2 in .* failed \(OSError: .*No space left on device.*step 1, is intact"
+
+
+def _restores_step_1(tmp_path):
+    with ck.Checkpointer(tmp_path, keep=1, every=1) as ckpt:
+        assert ckpt.all_steps() == [1]
+        state, meta = ckpt.restore(jax.eval_shape(lambda: {"w": jnp.zeros(4)}))
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(state["w"], np.arange(4.0))
+
+
+def test_failed_background_save_stops_the_next_save(tmp_path, monkeypatch):
+    """The save of step 2 fails after `save` returned: the next `save` raises, naming step 2
+    and the cause, starts nothing, and step 1 (keep=1) is not deleted."""
+    _fail_saves_of(monkeypatch, 2)
+    with ck.Checkpointer(tmp_path, keep=1, every=1) as ckpt:
+        assert ckpt.save(1, {"w": jnp.arange(4.0)}, {"step": 1})
+        assert ckpt.save(2, {"w": jnp.arange(4.0) * 2}, {"step": 2})
+        with pytest.raises(ck.CheckpointSaveError, match=FAILED_2):
+            ckpt.save(3, {"w": jnp.arange(4.0) * 3}, {"step": 3})
+        assert ckpt.all_steps() == [1]
+    _restores_step_1(tmp_path)
+
+
+def test_failed_last_save_raises_at_close(tmp_path, monkeypatch):
+    _fail_saves_of(monkeypatch, 2)
+    ckpt = ck.Checkpointer(tmp_path, keep=1, every=1)
+    ckpt.save(1, {"w": jnp.arange(4.0)}, {"step": 1})
+    ckpt.save(2, {"w": jnp.arange(4.0) * 2}, {"step": 2})
+    with pytest.raises(ck.CheckpointSaveError, match=FAILED_2):
+        ckpt.close()
+    _restores_step_1(tmp_path)
+
+
+def test_failed_synchronous_save_raises_at_once(tmp_path, monkeypatch):
+    _fail_saves_of(monkeypatch, 2)
+    with ck.Checkpointer(tmp_path, keep=1, every=1, async_save=False) as ckpt:
+        assert ckpt.save(1, {"w": jnp.arange(4.0)}, {"step": 1})
+        with pytest.raises(ck.CheckpointSaveError, match=FAILED_2):
+            ckpt.save(2, {"w": jnp.arange(4.0) * 2}, {"step": 2})
+    _restores_step_1(tmp_path)
+
+
+def test_training_stops_when_a_save_fails_and_the_last_good_one_restores(tmp_path, monkeypatch):
+    """trainer.train with the step-4 save failing: the run raises, naming step 4 and the
+    cause; step 2 (keep=1) is intact and a new run's trainer restores its whole state."""
+    from daro_jax import trainer
+
+    config = load_config_file(
+        "configs/tiny.py",
+        **{
+            "train.steps": 4,
+            "train.ckpt_every": 2,
+            "train.keep_checkpoints": 1,
+            "reward.num_workers": 1,
+        },
+    )
+    _fail_saves_of(monkeypatch, 4)
+    with pytest.raises(ck.CheckpointSaveError, match=r"step 4 .*No space left.*step 2, is intact"):
+        trainer.train(config, str(tmp_path))
+    with ck.Checkpointer(tmp_path, keep=1, every=2) as ckpt:
+        assert ckpt.all_steps() == [2]
+        assert trainer.Trainer(config).restore(ckpt) == 2
 
 
 def _two_process_worker(process_id, port, workdir):

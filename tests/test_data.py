@@ -139,17 +139,19 @@ EXPECTED = [
 ]
 
 
-def _write_jsonl(path, rows, extra_lines=()):
-    lines = [json.dumps(r) for r in rows] + list(extra_lines)
-    path.write_text("\n".join(lines) + "\n")
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def test_jsonl_skips_and_counts_malformed_rows(tmp_path):
-    path = _write_jsonl(tmp_path / "t.jsonl", ROWS, ["{not json", "[1, 2]", ""])
-    examples, skipped = data.load_examples(str(path))
+def test_jsonl_skips_malformed_rows_and_names_their_lines(tmp_path):
+    lines = [json.dumps(ROWS[0]), "", *[json.dumps(r) for r in ROWS[1:]], "{not json", "[1, 2]"]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n\n")
+    examples, malformed = data.load_examples(str(path))
     assert examples == EXPECTED
-    assert skipped == len(ROWS) - len(EXPECTED) + 2  # + the undecodable line and the list
+    # ROWS[4:] and the two last lines; line 2 is blank (no row), so ROWS[i] is on line i + 2
+    assert malformed == [i + 2 for i in range(4, len(ROWS))] + [len(ROWS) + 2, len(ROWS) + 3]
 
 
 def test_json_and_parquet_match_jsonl(tmp_path):
@@ -159,7 +161,7 @@ def test_json_and_parquet_match_jsonl(tmp_path):
         {"problem": "c", "answer": "3"},
         {"problem": "", "answer": "4"},
     ]
-    want = ([{"problem": "a", "answer": "1"}, {"problem": "c", "answer": "3"}], 2)
+    want = ([{"problem": "a", "answer": "1"}, {"problem": "c", "answer": "3"}], [2, 4])
     columns = {k: [r[k] for r in rows] for k in ("problem", "answer")}
     (tmp_path / "b.json").write_text(json.dumps(rows))
     (tmp_path / "c.json").write_text(json.dumps(columns))
@@ -180,7 +182,7 @@ def test_column_mapping_mismatch_names_column_and_columns_present(tmp_path):
         data.load_examples(str(path), problem_key="question")
     assert data.load_examples(str(path), problem_key="question", answer_key="solution") == (
         [{"problem": "q", "answer": "s"}],
-        0,
+        [],
     )
     pq.write_table(pa.Table.from_pydict({"q": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match=r"no column 'problem'.*\['q'\]"):
@@ -204,7 +206,7 @@ def test_answer_from_boxed_solution(tmp_path):
     ]
     path = _write_jsonl(tmp_path / "s.jsonl", rows)
     got = data.load_examples(str(path), answer_key="solution", answer_from_boxed=True)
-    assert got == ([{"problem": "p1", "answer": "\\frac{1}{2}"}], 2)
+    assert got == ([{"problem": "p1", "answer": "\\frac{1}{2}"}], [2, 3])
 
 
 def test_local_folder_goes_through_datasets(tmp_path):
@@ -214,7 +216,7 @@ def test_local_folder_goes_through_datasets(tmp_path):
     table = pa.Table.from_pydict({"question": ["a", "b", ""], "final": ["1", "2", "3"]})
     pq.write_table(table, folder / "train-00000.parquet")
     got = data.load_examples(str(folder), problem_key="question", answer_key="final")
-    assert got == ([{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}], 1)
+    assert got == ([{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}], [3])
 
 
 def test_load_train_set(tmp_path):
@@ -222,7 +224,57 @@ def test_load_train_set(tmp_path):
     assert generated == data.generate_problems("linear", 1, 4, 30)
     empty = _write_jsonl(tmp_path / "e.jsonl", [{"problem": "", "answer": ""}])
     with pytest.raises(ValueError, match="no usable problem"):
-        data.load_train_set(str(empty), seed=0)
+        data.load_train_set(str(empty), seed=0, max_bad_fraction=1.0)
+
+
+def _two_bad_of_three(tmp_path):
+    """A training file of 3 rows: line 1 good, line 2 broken JSON, line 3 without answer."""
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"problem": "1+1?", "answer": "2"})
+    path.write_text(f'{good}\n{{"problem": "2+2?", "answer": \n{json.dumps({"problem": "3+3?"})}\n')
+    return path
+
+
+def test_malformed_rows_above_the_fraction_refuse_the_source(tmp_path):
+    path = _two_bad_of_three(tmp_path)
+    with pytest.raises(ValueError) as error:
+        data.load_train_set(str(path), seed=0)
+    message = str(error.value)
+    assert f"data {path}: 2 of 3 rows malformed and skipped (lines 2, 3)" in message
+    assert "data.max_bad_fraction=0.01" in message
+
+
+def test_malformed_rows_below_the_fraction_are_a_warning(tmp_path, caplog):
+    path = _two_bad_of_three(tmp_path)
+    with caplog.at_level(logging.INFO):
+        examples = data.load_train_set(str(path), seed=0, max_bad_fraction=0.7)
+    assert examples == [{"problem": "1+1?", "answer": "2"}]
+    [record] = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert f"data {path}: 2 of 3 rows malformed and skipped (lines 2, 3)" in record.getMessage()
+
+
+def test_warning_names_the_first_five_positions(tmp_path):
+    rows = [{"problem": str(i), "answer": "1" if i % 2 else ""} for i in range(20)]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(
+        ValueError, match=r"10 of 20 rows malformed and skipped \(rows 1, 3, 5, 7, 9, …\)"
+    ):
+        data.load_train_set(str(path), seed=0, max_bad_fraction=0.49)
+    assert len(data.load_train_set(str(path), seed=0, max_bad_fraction=0.5)) == 10
+
+
+def test_trainer_refuses_a_file_of_mostly_bad_rows(tmp_path):
+    """config.data.max_bad_fraction reaches the loader: the run stops before the model loads."""
+    from helpers import load_config_file
+
+    from daro_jax import trainer
+
+    path = _two_bad_of_three(tmp_path)
+    config = load_config_file("configs/tiny.py", **{"data.source": str(path)})
+    with pytest.raises(ValueError, match=r"2 of 3 rows malformed.*max_bad_fraction=0.01"):
+        trainer.Trainer(config)
 
 
 # ---------------------------------------------------------------------------------------------

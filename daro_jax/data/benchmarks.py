@@ -118,11 +118,12 @@ def load_benchmark(
                 directory,
             )
             return None
-        rows = read_file(path)
+        rows, _ = read_file(path)
         present = {key for row in rows if isinstance(row, dict) for key in row}
         candidates = (columns,) if columns else BENCHMARK_COLUMNS[name]
         mapping = next((c for c in candidates if {c.problem, c.answer} <= present), candidates[0])
-        examples, skipped = rows_to_examples(rows, *mapping, origin=str(path))
+        examples, malformed = rows_to_examples(rows, *mapping, origin=str(path))
+        skipped = len(malformed)
     else:
         raise ValueError(f"unknown benchmark {name!r}; known: {BENCHMARKS}")
     if max_problems > 0:

@@ -1,6 +1,9 @@
 """Training problems from local .jsonl / .json / .parquet files, a local folder or a Hugging
-Face hub id (through `datasets`, imported only then), with a problem/answer column mapping;
-malformed rows are skipped and counted, never fatal.
+Face hub id (through `datasets`, imported only then), with a problem/answer column mapping.
+
+Malformed rows are skipped with a WARNING naming the source, their count and their first
+line numbers (row numbers outside .jsonl files); when they are more than `max_bad_fraction`
+of the rows, `load_train_set` refuses the source with that message instead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from daro_jax.data.generated import GENERATED_TRAIN_SIZE, generate_problems
 from daro_jax.rewards.extract import last_boxed
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SHOWN_POSITIONS = 5  # positions of malformed rows named in the warning
 
 
 def _as_text(value: Any) -> str | None:
@@ -52,9 +56,11 @@ def check_columns(origin: object, present: Sequence[str], problem_key: str, answ
             )
 
 
-def read_file(path: Path, columns: tuple[str, str] | None = None) -> list[Any]:
+def read_file(path: Path, columns: tuple[str, str] | None = None) -> tuple[list, list[int]]:
     """Rows of a .jsonl (one object per line; undecodable lines become None rows), .json
-    (a list of objects or an object of equal-length column lists) or .parquet file.
+    (a list of objects or an object of equal-length column lists) or .parquet file, and the
+    1-based position of each: its line number in a .jsonl file (blank lines are no rows),
+    its row number otherwise.
 
     With `columns` (problem, answer), a parquet file is checked for them and only they are
     read; other formats are read whole and checked by `rows_to_examples`.
@@ -65,27 +71,32 @@ def read_file(path: Path, columns: tuple[str, str] | None = None) -> list[Any]:
         if columns is not None:
             check_columns(path, pq.read_schema(path).names, *columns)
             columns = list(dict.fromkeys(columns))
-        return pq.read_table(path, columns=columns).to_pylist()
+        return _numbered(pq.read_table(path, columns=columns).to_pylist())
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        rows = []
-        for line in text.splitlines():
+        rows, lines = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     rows.append(None)
-        return rows
+                lines.append(number)
+        return rows, lines
     data = json.loads(text)
     if isinstance(data, list):
-        return data
+        return _numbered(data)
     lists = isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values())
     if lists and len({len(v) for v in data.values()}) == 1:
         cells = zip(*data.values(), strict=True)
-        return [dict(zip(data, row, strict=True)) for row in cells]
+        return _numbered([dict(zip(data, row, strict=True)) for row in cells])
     raise ValueError(
         f"{path}: expected a JSON list of objects or an object of equal-length column lists"
     )
+
+
+def _numbered(rows: list) -> tuple[list, list[int]]:
+    return rows, list(range(1, len(rows) + 1))
 
 
 def _looks_like_path(source: str) -> bool:
@@ -112,14 +123,17 @@ def _load_hf(source: str, split: str, subset: str | None, columns: tuple[str, st
     return table.select_columns(list(dict.fromkeys(columns))).to_list()
 
 
-def _read_rows(source: str, split: str, subset: str | None, columns: tuple[str, str]) -> list:
+def _read_rows(
+    source: str, split: str, subset: str | None, columns: tuple[str, str]
+) -> tuple[list, list[int]]:
+    """Rows of `source` and their positions (`read_file`; row numbers for a data set)."""
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in FILE_SUFFIXES:
             raise ValueError(f"{path}: unsupported file type; use one of {FILE_SUFFIXES}")
         return read_file(path, columns)
     if path.is_dir() or not _looks_like_path(source):
-        return _load_hf(source, split, subset, columns)
+        return _numbered(_load_hf(source, split, subset, columns))
     raise FileNotFoundError(
         f"data file {source!r} does not exist; set data.source to an existing "
         f".jsonl/.json/.parquet file, a hub dataset id, or 'generated'"
@@ -132,8 +146,8 @@ def rows_to_examples(
     answer_key: str,
     answer_from_boxed: bool = False,
     origin: str = "data",
-) -> tuple[list[dict[str, str]], int]:
-    """Examples from raw rows and the number of malformed rows skipped.
+) -> tuple[list[dict[str, str]], list[int]]:
+    """Examples from raw rows and the indices (0-based) of the malformed rows skipped.
 
     Raises ValueError (`check_columns`) when no row has `problem_key` or `answer_key`. A row
     is malformed when it is not an object, lacks a column, or a cell fails `_as_text`; with
@@ -143,8 +157,8 @@ def rows_to_examples(
     if rows:
         present = {key for row in rows if isinstance(row, dict) for key in row}
         check_columns(origin, present, problem_key, answer_key)
-    examples, skipped = [], 0
-    for row in rows:
+    examples, malformed = [], []
+    for i, row in enumerate(rows):
         problem = answer = None
         if isinstance(row, dict):
             problem, answer = _as_text(row.get(problem_key)), _as_text(row.get(answer_key))
@@ -152,10 +166,10 @@ def rows_to_examples(
                 answer = last_boxed(answer)
                 answer = answer.strip() if answer and answer.strip() else None
         if problem is None or answer is None:
-            skipped += 1
+            malformed.append(i)
         else:
             examples.append({"problem": problem, "answer": answer})
-    return examples, skipped
+    return examples, malformed
 
 
 def load_examples(
@@ -166,17 +180,35 @@ def load_examples(
     answer_key: str = "answer",
     subset: str | None = None,
     answer_from_boxed: bool = False,
-) -> tuple[list[dict[str, str]], int]:
+) -> tuple[list[dict[str, str]], list[int]]:
     """Examples of a local .jsonl/.json/.parquet file, a local folder or a hub id, and the
-    number of malformed rows skipped (see `rows_to_examples`).
+    positions of the malformed rows skipped (see `rows_to_examples`): 1-based line numbers
+    in a .jsonl file, row numbers otherwise.
 
     A local folder or a hub id (e.g. "open-r1/OpenR1-Math-220k", needs network) goes through
     `datasets.load_dataset(source, name=subset, split=split)`; `split` is ignored for files.
     A path that does not exist (one ending in a data suffix or starting with /, ., ~) raises
     FileNotFoundError.
     """
-    rows = _read_rows(source, split, subset, (problem_key, answer_key))
-    return rows_to_examples(rows, problem_key, answer_key, answer_from_boxed, origin=source)
+    rows, positions = _read_rows(source, split, subset, (problem_key, answer_key))
+    examples, malformed = rows_to_examples(
+        rows, problem_key, answer_key, answer_from_boxed, origin=source
+    )
+    return examples, [positions[i] for i in malformed]
+
+
+def malformed_message(
+    source: str, positions: list[int], rows: int, problem_key: str, answer_key: str
+) -> str:
+    """One line on the malformed rows of `source`: their count and first positions."""
+    unit = "line" if source.endswith(".jsonl") else "row"
+    shown = ", ".join(str(p) for p in positions[:SHOWN_POSITIONS])
+    more = ", …" if len(positions) > SHOWN_POSITIONS else ""
+    return (
+        f"data {source}: {len(positions)} of {rows} rows malformed and skipped ({unit}"
+        f"{'s' if len(positions) > 1 else ''} {shown}{more}): not a JSON object, or no "
+        f"usable {problem_key!r} or {answer_key!r} value"
+    )
 
 
 def load_train_set(
@@ -191,25 +223,35 @@ def load_train_set(
     num_generated: int = GENERATED_TRAIN_SIZE,
     subset: str | None = None,
     answer_from_boxed: bool = False,
+    max_bad_fraction: float = 0.01,
 ) -> list[dict[str, str]]:
     """The training problems of config section `data`: "generated" gives `num_generated`
-    problems of the train split; anything else goes to `load_examples`. Logs one line with
-    the counts; raises ValueError when no usable problem remains."""
+    problems of the train split; anything else goes to `load_examples`.
+
+    Malformed rows are a WARNING (`malformed_message`); when they are more than
+    `max_bad_fraction` of the rows, or no usable problem remains, raises ValueError with
+    that message instead."""
     if source == "generated":
-        examples, skipped = (
-            generate_problems(generated_kind, generated_difficulty, seed, num_generated),
-            0,
-        )
-    else:
-        examples, skipped = load_examples(
-            source,
-            split=split,
-            problem_key=problem_key,
-            answer_key=answer_key,
-            subset=subset,
-            answer_from_boxed=answer_from_boxed,
-        )
-    logging.info("data %s: %d problems, %d malformed rows skipped", source, len(examples), skipped)
+        return generate_problems(generated_kind, generated_difficulty, seed, num_generated)
+    examples, malformed = load_examples(
+        source,
+        split=split,
+        problem_key=problem_key,
+        answer_key=answer_key,
+        subset=subset,
+        answer_from_boxed=answer_from_boxed,
+    )
+    rows = len(examples) + len(malformed)
     if not examples:
-        raise ValueError(f"data source {source!r} has no usable problem ({skipped} malformed)")
+        raise ValueError(f"data source {source!r} has no usable problem ({rows} malformed rows)")
+    if not malformed:
+        return examples
+    message = malformed_message(source, malformed, rows, problem_key, answer_key)
+    if len(malformed) > max_bad_fraction * rows:
+        raise ValueError(
+            f"{message}. That is more than data.max_bad_fraction={max_bad_fraction:g} of its "
+            "rows, so the run does not start: fix the file, or raise "
+            "--config.data.max_bad_fraction to train on the rest."
+        )
+    logging.warning(message)
     return examples
