@@ -625,12 +625,10 @@ def _gathered_weights(cfg: ModelConfig, mesh) -> dict[str, int]:
 
 
 def main() -> None:
-    """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=NAME]
-    [--json=FILE]`: print the plan; exit status 1 when it does not fit. Flags are defined
-    here, not at import, so that importing this module next to daro_jax.main does not
-    define --config twice. A local model.path is made absolute first (`cli`). The plan
-    runs nothing, so JAX stays on the CPU and libtpu is told it has no TPU workers (its
-    start-up warnings otherwise); a TPU VM's own settings are kept."""
+    """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v]`: print the plan;
+    exit status 0 whether or not it fits (the verdict is in the output). The flags are
+    defined here, not at import, so that importing this module next to daro_jax.main does
+    not define --config twice. A local model.path is made absolute first (`cli`)."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -646,16 +644,7 @@ def main() -> None:
         if config_flag.value is None:
             raise app.UsageError("--config=configs/<recipe>.py is required.")
         config = cli.with_local_paths(config_flag.value)
-        jax.config.update("jax_platforms", "cpu")
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", str(config.tpu.accelerator))
-        title = flags.FLAGS["config"].config_filename
-        result = make_plan(config, topology_flag.value, title=title)
-        print(result.format())
-        if json_flag.value:
-            with open(json_flag.value, "w") as f:
-                json.dump(result.to_json(), f, indent=1)
-        return 0 if result.fits else 1
+        print(make_plan(config, title=flags.FLAGS["config"].config_filename).format())
 
     cli.run(run)
 
