@@ -537,14 +537,9 @@ def assert_same_tokenizer(ours, ref):
 def test_smollm2_gguf_config_and_tokenizer_match_transformers(smollm2_model):
     """Our torch-free GGUF reading gives the config transformers' GGUF loader gives (on
     every field ModelConfig uses), and a tokenizer that behaves as transformers' own."""
-    path = models.smollm2_gguf_path()
-    folder, name = os.path.split(path)
+    folder, name = os.path.split(models.smollm2_gguf_path())
     ref_config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
-    ours = gguf_io.hf_config(gguf_io.read_metadata(path))
-    assert type(ours) is type(ref_config)
-    assert models.ModelConfig.from_hf(ours) == models.ModelConfig.from_hf(ref_config)
     assert smollm2_model.config == models.ModelConfig.from_hf(ref_config)
-    assert ours.pad_token_id == ref_config.pad_token_id
     ref_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     assert_same_tokenizer(smollm2_model.tokenizer, ref_tokenizer)
 
@@ -685,3 +680,49 @@ def test_qwen2_gguf_config_tokenizer_and_logits(tiny_hf_dirs, torch_models, tmp_
     ids, mask = enc["input_ids"], enc["attention_mask"]
     ref = torch_logits(torch_models["qwen2_untied"], ids, mask)
     assert max_err_on_tokens(models.logits(model, ids, mask), ref, mask) <= 1e-4
+
+
+def test_gguf_metadata_the_decoder_cannot_honour_is_refused():
+    """Hand-written llama.cpp metadata: defaults where llama.cpp has them (RoPE base 10000,
+    head_dim = hidden / heads, tied when no output.weight), and a named refusal for RoPE
+    scaling, partial rotary, Qwen2 with a wider head, another architecture, a missing key."""
+    fields = {
+        "general.architecture": "llama",
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 128,
+        "llama.block_count": 2,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.context_length": 128,
+        "tokenizer.ggml.tokens": ["a"] * 320,
+    }
+    names = ("token_embd.weight", "blk.0.attn_q.weight")
+
+    def config(changes=(), tensor_names=names):
+        return gguf_io.hf_config(gguf_io.Metadata("m.gguf", fields | dict(changes), tensor_names))
+
+    hf = config()
+    assert (hf.vocab_size, hf.head_dim, hf.rope_parameters["rope_theta"]) == (320, 16, 1e4)
+    assert hf.tie_word_embeddings and not hf.attention_bias and hf.bos_token_id is None
+    hf = config({"llama.vocab_size": 256}, names + ("output.weight", "blk.0.attn_q.bias"))
+    assert hf.vocab_size == 256 and not hf.tie_word_embeddings and hf.attention_bias
+    qwen2 = {k.replace("llama.", "qwen2."): v for k, v in fields.items()}
+    refused = [
+        ({"llama.rope.scaling.type": "yarn"}, names, "rope.scaling.type='yarn'"),
+        ({}, names + ("rope_freqs.weight",), "rope_freqs"),
+        ({"llama.rope.dimension_count": 8}, names, "dimension_count=8 rotates part"),
+        (
+            qwen2 | {"general.architecture": "qwen2", "qwen2.attention.key_length": 32},
+            names,
+            "key_length=32",
+        ),
+    ]
+    for changes, tensor_names, message in refused:
+        with pytest.raises(models.UnsupportedConfigError, match=message):
+            config(changes, tensor_names)
+    with pytest.raises(models.CheckpointError, match="'gemma' is not supported"):
+        config({"general.architecture": "gemma"})
+    del fields["llama.context_length"]
+    with pytest.raises(models.CheckpointError, match="lacks 'llama.context_length'"):
+        config()
