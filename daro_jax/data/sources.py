@@ -228,9 +228,9 @@ def load_train_set(
     """The training problems of config section `data`: "generated" gives `num_generated`
     problems of the train split; anything else goes to `load_examples`.
 
-    Malformed rows are a WARNING (`malformed_message`); when they are more than
-    `max_bad_fraction` of the rows, or no usable problem remains, raises ValueError with
-    that message instead."""
+    Malformed rows are a WARNING (`malformed_message`), or a ValueError with that message
+    when they are more than `max_bad_fraction` of the rows; a source without any usable
+    problem is a ValueError too."""
     if source == "generated":
         return generate_problems(generated_kind, generated_difficulty, seed, num_generated)
     examples, malformed = load_examples(
