@@ -218,22 +218,18 @@ def base_eval(config_file: Path, eval_every: int, out: Path) -> None:
     path = out / "base_eval.json"
     if path.exists():
         return
-    from daro_jax import evaluation, models, sharding
+    from daro_jax import evaluation, models, rewards, sharding
 
     config = load_config(config_file, {"eval.every_steps": eval_every})
-    m = config.model
-    model = models.load(
-        m.path,
-        m.dtype,
-        sharding.make_mesh(config.mesh.shape),
-        param_dtype=m.param_dtype,
-        random_init=m.init_random,
-        seed=config.seed,
-        overrides=m.arch_overrides.to_dict(),
-    )
+    mesh = sharding.make_mesh(config.mesh.shape)
+    model = models.from_config(config.model, mesh, seed=config.seed)
+    r = config.reward
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
-        scalars = evaluation.PeriodicEval(config, workdir).run(model, 0)
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback) as pool,
+    ):
+        scalars = evaluation.PeriodicEval(config, workdir).run(model, 0, pool)
     record = {"step": 0, "metrics": scalars, "wall_s": round(time.perf_counter() - t0, 1)}
     record |= {"config_file": str(config_file), "git": git_state(), "time": now()}
     path.write_text(json.dumps(record, indent=1))

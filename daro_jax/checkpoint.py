@@ -1,4 +1,6 @@
-"""Orbax save / resume of the whole training state, and preemption (SIGTERM) handling.
+"""Orbax save / resume of the whole training state, read-only access to a workdir's
+checkpoints (`has_checkpoints`, `read_meta`, `restore_part`: evaluation restores the model
+params alone), and preemption (SIGTERM) handling.
 
 A checkpoint of step s lives in `<workdir>/checkpoints/<s>/` and holds two items:
 
@@ -43,7 +45,7 @@ import contextlib
 import json
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -310,11 +312,54 @@ def check_compatible(
         )
 
 
+# ---------------------------------------------------------------------------------------
+# Read-only access (evaluation): never cleans up, so a running trainer's save in flight is
+# left alone, unlike opening a `Checkpointer`.
+
+
+def has_checkpoints(workdir: str | epath.PathLike) -> bool:
+    """Whether `workdir` is a training workdir (it has a checkpoints/ folder)."""
+    return (epath.Path(workdir) / "checkpoints").is_dir()
+
+
+def read_meta(workdir: str | epath.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of the workdir's checkpoint `step` (default: the latest complete one)."""
+    root = epath.Path(workdir) / "checkpoints"
+    steps = sorted(ocp.utils.checkpoint_steps(root))
+    if not steps:
+        raise FileNotFoundError(f"{root} holds no complete checkpoint.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {root}; steps: {steps}.")
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "meta")
+    return step, meta
+
+
+def restore_part(workdir: str | epath.PathLike, step: int, part: Any) -> Any:
+    """The subtree `part` of the saved state of checkpoint `step` (orbax partial restore),
+    read onto its target shardings; nothing else of the state is read.
+
+    `part` is a nested dict along the state's keys ending in abstract arrays
+    (jax.ShapeDtypeStruct with .sharding), e.g. {"params": {"model": abstract_params}}.
+    """
+    args = ocp.args.PyTreeRestore(
+        item=part,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(part),
+        partial_restore=True,
+    )
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(path, args=args)
+
+
+# ---------------------------------------------------------------------------------------
+# Preemption.
+
 _PREEMPTED = threading.Event()
 
 
-def install_sigterm_handler(callback: Callable[[int], None] | None = None):
-    """On SIGTERM, set the preemption flag (then call `callback(signum)`) instead of dying.
+def install_sigterm_handler():
+    """On SIGTERM, set the preemption flag instead of dying.
 
     TPU VMs get SIGTERM before preemption; the loop polls `any_process_preempted()`, finishes
     its step, saves and exits. Must be called from the main thread. Returns the previous
@@ -323,8 +368,6 @@ def install_sigterm_handler(callback: Callable[[int], None] | None = None):
 
     def handler(signum, frame):
         _PREEMPTED.set()
-        if callback is not None:
-            callback(signum)
 
     return signal.signal(signal.SIGTERM, handler)
 

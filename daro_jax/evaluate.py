@@ -47,7 +47,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
 
-    from daro_jax import evaluation
+    from daro_jax import eval_results, evaluation
     from daro_jax.models.model import SMOLLM2_ALIAS
 
     checkpoint = cli.resolve_path(_CHECKPOINT.value, keep=(SMOLLM2_ALIAS,))
@@ -58,7 +58,7 @@ def main(argv):
         _STEP.value,
     )
     if jax.process_index() == 0:
-        print(evaluation.markdown_table(results))
+        print(eval_results.markdown_table(results))
         print(f"wrote {md_path} and its .json")
 
 

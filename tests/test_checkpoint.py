@@ -160,6 +160,39 @@ def test_leftover_tmp_dir_is_ignored(tmp_path):
     assert sorted(os.listdir(root)) == ["2", "4"]
 
 
+def test_read_only_access_restores_one_part_and_leaves_a_save_in_flight(tmp_path, mesh3):
+    """read_meta / restore_part read the params of a step onto new shardings and nothing
+    else of the state; a half-written save (orbax's tmp folder) is neither read nor
+    deleted, where opening a Checkpointer would delete it."""
+    assert not ck.has_checkpoints(tmp_path)
+    state = _state(mesh3)
+    expected = _host(state)
+    with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt:
+        ckpt.save(3, state, META)
+        ckpt.save(5, jax.tree.map(lambda x: x, state), {**META, "data_position": 5})
+    in_flight = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp"
+    shutil.copytree(tmp_path / "checkpoints" / "5", in_flight)
+    assert ck.has_checkpoints(tmp_path)
+    assert ck.read_meta(tmp_path) == (5, {**META, "data_position": 5})
+    assert ck.read_meta(tmp_path, 3) == (3, META)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 4 .* steps: \[3, 5\]"):
+        ck.read_meta(tmp_path, 4)
+    replicated = NamedSharding(jax.make_mesh((8,), ("x",)), P())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), expected["params"]
+    )
+    part = ck.restore_part(tmp_path, 3, {"params": target})
+    assert set(part) == {"params"}
+    for got, want in zip(
+        jax.tree.leaves(part["params"]), jax.tree.leaves(expected["params"]), strict=True
+    ):
+        assert got.sharding == replicated
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert in_flight.is_dir()
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        ck.read_meta(tmp_path / "nothing")
+
+
 def test_mismatched_target_names_the_leaves(tmp_path):
     with ck.Checkpointer(tmp_path, keep=1, every=1) as ckpt:
         ckpt.save(1, {"a": jnp.zeros((4, 2)), "b": {"c": jnp.zeros(3, jnp.int32)}}, {})
@@ -219,17 +252,17 @@ def test_check_compatible():
 
 
 def test_sigterm_sets_flag():
-    calls = []
+    """SIGTERM sets the flag and the process lives on; the previous handler is returned."""
     ck.clear_preemption()
-    previous = ck.install_sigterm_handler(calls.append)
+    previous = ck.install_sigterm_handler()
     try:
+        assert previous is not signal.getsignal(signal.SIGTERM)
         assert not ck.preemption_requested() and not ck.any_process_preempted()
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + 5
         while not ck.preemption_requested() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ck.preemption_requested() and ck.any_process_preempted()
-        assert calls == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
         ck.clear_preemption()

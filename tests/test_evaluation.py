@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import load_config_file
 
-from daro_jax import checkpoint, data, evaluation, models, rewards, trainer
+from daro_jax import checkpoint, data, eval_results, evaluation, models, rewards, trainer
 from daro_jax.rewards import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +79,10 @@ def test_mean_at_k_is_exact_with_known_completions():
         ["0.5", "\\boxed{1/3}", "\\boxed{2}", "no idea"],  # "0.5" = 1/2: 1 correct
         ["\\boxed{11} and then 12", "13", "", "twelve"],  # 0 correct
     ]
-    with rewards.RewardPool(1, 5.0, fallback="last_number") as pool:
-        result = evaluation.score_benchmark("toy", examples, texts, pool, k=4, dropped=2)
+    with rewards.RewardPool(1, 5.0, fallback="none") as pool:
+        result = evaluation.score_benchmark(
+            "toy", examples, texts, pool, k=4, fallback="last_number", dropped=2
+        )
     # Two dropped prompts count as wrong: n = 5.
     counts = np.array([4, 1, 0, 0, 0])
     np.testing.assert_array_equal(result.correct, counts)
@@ -97,16 +99,18 @@ def test_mean_at_k_is_exact_with_known_completions():
         ("1/2", "0.5", 1.0),
         ("3*4", "\\boxed{11} and then 12", 0.0),
     ]
-    other = evaluation.BenchmarkResult("b", 4, np.array([2, 2]), 0, 0.0, 0.0, 0.0)
+    other = eval_results.BenchmarkResult("b", 4, np.array([2, 2]), 0, 0.0, 0.0, 0.0)
     both = {"toy": result, "b": other}
-    out = evaluation.scalars(both)
+    out = eval_results.scalars(both)
     assert out["eval/toy/mean_at_4"] == pytest.approx(0.25)
     assert out["eval/b/pass_at_4"] == 1.0
     assert out["eval/average/mean_at_4"] == pytest.approx((0.25 + 0.5) / 2)
-    table = evaluation.markdown_table(both)
+    table = eval_results.markdown_table(both)
     assert "| toy | 5 | 4 | 0.2500 |" in table and "| average | 7 | | 0.3750 |" in table
     with pytest.raises(ValueError, match="need k=4 completions"):
-        evaluation.score_benchmark("toy", examples, [t[:3] for t in texts], None, k=4)
+        evaluation.score_benchmark(
+            "toy", examples, [t[:3] for t in texts], None, k=4, fallback="none"
+        )
 
 
 def test_options_are_checked():
@@ -249,7 +253,8 @@ def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
 
     periodic = evaluation.PeriodicEval(config, workdir)
     assert [s for s in range(1, 6) if periodic.due(s)] == [2, 4]
-    out = periodic.run(model, 4)
+    with rewards.RewardPool(1, 5.0, fallback="none") as pool:
+        out = periodic.run(model, 4, pool)
     assert set(out) == {
         "eval/aime24/mean_at_2",
         "eval/aime24/pass_at_2",

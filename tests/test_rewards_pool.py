@@ -161,6 +161,15 @@ def test_counters_and_lifecycle():
     stats = pool.pop_stats()
     assert (stats["correct"], stats["no_answer"]) == (1, 1)
     assert pool.pop_stats()["items"] == 0
+    # A per-call fallback, then the pool's own again: "so 5 + 3 = 8." has no box.
+    assert pool.score(["so 5 + 3 = 8.", "\\boxed{8}"], ["8", "8"], fallback="none").tolist() == [
+        0.0,
+        1.0,
+    ]
+    assert pool.score(["so 5 + 3 = 8."], ["8"]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="fallback='every'"):
+        pool.score(["1"], ["1"], fallback="every")
+    pool.pop_stats()
     with pytest.raises(ValueError, match="golds"):
         pool.score(["a", "b"], ["1"])
     pids = pool.worker_pids

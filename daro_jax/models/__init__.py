@@ -1,10 +1,12 @@
 """Decoder models: load checkpoints (HF safetensors, GGUF), run them, export them.
 
-Public API: `load`, `logits`, `smollm2_gguf_path`, `export`, `Model`.
+Public API: `load`, `from_config` (the model of a recipe's `model` section), `logits`,
+`smollm2_gguf_path`, `export`, `Model`.
 """
 
 from daro_jax.models.config import ModelConfig, UnsupportedConfigError
 from daro_jax.models.export import export
+from daro_jax.models.from_config import from_config
 from daro_jax.models.hf_io import CheckpointError
 from daro_jax.models.model import Model, load, logits, param_shardings, smollm2_gguf_path
 
@@ -14,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "UnsupportedConfigError",
     "export",
+    "from_config",
     "load",
     "logits",
     "param_shardings",

@@ -21,6 +21,7 @@ work in a script under `if __name__ == "__main__":`.
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -49,11 +50,12 @@ def _vm_size_bytes() -> int:
     raise RuntimeError("VmSize missing from /proc/self/status")
 
 
-def _worker_main(conn, config: VerifierConfig, memory_limit_mb: int) -> None:
-    """Worker loop: receive chunks [(index, completion, gold)], send (index, reward, reason)
-    per item; None ends the loop. Sends None once ready. Exits after an item interrupted by
-    its deadline or by the memory limit (the libraries' state is not trusted after an
-    asynchronous interruption); the parent then starts a fresh worker."""
+def _worker_main(conn, memory_limit_mb: int) -> None:
+    """Worker loop: receive (VerifierConfig, chunk [(index, completion, gold)]), send
+    (index, reward, reason) per item; None ends the loop. Sends None once ready. Exits
+    after an item interrupted by its deadline or by the memory limit (the libraries' state
+    is not trusted after an asynchronous interruption); the parent then starts a fresh
+    worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     limit = _vm_size_bytes() + memory_limit_mb * 2**20
@@ -63,9 +65,10 @@ def _worker_main(conn, config: VerifierConfig, memory_limit_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     conn.send(None)
     while True:
-        chunk = conn.recv()
-        if chunk is None:
+        message = conn.recv()
+        if message is None:
             return
+        config, chunk = message
         for index, completion, gold in chunk:
             reward, reason = score_item(completion, gold, config)
             conn.send((index, reward, reason))
@@ -107,7 +110,8 @@ class RewardPool:
 
     Keyword options are those of `VerifierConfig` (fallback, max_chars, max_answer_chars,
     max_digits), the worker's address-space headroom `memory_limit_mb`, the number of items
-    sent to a worker at once (`chunk_size`) and `start_method`.
+    sent to a worker at once (`chunk_size`) and `start_method`. `score(..., fallback=...)`
+    extracts answers with another fallback for that call only.
 
     Counters ("items" and one per reason of `verify.REASONS`: correct, wrong, no_answer,
     too_long, prescreened, parse_failures, gold_failures, timeouts, memory_errors, errors,
@@ -147,6 +151,7 @@ class RewardPool:
             max_answer_chars=max_answer_chars,
             max_digits=max_digits,
         )
+        self._call_config = self._config  # the settings of the `score` call in progress
         self._memory_limit_mb = memory_limit_mb
         self._chunk_size = chunk_size
         self._context = multiprocessing.get_context(start_method)
@@ -163,7 +168,7 @@ class RewardPool:
         parent_conn, child_conn = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, self._config, self._memory_limit_mb),
+            args=(child_conn, self._memory_limit_mb),
             daemon=True,
             name="reward-worker",
         )
@@ -187,8 +192,12 @@ class RewardPool:
         self._stats = dict.fromkeys(_COUNTERS, 0)
         return stats
 
-    def score(self, completions: list[str], golds: list[str]) -> np.ndarray:
-        """Rewards (float32, 1.0 or 0.0) of completions[i] against golds[i]."""
+    def score(
+        self, completions: list[str], golds: list[str], *, fallback: str | None = None
+    ) -> np.ndarray:
+        """Rewards (float32, 1.0 or 0.0) of completions[i] against golds[i]; `fallback`
+        replaces the pool's answer extraction for this call (training and evaluation share
+        one pool and extract differently)."""
         if not self._finalizer.alive:
             raise RuntimeError("RewardPool.score called after close().")
         if len(completions) != len(golds):
@@ -199,6 +208,10 @@ class RewardPool:
         for slot, worker in enumerate(self._workers):
             if worker.pending:  # left by an interrupted call: its answers must not land here
                 self._replace(slot, None, np.zeros(0), collections.deque())
+        config = self._config
+        self._call_config = (
+            config if fallback is None else dataclasses.replace(config, fallback=fallback)
+        )
         n = len(completions)
         rewards = np.zeros(n, dtype=np.float32)
         cap = self._config.max_chars
@@ -223,7 +236,7 @@ class RewardPool:
     def _send(self, worker: _Worker, chunk: list) -> None:
         worker.pending.extend(chunk)
         worker.deadline = time.monotonic() + self._config.timeout_s + _KILL_GRACE_S
-        worker.conn.send(chunk)
+        worker.conn.send((self._call_config, chunk))
 
     def _check(self, slot: int, rewards: np.ndarray, todo) -> int:
         """Read what the worker in `slot` sent; replace it if it retired, died or is past its
