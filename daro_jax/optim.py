@@ -5,8 +5,9 @@ daro_jax/losses.py for the DARO parameterisation). One `optax.multi_transform` u
 
     model (not frozen)  clip_by_global_norm(grad_clip) -> AdamW(lr_t, b1, b2, weight_decay)
     model (frozen)      set_to_zero: no update and no optimizer state; frozen = the
-                        slash-joined path inside state["model"] (e.g. "params/embed/embedding")
-                        fully matches a regex of optim.frozen
+                        slash-joined path inside state["model"], a decoder params tree (e.g.
+                        "embed/embedding", "layers/attn/q/kernel"; `models.decoder`), fully
+                        matches a regex of optim.frozen
     daro                lazy Adam(weight_lr_multiplier * lr_t, b1, b2), then projection of the
                         parameters onto losses.daro_param_bounds(spec)
 

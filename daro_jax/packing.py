@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+CHUNK_INPUTS = ("chunk_tokens", "chunk_segments", "chunk_offsets")  # `pack_blocks` arrays
+
 
 def first_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """First-fit-decreasing placement of completions of `lengths` [n] (each ≤ width) into

@@ -1,9 +1,11 @@
-"""Device mesh and logical-axis sharding.
+"""Device mesh and logical-axis sharding, through Flax's partitioning API.
 
-Arrays carry logical axis names (batch, embed, heads, …); one small rules table maps each
-name to a mesh axis (or a tuple of them, or None = replicated). A dimension whose size the
-mesh axes do not divide is replicated instead (e.g. SmolLM2's 9 heads on tensor=2), and a
-mesh axis is used at most once per array.
+Arrays carry logical axis names (batch, embed, heads, …): model parameters by
+`nn.with_logical_partitioning`, activations by `constrain` (`nn.with_logical_constraint`).
+`RULES` maps each name to a mesh axis (or a tuple of them, or None = replicated); Flax
+applies the rules in their order, a mesh axis at most once per array. A dimension that its
+mesh axes do not divide is an error naming the array, the dimension and the axes, unless
+the caller opts in to replicating it (logged).
 
 Mesh axes: ("data", "fsdp", "tensor"). Batch is split over data × fsdp; weights are split
 over fsdp (ZeRO-3 style) on their embed dimension and over tensor on heads / mlp / vocab.
@@ -16,31 +18,32 @@ import contextvars
 import math
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-DEFAULT_RULES: Rules = (
+RULES: Rules = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("cache_length", None),
     ("embed", "fsdp"),
-    ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("cache_length", None),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
 )
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "daro_jax_mesh", default=None
-)
+_REPLICATED: set[str] = set()  # indivisible dimensions already logged
+_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("daro_jax_mesh", default=None)
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -66,11 +69,10 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def validate_rules(rules: Rules, mesh: Mesh) -> None:
+def validate_rules(rules: Rules, mesh) -> None:
     """Every rule must name known mesh axes."""
     for name, target in rules:
-        targets = () if target is None else (target,) if isinstance(target, str) else target
-        for axis in targets:
+        for axis in _axes(target):
             if axis not in mesh.axis_names:
                 raise ValueError(
                     f"sharding rule {name!r} → {target!r} names mesh axis {axis!r}; "
@@ -78,57 +80,101 @@ def validate_rules(rules: Rules, mesh: Mesh) -> None:
                 )
 
 
-def logical_spec(
-    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+def _axes(target) -> tuple[str, ...]:
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _checked(
+    spec: PartitionSpec,
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh,
+    what: str,
+    replicate_indivisible: bool,
 ) -> PartitionSpec:
-    """PartitionSpec for an array of `shape` whose dimensions are called `names`."""
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(names, shape, strict=True):
-        if name is not None and name not in table:
+    """`spec` (Flax's mapping of `names`) after the divisibility check of every dimension."""
+    out = []
+    for dim, (name, size, target) in enumerate(zip(names, shape, spec, strict=True)):
+        parts = math.prod(mesh.shape[a] for a in _axes(target))
+        if size % parts:
+            message = (
+                f"{what}: dimension {dim} ({name!r}, size {size}) is not divisible by mesh "
+                f"axes {_axes(target)} of {parts} devices"
+            )
+            if not replicate_indivisible:
+                raise ValueError(
+                    f"{message}; choose a mesh whose axes divide it, or map {name!r} to None "
+                    "in the sharding rules."
+                )
+            if message not in _REPLICATED:  # once per array and dimension
+                _REPLICATED.add(message)
+                logging.warning("%s; replicated on those axes.", message)
+            target = None
+        out.append(target)
+    return PartitionSpec(*out)
+
+
+def _check_known(names: Sequence[str | None], rules: Rules) -> None:
+    known = {name for name, _ in rules}
+    for name in names:
+        if name is not None and name not in known:
             raise ValueError(f"logical axis {name!r} has no sharding rule; add it to the rules.")
-        target = None if name is None else table[name]
-        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        if axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes = ()
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
 
 
-def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for a pytree given its logical names and shapes (same structure)."""
+def logical_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh,
+    rules: Rules = RULES,
+    *,
+    what: str = "array",
+    replicate_indivisible: bool = False,
+) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` whose dimensions are called `names`
+    (`nn.logical_to_mesh_axes` over `rules`). An indivisible dimension raises a ValueError
+    naming `what`, or is replicated (logged) with `replicate_indivisible`."""
+    _check_known(names, rules)
+    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    return _checked(spec, names, shape, mesh, what, replicate_indivisible)
+
+
+def tree_shardings(logical_specs, shapes, mesh, rules: Rules = RULES):
+    """NamedShardings of a pytree from its logical PartitionSpecs (`nn.get_partition_spec`
+    of boxed params) and its shapes (same structure): `nn.logical_to_mesh_sharding`, then
+    the divisibility check of every leaf (an error names the leaf's path)."""
     validate_rules(rules, mesh)
-    return jax.tree.map(
-        lambda names, shape: NamedSharding(mesh, logical_spec(names, shape, mesh, rules)),
-        axes_tree,
-        shapes_tree,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    mapped = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+    def check(path, names, shape, named):
+        names = tuple(names)
+        _check_known(names, rules)
+        what = "/".join(str(getattr(k, "key", k)) for k in path)
+        spec = tuple(named.spec) + (None,) * (len(names) - len(named.spec))
+        return NamedSharding(mesh, _checked(spec, names, shape, mesh, what, False))
+
+    return jax.tree_util.tree_map_with_path(check, logical_specs, shapes, mapped, is_leaf=is_spec)
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """Within this context, traced `constrain` calls pin activations to the mesh."""
+def use_mesh(mesh: Mesh, rules: Rules = RULES):
+    """Within this context, `constrain` (traced inside jit) pins activations to `mesh`."""
     validate_rules(rules, mesh)
-    token = _ACTIVE.set((mesh, rules))
+    token = _ACTIVE.set(mesh)
     try:
-        yield mesh
+        with nn.logical_axis_rules(rules):
+            yield mesh
     finally:
         _ACTIVE.reset(token)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; the identity outside `use_mesh`."""
-    active = _ACTIVE.get()
-    if active is None:
+    """`nn.with_logical_constraint` of `x` to the mesh of `use_mesh`; identity outside it.
+    A dimension its axes do not divide is sharded unevenly (XLA pads it)."""
+    mesh = _ACTIVE.get()
+    if mesh is None:
         return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, logical_spec(names, x.shape, mesh, rules))
-    )
+    return nn.with_logical_constraint(x, tuple(names), mesh=mesh)
 
 
 def update_blocks(train, mesh: Mesh) -> tuple[int, int]:

@@ -20,13 +20,13 @@ One RL step s (B prompts per global batch, K responses each):
 
 Log-probabilities in the update use logits / T with the sampling temperature T, exactly as
 the sampler does. The prompts of a minibatch (left-padded to a fixed length P for the
-whole run) are forwarded once, in G blocks of g prompts whose KV caches sit side by side;
-their completions, packed back to back into rows of N = max_new_tokens positions
-(`daro_jax.packing`, completions of several prompts sharing a row), attend to their own
-prompt's cache. The update loops over micro-batches of R packed rows per block with a
-traced trip count, so every array keeps one shape for the whole run and the update
-compiles once; the prompts' share of the gradient is pulled back through their forward
-once per update (`update_gradients`). Per-token arrays of the loss stay [B·K, N].
+whole run) are forwarded once, in G blocks; their completions, packed back to back into
+rows of N = max_new_tokens positions (`daro_jax.packing`, completions of several prompts
+sharing a row), attend to their own prompt's cache (`models.packed`). The update loops
+over micro-batches of R packed rows per block with a traced trip count, so every array
+keeps one shape for the whole run and the update compiles once; the prompts' share of the
+gradient is pulled back through their forward once per update (`update_gradients`).
+Per-token arrays of the loss stay [B·K, N].
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from daro_jax import (
     sampler,
     sharding,
 )
-from daro_jax.models import decoder
+from daro_jax.models import packed
 from daro_jax.models.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------
@@ -70,7 +70,8 @@ from daro_jax.models.config import ModelConfig
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     names = ("batch",) + (None,) * (len(shape) - 1)
-    return NamedSharding(mesh, sharding.logical_spec(names, shape, mesh))
+    spec = sharding.logical_spec(names, shape, mesh, what="batch", replicate_indivisible=True)
+    return NamedSharding(mesh, spec)
 
 
 def to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -107,63 +108,7 @@ class UpdateSettings:
     on_policy: bool
 
 
-CHUNK_INPUTS = ("chunk_tokens", "chunk_segments", "chunk_offsets")
-
-
-def prompt_blocks(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, blocks: int):
-    """The b = G·g left-padded prompts [b, P] forwarded once: the hidden state of each
-    prompt's last position [G, g, D] (it predicts the first completion token) and the KV
-    cache of each block, its g prompts side by side: {"k", "v"} [L, G, KV, g·P, Dh]."""
-    hidden, cache = decoder.prefill(params, cfg, tokens, mask)
-    b, p = tokens.shape
-    g = b // blocks
-
-    def side_by_side(c):
-        layers, _, kv, _, dh = c.shape
-        c = c.reshape(layers, blocks, g, kv, p, dh).transpose(0, 1, 3, 2, 4, 5)
-        return c.reshape(layers, blocks, kv, g * p, dh)
-
-    return hidden[:, -1].reshape(blocks, g, -1), jax.tree.map(side_by_side, cache)
-
-
-def chunk_logprobs(params, last_hidden, cache, prompt_mask, chunk: dict, s: UpdateSettings):
-    """log π(o_t | prompt, o_<t) and entropy of softmax(logits / T) of every token of one
-    packed chunk (`daro_jax.packing`): chunk_tokens, chunk_segments, chunk_offsets [G, R, C].
-
-    last_hidden [G, g, D] and cache [L, G, KV, g·P, Dh] from `prompt_blocks`; prompt_mask
-    [G, g, P]. Token i of completion j = segments_i (prompt j // K of the block) sits at
-    position len(prompt) + offset_i and attends to its prompt's cache slots and to the
-    tokens of completion j before it: the forward of each [prompt | completion] alone. It
-    is predicted by the hidden state before it in its row, or by its prompt's last one for
-    offset 0. Returns two [G, R, C] arrays (values at padding are meaningless).
-    """
-    tokens, segments, offsets = (chunk[n] for n in CHUNK_INPUTS)
-    blocks, r, w = tokens.shape
-    g, p = prompt_mask.shape[1:]
-    k = s.spec.k
-    prompt = jnp.maximum(segments, 0) // k  # [G, R, C]: the token's prompt in its block
-    positions = jnp.take_along_axis(
-        jnp.repeat(prompt_mask.sum(-1), r, 0), prompt.reshape(blocks * r, w), axis=1
-    ) + offsets.reshape(blocks * r, w)
-    key_valid = jnp.repeat(prompt_mask.reshape(blocks, g * p).astype(bool), r, 0)
-    to_prompt = (jnp.arange(g * p) // p)[None, None] == prompt.reshape(blocks * r, w, 1)
-    seg = segments.reshape(blocks * r, w)
-    own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
-    own &= jnp.tril(jnp.ones((w, w), bool))
-    allowed = jnp.concatenate([to_prompt & key_valid[:, None], own], 2)
-    cache = jax.tree.map(lambda x: decoder.repeat_cache(x, r, w), cache)
-    hidden, _ = decoder.forward(
-        params, s.cfg, tokens.reshape(blocks * r, w), positions, allowed, cache, g * p
-    )
-    previous = jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))
-    start = jnp.take_along_axis(
-        jnp.repeat(last_hidden, r, 0), prompt.reshape(blocks * r, w, 1), axis=1
-    )
-    hidden = jnp.where(offsets.reshape(blocks * r, w, 1) > 0, previous, start)
-    logp, entropy = decoder.token_logprobs(
-        params, s.cfg, hidden, tokens.reshape(blocks * r, w), s.temperature
-    )
-    return logp.reshape(blocks, r, w), entropy.reshape(blocks, r, w)
+CHUNK_INPUTS = packing.CHUNK_INPUTS
 
 
 def to_rows(x: jax.Array, chunk: dict, k: int, g: int, rows: int) -> jax.Array:
@@ -175,6 +120,13 @@ def to_rows(x: jax.Array, chunk: dict, k: int, g: int, rows: int) -> jax.Array:
     flat = jnp.where(segments >= 0, row * c + offsets, rows * c)
     out = jnp.zeros(rows * c, x.dtype).at[flat.reshape(-1)].set(x.reshape(-1), mode="drop")
     return out.reshape(rows, c)
+
+
+def _chunk_logprobs(model_params, last, cache, prompt_mask, chunk: dict, s: UpdateSettings):
+    """`packed.chunk_logprobs` of one chunk at the settings' temperature."""
+    return packed.chunk_logprobs(
+        model_params, s.cfg, last, cache, prompt_mask, chunk, s.spec.k, s.temperature
+    )
 
 
 def _chunk(batch: dict, i) -> dict:
@@ -193,14 +145,13 @@ def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
     chunk arrays, n_chunks), rows prompt-major, 0 past each completion."""
     blocks, g = _blocks(batch)
     rows, c = batch["prompt_tokens"].shape[0] * s.spec.k, batch["chunk_tokens"].shape[-1]
-    prompt_mask = batch["prompt_mask"].reshape(blocks, g, -1)
-    last, cache = prompt_blocks(
+    last, cache = packed.prompt_blocks(
         model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
     )
 
     def body(i, out):
         chunk = _chunk(batch, i)
-        logp = chunk_logprobs(model_params, last, cache, prompt_mask, chunk, s)[0]
+        logp = _chunk_logprobs(model_params, last, cache, batch["prompt_mask"], chunk, s)[0]
         return out + to_rows(logp, chunk, s.spec.k, g, rows)
 
     return lax.fori_loop(0, batch["n_chunks"], body, jnp.zeros((rows, c), jnp.float32))
@@ -209,7 +160,7 @@ def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
 def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettings):
     """∇ of Σ_chunks microbatch_loss, the metric sums and Σ |logp − sampler_logp|·mask.
 
-    The prompts are forwarded once (`prompt_blocks`, under `jax.vjp`); each chunk's
+    The prompts are forwarded once (`packed.prompt_blocks`, under `jax.vjp`); each chunk's
     gradient w.r.t. the parameters, the prompts' last hidden states and their caches is
     accumulated over the `n_chunks` loop iterations, and the prompts' part is pulled back
     through their forward at the end: ∇ = Σ_i ∂L_i/∂θ + vjp_prompts(Σ_i ∂L_i/∂(h, cache)),
@@ -217,17 +168,16 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
     """
     blocks, g = _blocks(batch)
     rows = batch["prompt_tokens"].shape[0] * s.spec.k
-    prompt_mask = batch["prompt_mask"].reshape(blocks, g, -1)
 
     def prompts(model_params):
-        return prompt_blocks(
+        return packed.prompt_blocks(
             model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
         )
 
     (last, cache), pull_back = jax.vjp(prompts, params["model"])
 
     def loss_fn(p, last, cache, chunk):
-        logp, entropy = chunk_logprobs(p["model"], last, cache, prompt_mask, chunk, s)
+        logp, entropy = _chunk_logprobs(p["model"], last, cache, batch["prompt_mask"], chunk, s)
         inside = to_rows(jnp.ones(logp.shape, jnp.float32), chunk, s.spec.k, g, rows)
         logp, entropy = (to_rows(x, chunk, s.spec.k, g, rows) for x in (logp, entropy))
         part = tb._replace(mask=tb.mask * inside)

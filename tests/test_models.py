@@ -5,6 +5,7 @@ by `save_pretrained`, and the real SmolLM2-135M-Instruct GGUF), plus NumPy re-de
 of the layout rules written here.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from daro_jax import models, sharding
-from daro_jax.models import decode, decoder, gguf_io, hf_io
+from daro_jax.models import decoder, gguf_io, hf_io, kv_cache
 
 FAMILIES = ("llama31", "qwen2_tied", "qwen2_untied", "smollm2")
 
@@ -70,18 +72,20 @@ def test_logits_match_transformers(name, tiny_hf_dirs, torch_models):
 
 @pytest.mark.parametrize(
     "source_dims,shape",
-    [((1, 0, 0), (6, 4, 3)), ((1, 1, 0), (4, 3, 6)), ((1, 0), (6, 5)), ((0, 0), (4, 3))],
+    [((0, 0, 1), (6, 4, 3)), ((0, 1, 1), (4, 3, 6)), ((0, 1), (6, 5)), ((1, 0), (6, 5))],
 )
 def test_read_block_is_a_block_of_the_full_layout(source_dims, shape):
-    """Any block read from the HF tensor equals that block of ours = Wᵀ split row-major."""
+    """Any block read from the HF tensor equals that block of ours = W split row-major."""
     rule = hf_io.TensorRule(("x",), "x", source_dims)
     rng = np.random.default_rng(0)
     ours = rng.normal(size=shape)
     w = hf_io.to_hf(rule, ours)
-    if source_dims == (1, 0, 0):  # wq: ours[d, h, k] = W[h·Dh + k, d]
-        np.testing.assert_array_equal(w, ours.reshape(shape[0], -1).T)
-    if source_dims == (1, 1, 0):  # wo: ours[h, k, d] = W[d, h·Dh + k]
-        np.testing.assert_array_equal(w, ours.reshape(-1, shape[-1]).T)
+    if source_dims == (0, 0, 1):  # q: ours[h, k, d] = W[h·Dh + k, d]
+        np.testing.assert_array_equal(w, ours.reshape(-1, shape[-1]))
+    if source_dims == (0, 1, 1):  # o: ours[d, h, k] = W[d, h·Dh + k]
+        np.testing.assert_array_equal(w, ours.reshape(shape[0], -1))
+    if source_dims == (1, 0):  # a transposed layout
+        np.testing.assert_array_equal(w, ours.T)
     for _ in range(10):
         index = []
         for size in shape:
@@ -167,7 +171,7 @@ def test_sharded_placement_from_host_arrays(tiny_hf_dirs, unsharded_qwen2):
     )
     mesh = sharding.make_mesh((2, 2, 2))
     params = hf_io.load_params(source, cfg, models.param_shardings(cfg, mesh))
-    assert distinct_blocks(params["layers"]["w_up"]) == 4
+    assert distinct_blocks(params["layers"]["mlp"]["up"]["kernel"]) == 4
     for got, want in zip(
         jax.tree.leaves(params), jax.tree.leaves(unsharded_qwen2.params), strict=True
     ):
@@ -199,6 +203,8 @@ def test_smollm2_gguf_matches_transformers(smollm2_model, tmp_path):
 
 
 def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
+    """The scanned decoder with an own KV cache: 72 prompt tokens written at slot 0 in one
+    call, then one token per call at slot i, give the logits of one full forward."""
     model = models.load(tiny_hf_dirs["llama31"])
     cfg = model.config
     ids, mask = left_padded_batch(length=80, pads=(0, 3, 69))
@@ -206,73 +212,87 @@ def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
     positions = np.asarray(decoder.positions_from_mask(mask))
 
     @jax.jit
-    def step(params, tokens, pos, cache_mask, cache, cache_pos):
-        hidden, cache = decoder.forward(params, cfg, tokens, pos, cache_mask, cache, cache_pos)
+    def step(params, tokens, pos, allowed, cache, slot):
+        hidden, cache = decoder.forward(
+            params, cfg, tokens, pos, {"own": allowed}, own=cache, slot=slot
+        )
         return decoder.lm_logits(params, cfg, hidden), cache
 
     prefill, (b, t) = 72, ids.shape
-    cache = decoder.init_cache(cfg, b, t)
-    cache_mask = np.zeros((b, t), np.int32)
-    cache_mask[:, :prefill] = mask[:, :prefill]
-    out, cache = step(model.params, ids[:, :prefill], positions[:, :prefill], cache_mask, cache, 0)
+    shape = (cfg.num_layers, b, cfg.num_kv_heads, t, cfg.head_dim)
+    cache = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+    allowed = np.asarray(decoder.causal_masks(mask)["own"])  # [B, T, T]: query t, slot s
+    out, cache = step(
+        model.params, ids[:, :prefill], positions[:, :prefill], allowed[:, :prefill], cache, 0
+    )
     outs = [out]
     for i in range(prefill, t):
-        cache_mask[:, i] = 1
         sl = slice(i, i + 1)
-        out, cache = step(model.params, ids[:, sl], positions[:, sl], cache_mask, cache, i)
+        out, cache = step(model.params, ids[:, sl], positions[:, sl], allowed[:, sl], cache, i)
         outs.append(out)
     assert max_err_on_tokens(np.concatenate(outs, axis=1), full, mask) <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cpu_decode_layout_matches_full_forward(tiny_hf_dirs, family):
-    """decode.step (weights [out, in], keys slot-last, multiply-reduce attention, the
-    prompt's cache shared by 2 rows each) gives the full forward's logits of each token."""
+def test_decode_steps_with_shared_prompt_cache_match_full_forward(tiny_hf_dirs, family):
+    """The sampler's decode (`kv_cache`): each prompt's cache held once and read by its 2
+    rows, unstacked layers, one token per step into the rows' own slots; then the rows
+    gathered in another order (`take_rows`, each row with its own copy of its prompt's
+    part). Every step gives the full forward's logits of that token."""
     model = models.load(tiny_hf_dirs[family])
     cfg = model.config
     ids, mask = left_padded_batch(length=80, pads=(0, 3, 69))
     full = np.repeat(np.asarray(models.logits(model, ids, mask)), 2, axis=0)
     positions = np.repeat(np.asarray(decoder.positions_from_mask(mask)), 2, axis=0)
+    rows = np.repeat(ids, 2, axis=0)
     prefill, t = 72, ids.shape[1]
 
     @jax.jit
     def start(params):
-        _, cache = decoder.prefill(params, cfg, ids[:, :prefill], mask[:, :prefill])
-        cache = decode.decode_cache(cache, mask[:, :prefill], 2, t - prefill)
-        return decode.decode_params(params, cfg), cache
+        _, prompt_kv = decoder.prefill(params, cfg, ids[:, :prefill], mask[:, :prefill])
+        return kv_cache.start(params, cfg, prompt_kv, mask[:, :prefill], 2, t - prefill)
 
-    @jax.jit
-    def step(dparams, tokens, pos, cache, slot):
-        hidden, cache = decode.step(dparams, cfg, tokens, pos, cache, slot)
-        return decode.logits(dparams, hidden), cache
-
+    step = jax.jit(functools.partial(kv_cache.step, cfg=cfg))
     dparams, cache = start(model.params)
-    rows = np.repeat(ids, 2, axis=0)
+    order = np.arange(6)
     outs = []
     for i in range(prefill, t):
-        out, cache = step(dparams, rows[:, i], positions[:, i], cache, i - prefill)
+        if i == prefill + 4:
+            order = np.array([5, 0, 3, 2])  # rows of all three prompts, out of order
+            cache = jax.jit(kv_cache.take_rows)(cache, order)
+        out, cache = step(
+            dparams,
+            cache=cache,
+            tokens=rows[order, i],
+            positions=positions[order, i],
+            slot=i - prefill,
+        )
         outs.append(np.asarray(out))
-    np.testing.assert_allclose(np.stack(outs, axis=1), full[:, prefill:], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(outs[-1], full[order, i], atol=1e-5, rtol=0)
+    assert cache["shared_mask"].shape[0] == 4  # a prompt part per gathered row
 
 
 # Expected PartitionSpecs, written out: embed over fsdp, heads/mlp/vocab over tensor.
+EMBED, Q, DOWN = (
+    ("embed", "embedding"),
+    ("layers", "attn", "q", "kernel"),
+    ("layers", "mlp", "down", "kernel"),
+)
 EXPECTED_SPECS = {
-    (8, 1, 1): {"embed": P(None, None), "wq": P(None, None, None, None), "w_down": P()},
-    (1, 8, 1): {
-        "embed": P(None, "fsdp"),
-        "wq": P(None, "fsdp", None, None),
-        "w_down": P(None, None, "fsdp"),
-    },
+    (8, 1, 1): {EMBED: P(), Q: P(), DOWN: P()},
+    (1, 8, 1): {EMBED: P(None, "fsdp"), Q: P(None, None, None, "fsdp"), DOWN: P(None, "fsdp")},
     (2, 2, 2): {
-        "embed": P("tensor", "fsdp"),
-        "wq": P(None, "fsdp", "tensor", None),
-        "w_down": P(None, "tensor", "fsdp"),
+        EMBED: P("tensor", "fsdp"),
+        Q: P(None, "tensor", None, "fsdp"),
+        DOWN: P(None, "fsdp", "tensor"),
     },
 }
 
 
-def padded(spec, ndim):
-    return tuple(spec) + (None,) * (ndim - len(spec))
+def leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def distinct_blocks(x: jax.Array) -> int:
@@ -294,12 +314,12 @@ def test_sharded_load_gives_same_logits(mesh_shape, tiny_hf_dirs, unsharded_qwen
     mesh = sharding.make_mesh(mesh_shape)
     model = models.load(tiny_hf_dirs["qwen2_untied"], mesh=mesh)
     params = model.params
-    for leaf, spec in EXPECTED_SPECS[mesh_shape].items():
-        x = params["layers"][leaf] if leaf in params["layers"] else params[leaf]
+    for path, spec in EXPECTED_SPECS[mesh_shape].items():
+        x = leaf(params, path)
         assert x.sharding.mesh.devices.shape == mesh_shape
-        assert padded(x.sharding.spec, x.ndim) == padded(spec, x.ndim)
+        assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim), (path, x.sharding)
     blocks = {(8, 1, 1): 1, (1, 8, 1): 8, (2, 2, 2): 4}[mesh_shape]
-    assert distinct_blocks(params["layers"]["wq"]) == blocks
+    assert distinct_blocks(leaf(params, Q)) == blocks
     # Every device holds exactly its block of the unsharded params.
     for got, want in zip(
         jax.tree.leaves(params), jax.tree.leaves(unsharded_qwen2.params), strict=True
@@ -309,18 +329,24 @@ def test_sharded_load_gives_same_logits(mesh_shape, tiny_hf_dirs, unsharded_qwen
             np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
     ids, mask = left_padded_batch(batch=8, length=16, pads=(0, 3, 7, 0, 1, 15, 2, 0))
     ours = models.logits(model, ids, mask)
-    if mesh_shape[0] == 8:
-        assert ours.sharding.spec[0] == "data"  # the batch is split over the data axis
+    if mesh_shape[0] == 8:  # the batch is split over the data axis
+        assert ours.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 3)
     ref = models.logits(unsharded_qwen2, ids, mask)
     assert max_err_on_tokens(ours, ref, mask) <= 2e-5
 
 
-def test_sharding_replicates_dimensions_the_mesh_does_not_divide(tiny_hf_dirs, torch_models):
-    """SmolLM2's 9 query / 3 KV heads stay whole on tensor=2; the rest is still sharded."""
-    model = models.load(tiny_hf_dirs["smollm2"], mesh=sharding.make_mesh((2, 2, 2)))
-    assert model.params["layers"]["wq"].sharding.spec == P(None, "fsdp", None, None)
-    assert model.params["layers"]["w_up"].sharding.spec == P(None, "fsdp", "tensor")
-    ids, mask = left_padded_batch()
+def test_indivisible_dimension_is_an_error_naming_it(tiny_hf_dirs, torch_models):
+    """SmolLM2's 9 query / 3 KV heads on tensor=2 fail, naming the (first) leaf, the
+    dimension and the mesh axis; on a mesh that divides every dimension (fsdp=4: D = 72,
+    F = 192) the sharded model matches transformers."""
+    message = r"layers/attn/k/kernel: dimension 1 \('kv_heads', size 3\).*\('tensor',\)"
+    with pytest.raises(ValueError, match=message):
+        models.load(tiny_hf_dirs["smollm2"], mesh=sharding.make_mesh((2, 2, 2)))
+    mesh = sharding.make_mesh((2, 4, 1))
+    model = models.load(tiny_hf_dirs["smollm2"], mesh=mesh)
+    up = model.params["layers"]["mlp"]["up"]["kernel"]
+    assert up.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "fsdp")), 3)
+    ids, mask = left_padded_batch()  # 3 rows on 8 row shards: replicated (logged)
     ref = torch_logits(torch_models["smollm2"], ids, mask)
     assert max_err_on_tokens(models.logits(model, ids, mask), ref, mask) <= 1e-4
 
@@ -354,10 +380,10 @@ def test_random_init_with_overrides(tiny_hf_dirs):
     b = models.load(path, random_init=True, seed=1, overrides={"num_hidden_layers": 1})
     loaded = models.load(path)
     assert a.config == loaded.config.replace(num_layers=1)
-    assert a.params["layers"]["wq"].shape == (1,) + loaded.params["layers"]["wq"].shape[1:]
-    np.testing.assert_array_equal(a.params["embed"], b.params["embed"])
-    assert not np.allclose(a.params["embed"], loaded.params["embed"])
-    assert np.asarray(a.params["embed"]).std() == pytest.approx(0.02, rel=0.05)
+    assert leaf(a.params, Q).shape == (1,) + leaf(loaded.params, Q).shape[1:]
+    np.testing.assert_array_equal(leaf(a.params, EMBED), leaf(b.params, EMBED))
+    assert not np.allclose(leaf(a.params, EMBED), leaf(loaded.params, EMBED))
+    assert np.asarray(leaf(a.params, EMBED)).std() == pytest.approx(0.02, rel=0.05)
     with pytest.raises(ValueError, match="num_hidden_layer"):
         models.load(path, random_init=True, overrides={"num_hidden_layer": 1})
 

@@ -35,7 +35,8 @@ def training_logprobs(model, prompt_tokens, prompt_mask, tokens, mask, temperatu
     full = jnp.asarray(np.concatenate([prompt_tokens, tokens], axis=1))
     full_mask = jnp.asarray(np.concatenate([prompt_mask, mask], axis=1))
     positions = decoder.positions_from_mask(full_mask)
-    hidden, _ = decoder.forward(model.params, model.config, full, positions, full_mask)
+    masks = decoder.causal_masks(full_mask)
+    hidden, _ = decoder.forward(model.params, model.config, full, positions, masks)
     p = prompt_tokens.shape[1]
     logp, _ = decoder.token_logprobs(
         model.params, model.config, hidden[:, p - 1 : -1], full[:, p:], temperature, chunk=16

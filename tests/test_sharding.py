@@ -1,4 +1,5 @@
-"""daro_jax.sharding: meshes from config, logical-axis rules, activation constraints."""
+"""daro_jax.sharding: meshes from config, Flax logical-axis rules, indivisible dimensions,
+activation constraints."""
 
 import jax
 import jax.numpy as jnp
@@ -48,18 +49,24 @@ def test_logical_spec_maps_names_through_the_rules():
     assert spec(("vocab", "embed"), (320, 64), mesh) == P("tensor", "fsdp")
 
 
-def test_logical_spec_replicates_what_does_not_divide_or_repeats_an_axis():
+def test_indivisible_dimension_is_an_error_or_an_explicit_logged_replication(caplog):
     mesh = sharding.make_mesh((2, 2, 2))
     spec = sharding.logical_spec
-    assert spec(("layers", "embed", "heads", "head_dim"), (2, 64, 9, 8), mesh) == P(
-        None, "fsdp", None, None
-    )
-    # batch 6 is not divisible by data × fsdp = 4: replicated rather than an error.
-    assert spec(("batch", "length"), (6, 3), mesh) == P(None, None)
-    # heads and mlp both map to tensor: only the first gets it.
-    assert spec(("heads", "mlp"), (4, 8), mesh) == P("tensor", None)
-    # Mesh axes of size 1 are dropped.
-    assert spec(("embed", "mlp"), (64, 8), sharding.make_mesh((8, 1, 1))) == P(None, None)
+    with pytest.raises(
+        ValueError,
+        match=r"wq: dimension 2 \('heads', size 9\) is not divisible by mesh axes "
+        r"\('tensor',\) of 2 devices",
+    ):
+        spec(("layers", "embed", "heads", "head_dim"), (2, 64, 9, 8), mesh, what="wq")
+    # batch 6 over data × fsdp = 4 devices: an error, or replicated when the caller opts in.
+    with pytest.raises(ValueError, match=r"dimension 0 \('batch', size 6\)"):
+        spec(("batch", "length"), (6, 3), mesh)
+    with caplog.at_level("WARNING"):
+        out = spec(("batch", "length"), (6, 3), mesh, what="prompts", replicate_indivisible=True)
+    assert out == P(None, None)
+    assert "prompts: dimension 0 ('batch', size 6)" in caplog.text and "replicated" in caplog.text
+    # heads and mlp both map to tensor: the earlier rule (heads) takes it.
+    assert spec(("mlp", "heads"), (4, 8), mesh) == P(None, "tensor")
 
 
 def test_unknown_logical_axis_is_an_error():
@@ -69,20 +76,22 @@ def test_unknown_logical_axis_is_an_error():
 
 def test_rule_naming_an_unknown_mesh_axis_is_an_error():
     mesh = sharding.make_mesh((1, 8, 1))
-    rules = sharding.DEFAULT_RULES + (("mlp", "model"),)
+    rules = sharding.RULES + (("mlp", "model"),)
     with pytest.raises(ValueError, match="names mesh axis 'model'"):
-        sharding.tree_shardings({"w": ("embed", "mlp")}, {"w": (64, 8)}, mesh, rules)
+        sharding.tree_shardings({"w": P("embed", "mlp")}, {"w": (64, 8)}, mesh, rules)
     with pytest.raises(ValueError, match="names mesh axis 'model'"), sharding.use_mesh(mesh, rules):
         pass
 
 
-def test_tree_shardings_follow_the_tree():
+def test_tree_shardings_follow_the_tree_and_name_an_indivisible_leaf():
     mesh = sharding.make_mesh((1, 8, 1))
-    axes = {"a": ("embed", "mlp"), "b": {"c": ("norm",)}}
+    axes = {"a": P("embed", "mlp"), "b": {"c": P("norm")}}
     shapes = {"a": (64, 8), "b": {"c": (64,)}}
     out = sharding.tree_shardings(axes, shapes, mesh)
-    assert out["a"] == NamedSharding(mesh, P("fsdp", None))
+    assert out["a"].is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2)
     assert out["b"]["c"] == NamedSharding(mesh, P(None))
+    with pytest.raises(ValueError, match=r"^a: dimension 0 \('embed', size 12\)"):
+        sharding.tree_shardings(axes, {"a": (12, 8), "b": {"c": (64,)}}, mesh)
 
 
 def test_constrain_is_identity_outside_a_mesh_and_pins_inside():

@@ -17,7 +17,7 @@ import pytest
 from helpers import load_config_file
 
 from daro_jax import checkpoint, losses, models, packing, trainer
-from daro_jax.models import decoder
+from daro_jax.models import decoder, packed
 
 ALGOS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
 
@@ -142,7 +142,8 @@ def _packed_case(tiny_hf_dirs, rows: int, seed: int, padding: bool = False):
         full = np.concatenate([np.repeat(prompt_tokens, k, 0), tokens.reshape(b * k, c)], 1)
         full_mask = np.concatenate([np.repeat(prompt_mask, k, 0), mask.reshape(b * k, c)], 1)
         positions = decoder.positions_from_mask(full_mask)
-        hidden, _ = decoder.forward(model_params, cfg, full, positions, full_mask)
+        masks = decoder.causal_masks(full_mask)
+        hidden, _ = decoder.forward(model_params, cfg, full, positions, masks)
         return decoder.token_logprobs(model_params, cfg, hidden[:, p - 1 : -1], full[:, p:], t)
 
     return params, batch, s, mask.reshape(b * k, c), jax.jit(plain)  # eager dispatch is slow
@@ -157,14 +158,22 @@ def test_packed_logprobs_equal_the_plain_forward(tiny_hf_dirs, rows=2):
     blocks, g = trainer._blocks(batch)
 
     def ours(model_params):
-        last, cache = trainer.prompt_blocks(
+        last, cache = packed.prompt_blocks(
             model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
         )
-        prompt_mask = batch["prompt_mask"].reshape(blocks, g, -1)
         out = []
         for i in range(batch["n_chunks"]):
             chunk = trainer._chunk(batch, i)
-            pair = trainer.chunk_logprobs(model_params, last, cache, prompt_mask, chunk, s)
+            pair = packed.chunk_logprobs(
+                model_params,
+                s.cfg,
+                last,
+                cache,
+                batch["prompt_mask"],
+                chunk,
+                s.spec.k,
+                s.temperature,
+            )
             out.append([trainer.to_rows(x, chunk, s.spec.k, g, mask.shape[0]) for x in pair])
         return tuple(sum(parts) for parts in zip(*out, strict=True))
 

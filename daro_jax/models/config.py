@@ -26,7 +26,9 @@ class ModelConfig:
 
     `rope_scaling` is None or a tuple of (name, value) pairs for the "llama3" scaling
     (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), kept as
-    a tuple so the config is hashable and can be a static jit argument.
+    a tuple so the config is hashable and can be a static jit argument. `remat`: each
+    scanned layer under `nn.remat` with the `jax.checkpoint_policies` entry named by
+    `remat_policy` (what its forward keeps for the backward pass).
     """
 
     model_type: str
@@ -49,6 +51,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
 
     @property
     def compute_dtype(self):

@@ -1,11 +1,11 @@
-"""Hugging Face tensor names ↔ our params layout, and checkpoint reading placed on shardings.
+"""Hugging Face tensor names ↔ our params tree, and checkpoint reading placed on shardings.
 
 Each of our leaves comes from one HF tensor per layer (stacked leaves) or one HF tensor
-(embed, final_norm, lm_head). HF stores a linear layer as weight [out, in]; ours is its
-transpose with the `out` (or `in`) dimension split row-major into (heads, head_dim), e.g.
+(embed, final_norm, lm_head). Ours keep HF's [out, in] order with `out` (or `in`) split
+row-major into named axes, e.g.
 
-    wq[l, d, h, k] = model.layers.{l}.self_attn.q_proj.weight[h · Dh + k, d]
-    wo[l, h, k, d] = model.layers.{l}.self_attn.o_proj.weight[d, h · Dh + k]
+    layers/attn/q/kernel[l, h, k, d] = model.layers.{l}.self_attn.q_proj.weight[h · Dh + k, d]
+    layers/attn/o/kernel[l, d, h, k] = model.layers.{l}.self_attn.o_proj.weight[d, h · Dh + k]
 
 A `TensorRule` records, for every dimension of our per-layer array, which HF dimension it
 comes from; reading an arbitrary block of our array then becomes one contiguous slice of
@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
 class TensorRule:
     """Where one of our leaves comes from.
 
-    path: the leaf's keys in the params pytree, e.g. ("layers", "wq").
+    path: the leaf's keys in the params pytree, e.g. ("layers", "attn", "q", "kernel").
     hf_name: the HF tensor name; "{i}" stands for the layer index of stacked leaves.
     source_dims: for each dimension of our (per-layer) array, the HF dimension it comes
         from; dimensions taken from the same HF dimension split it row-major, in our order.
@@ -60,36 +60,43 @@ class TensorRule:
 
 
 _LAYER_RULES = {
-    "attn_norm": ("input_layernorm.weight", (0,)),
-    "mlp_norm": ("post_attention_layernorm.weight", (0,)),
-    "wq": ("self_attn.q_proj.weight", (1, 0, 0)),
-    "wk": ("self_attn.k_proj.weight", (1, 0, 0)),
-    "wv": ("self_attn.v_proj.weight", (1, 0, 0)),
-    "wo": ("self_attn.o_proj.weight", (1, 1, 0)),
-    "bq": ("self_attn.q_proj.bias", (0, 0)),
-    "bk": ("self_attn.k_proj.bias", (0, 0)),
-    "bv": ("self_attn.v_proj.bias", (0, 0)),
-    "bo": ("self_attn.o_proj.bias", (0,)),
-    "w_gate": ("mlp.gate_proj.weight", (1, 0)),
-    "w_up": ("mlp.up_proj.weight", (1, 0)),
-    "w_down": ("mlp.down_proj.weight", (1, 0)),
+    ("attn_norm", "scale"): ("input_layernorm.weight", (0,)),
+    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", (0,)),
+    ("attn", "q", "kernel"): ("self_attn.q_proj.weight", (0, 0, 1)),
+    ("attn", "k", "kernel"): ("self_attn.k_proj.weight", (0, 0, 1)),
+    ("attn", "v", "kernel"): ("self_attn.v_proj.weight", (0, 0, 1)),
+    ("attn", "o", "kernel"): ("self_attn.o_proj.weight", (0, 1, 1)),
+    ("attn", "q", "bias"): ("self_attn.q_proj.bias", (0, 0)),
+    ("attn", "k", "bias"): ("self_attn.k_proj.bias", (0, 0)),
+    ("attn", "v", "bias"): ("self_attn.v_proj.bias", (0, 0)),
+    ("attn", "o", "bias"): ("self_attn.o_proj.bias", (0,)),
+    ("mlp", "gate", "kernel"): ("mlp.gate_proj.weight", (0, 1)),
+    ("mlp", "up", "kernel"): ("mlp.up_proj.weight", (0, 1)),
+    ("mlp", "down", "kernel"): ("mlp.down_proj.weight", (0, 1)),
 }
 _TOP_RULES = {
-    "embed": ("model.embed_tokens.weight", (0, 1)),
-    "final_norm": ("model.norm.weight", (0,)),
-    "lm_head": ("lm_head.weight", (1, 0)),
+    ("embed", "embedding"): ("model.embed_tokens.weight", (0, 1)),
+    ("final_norm", "scale"): ("model.norm.weight", (0,)),
+    ("lm_head",): ("lm_head.weight", (0, 1)),
 }
+_LM_HEAD = "lm_head.weight"
 
 
 def tensor_rules(cfg: ModelConfig) -> list[TensorRule]:
-    """One rule per leaf of `decoder.param_logical_axes(cfg)`, in its order."""
-    axes = decoder.param_logical_axes(cfg)
-    rules = [TensorRule((k,), *_TOP_RULES[k]) for k in axes if k != "layers"]
-    rules += [
-        TensorRule(("layers", k), f"model.layers.{{i}}.{_LAYER_RULES[k][0]}", _LAYER_RULES[k][1])
-        for k in axes["layers"]
-    ]
+    """One rule per leaf of `decoder.param_shapes(cfg)`, in its order."""
+    rules = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(decoder.param_shapes(cfg), _is_shape)[0]:
+        keys = tuple(k.key for k in path)
+        if keys[0] == "layers":
+            name, dims = _LAYER_RULES[keys[1:]]
+            rules.append(TensorRule(keys, f"model.layers.{{i}}.{name}", dims))
+        else:
+            rules.append(TensorRule(keys, *_TOP_RULES[keys]))
     return rules
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
 
 
 def _leaf(tree: dict, path: tuple[str, ...]):
@@ -231,7 +238,7 @@ def check_tensors(source: TensorSource, cfg: ModelConfig, where: str) -> None:
     expected, found = expected_tensors(cfg), source.shapes()
     ignored = {n for n in found if n.endswith(HARMLESS_SUFFIXES)}
     if cfg.tie_word_embeddings:
-        ignored |= {_TOP_RULES["lm_head"][0]} & set(found)
+        ignored |= {_LM_HEAD} & set(found)
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys() - ignored
     wrong = [
@@ -288,8 +295,10 @@ def load_params(source: TensorSource, cfg: ModelConfig, shardings: dict) -> dict
 
         return jax.make_array_from_callback(shape, _leaf(shardings, rule.path), callback)
 
-    params: dict = {"layers": {}}
+    params: dict = {}
     for rule in tensor_rules(cfg):
-        parent = params["layers"] if rule.stacked else params
+        parent = params
+        for key in rule.path[:-1]:
+            parent = parent.setdefault(key, {})
         parent[rule.path[-1]] = build(rule)
     return params

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from daro_jax import sharding
 from daro_jax.models import decoder, gguf_io, hf_io
@@ -142,15 +142,13 @@ def _tokenizer(location: str, stamp: tuple):
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict:
-    """Target shardings of the params: logical-axis rules on `mesh`, else one local device."""
+    """Target shardings of the params: their logical axes mapped to `mesh` by the sharding
+    rules (`sharding.tree_shardings`), else one local device."""
+    specs = decoder.param_specs(cfg)
     if mesh is None:
         one = SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree.map(lambda _: one, decoder.param_shapes(cfg), is_leaf=_is_shape)
-    return sharding.tree_shardings(decoder.param_logical_axes(cfg), decoder.param_shapes(cfg), mesh)
-
-
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple)
+        return jax.tree.map(lambda _: one, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return sharding.tree_shardings(specs, decoder.param_shapes(cfg), mesh)
 
 
 def load(
@@ -198,7 +196,8 @@ def _logits(params, input_ids, attention_mask, cfg: ModelConfig, mesh: Mesh | No
     scope = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with scope:
         positions = decoder.positions_from_mask(attention_mask)
-        hidden, _ = decoder.forward(params, cfg, input_ids, positions, attention_mask)
+        masks = decoder.causal_masks(attention_mask)
+        hidden, _ = decoder.forward(params, cfg, input_ids, positions, masks)
         return decoder.lm_logits(params, cfg, hidden)
 
 
@@ -214,7 +213,9 @@ def logits(model: Model, input_ids, attention_mask) -> jax.Array:
             f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, length]."
         )
     if model.mesh is not None:
-        spec = sharding.logical_spec(("batch", "length"), ids.shape, model.mesh)
+        spec = sharding.logical_spec(
+            ("batch", "length"), ids.shape, model.mesh, what="input_ids", replicate_indivisible=True
+        )
         ids, mask = jax.device_put((ids, mask), NamedSharding(model.mesh, spec))
     else:
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
