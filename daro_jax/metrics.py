@@ -53,7 +53,7 @@ def flatten(metrics: Mapping[str, object], k: int) -> dict[str, float]:
             for g, v in enumerate(arr.reshape(-1)):
                 out[f"group/{PER_GROUP[name]}/{g}of{k}"] = float(v)
         elif arr.size == 1:
-            out[name] = float(arr)
+            out[name] = float(arr.reshape(()))
         else:
             for i, v in enumerate(arr.reshape(-1)):
                 out[f"{name}/{i}"] = float(v)

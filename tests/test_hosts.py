@@ -1,0 +1,101 @@
+"""hosts: global arrays from process rows and back, on one process (8 devices) and on two
+(gloo, 4 devices each), checked against the NumPy concatenation of the processes' rows."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from daro_jax import hosts, sharding
+
+
+def _rows(process: int, n: int) -> np.ndarray:
+    """Process `process`'s n rows: row values that name their process and position."""
+    return (100 * process + np.arange(n * 3, dtype=np.int32)).reshape(n, 3)
+
+
+def test_one_process_round_trip_and_replicated_rows(caplog):
+    mesh = sharding.make_mesh((1, -1, 1))
+    local = _rows(0, 8)
+    x = hosts.to_global(local, mesh)
+    assert x.shape == (8, 3) and x.sharding.spec == P(("data", "fsdp"), None)
+    assert sorted(s.index[0].start for s in x.addressable_shards) == list(range(8))  # a row each
+    np.testing.assert_array_equal(hosts.local_rows(x), local)
+    np.testing.assert_array_equal(hosts.to_host(x), local)
+    # 4 rows on 8 batch shards: replicated, and said so once.
+    with caplog.at_level("WARNING"):
+        y = hosts.to_global(_rows(0, 4), mesh, "four rows")
+    assert y.sharding.spec == P(None, None)
+    assert any("four rows" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(hosts.local_rows(y), _rows(0, 4))
+    tree = {"a": local, "b": np.ones(8)}
+    assert hosts.allgather(tree) is tree
+    assert hosts.global_max(7) == 7
+
+
+def _worker(process_id: int, port: str) -> None:
+    """One of 2 processes: each supplies its own rows; prints what it got back."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    mesh = sharding.make_mesh((1, -1, 1))
+    local = _rows(process_id, 4)
+    x = hosts.to_global(local, mesh)
+    gathered = hosts.allgather({"rows": local})["rows"]
+    out = {
+        "shape": list(x.shape),
+        "local_rows_equal": bool(np.array_equal(hosts.local_rows(x), local)),
+        "to_host": hosts.to_host(x).tolist(),
+        "allgather": gathered.tolist(),
+        "max": hosts.global_max(3 + 5 * process_id),
+    }
+    print(json.dumps(out))
+
+
+def test_two_processes_hold_their_own_rows():
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    whole = np.concatenate([_rows(0, 4), _rows(1, 4)]).tolist()
+    for out, _ in outs:
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got == {
+            "shape": [8, 3],
+            "local_rows_equal": True,
+            "to_host": whole,
+            "allgather": whole,
+            "max": 8,
+        }
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), sys.argv[2])

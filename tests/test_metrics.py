@@ -1,0 +1,103 @@
+"""metrics: metric naming against hand-built dictionaries, TensorBoard scalars read back by
+TensorBoard's own reader, MFU peaks by device kind, the console lines."""
+
+import math
+import types
+
+import numpy as np
+import pytest
+from helpers import load_config_file
+
+from daro_jax import metrics
+
+
+def test_flatten_names_groups_scalars_and_vectors():
+    """Per-group [K+1] arrays become group/<name>/<g>of<K> (g = 0…K), 1-element arrays
+    scalars, other arrays <name>/<i>; values are the array entries as floats."""
+    k = 4
+    loss = np.array([0.0, 0.5, -0.25, 1.5, 0.0], np.float32)
+    out = metrics.flatten(
+        {
+            "group_loss": loss,
+            "group_prompts": np.array([1, 0, 2, 1, 0]),
+            "entropy": np.float32(0.75),
+            "one": np.array([[3.0]]),
+            "pair": np.array([[1.0, 2.0], [3.0, 4.0]]),
+        },
+        k,
+    )
+    want = {f"group/L/{g}of4": float(loss[g]) for g in range(5)}
+    want |= {f"group/prompts/{g}of4": float(v) for g, v in enumerate([1, 0, 2, 1, 0])}
+    want |= {"entropy": 0.75, "one": 3.0, "pair/0": 1.0, "pair/1": 2.0, "pair/2": 3.0}
+    want |= {"pair/3": 4.0}
+    assert out == want
+    assert all(type(v) is float for v in out.values())
+
+
+def test_first_nonfinite_follows_the_given_order():
+    m = {"loss": 1.0, "grad_norm": math.inf, "grad_norm_daro": math.nan}
+    assert metrics.first_nonfinite(m, ("loss", "grad_norm", "grad_norm_daro")) == "grad_norm"
+    assert metrics.first_nonfinite(m, ("grad_norm_daro", "grad_norm")) == "grad_norm_daro"
+    assert metrics.first_nonfinite(m, ("loss", "absent")) is None
+
+
+@pytest.mark.parametrize(
+    "kind,peak",
+    [
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),  # v5e: not v5p's peak, though "TPU v5" is a prefix of both
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("cpu", None),
+    ],
+)
+def test_peak_flops_by_device_kind(kind, peak):
+    assert metrics.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+
+
+def test_writer_scalars_read_back_by_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = metrics.Writer(str(tmp_path))
+    steps = {1: {"loss": 0.5, "group/L/1of8": -0.25}, 3: {"loss": 0.125}}
+    for step, scalars in steps.items():
+        writer.write(step, scalars)
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["group/L/1of8", "loss"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (3, 0.125)]
+    assert [(e.step, e.value) for e in events.Scalars("group/L/1of8")] == [(1, -0.25)]
+
+
+def test_console_lines():
+    m = {
+        "reward": 0.25,
+        "accuracy": 0.5,
+        "loss": -0.0123456,
+        "entropy": 1.5,
+        "length_mean": 12.34,
+        "time/sampler_s": 2.06,
+        "time/update_s": 0.5,
+        "not_shown": 7.0,
+    }
+    assert metrics.summary_line(3, m) == (
+        "step 3 | reward 0.250 | acc 0.500 | loss -0.0123 | H 1.500 | len 12.3 | sample 2.1 "
+        "| update 0.5"
+    )
+    assert metrics.closing_line(3, 10, m, "/w d") == (
+        "done: step 3 of 10 | reward 0.250 | acc 0.500 | loss -0.0123 | H 1.500 | len 12.3 "
+        "| checkpoints in /w d/checkpoints | view: tensorboard --logdir '/w d'"
+    )
+
+
+def test_startup_lines_of_the_tiny_recipe():
+    config = load_config_file("configs/tiny.py")
+    lines = metrics.startup_lines(config, "/runs/x", 1_234_567, {"data": 1, "fsdp": 8}, 64)
+    a, t = config.algo, config.train
+    assert lines[0].startswith(f"model        {config.model.path}: 1.2 M parameters")
+    assert lines[2] == "mesh         data 1 × fsdp 8"
+    assert lines[3].startswith(f"recipe       {a.name}, K={a.k}, {t.batch_prompts} prompts")
+    assert lines[4] == f"data         {config.data.source}: 64 problems"
+    assert lines[-1] == "TensorBoard  tensorboard --logdir /runs/x"
