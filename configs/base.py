@@ -35,6 +35,11 @@ def get_config():
     c.tpu.zone = "us-central2-b"
     c.tpu.name = "daro-jax"
 
+    # The TPU plan (daro_jax/plan.py): the step compiled for tpu.accelerator's chips.
+    c.plan = config_dict.ConfigDict()
+    c.plan.check = False  # daro_jax.main refuses to start when the compiled step does not fit
+    c.plan.topology = ""  # libtpu topology, e.g. "v5p:2x4x4"; "" = tpu.accelerator's
+
     # Algorithm: preset name and its knobs (placeholders take the preset's value).
     c.algo = config_dict.ConfigDict()
     c.algo.name = "daro"  # grpo | dr_grpo | lipo | dapo | daro

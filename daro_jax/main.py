@@ -55,6 +55,10 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (a directory for logs and checkpoints).")
     init_distributed(_DISTRIBUTED.value)
+    if _CONFIG.value.plan.check:  # before any weight is read
+        from daro_jax import plan
+
+        plan.check(cli.with_local_paths(_CONFIG.value))
     from daro_jax import trainer
 
     workdir = cli.resolve_path(_WORKDIR.value, local=True)

@@ -265,6 +265,22 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return wrapped
 
 
+def jit_update(mesh: Mesh, state_shardings) -> Callable:
+    """The jitted `update_step` on `mesh`: the state donated and returned with
+    `state_shardings`, so that it compiles once (daro_jax.plan compiles this too)."""
+    return jax.jit(
+        on_mesh(update_step, mesh),
+        static_argnames=("tx", "s"),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, None),
+    )
+
+
+def jit_logprobs(mesh: Mesh) -> Callable:
+    """The jitted `batch_logprobs` on `mesh` (old-policy and reference passes)."""
+    return jax.jit(on_mesh(batch_logprobs, mesh), static_argnames=("s",))
+
+
 def rollout_key(seed: int, step, attempt) -> jax.Array:
     """The sampling key of a step's attempt: fold_in(fold_in(key(seed), step), attempt)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
@@ -457,13 +473,8 @@ class Trainer:
             float(config.sampler.temperature),
             on_policy=self.updates_per_step == 1,
         )
-        self.update = jax.jit(
-            on_mesh(update_step, self.mesh),
-            static_argnames=("tx", "s"),
-            donate_argnums=(0,),
-            out_shardings=(shardings, None),
-        )
-        self.logprobs = jax.jit(on_mesh(batch_logprobs, self.mesh), static_argnames=("s",))
+        self.update = jit_update(self.mesh, shardings)
+        self.logprobs = jit_logprobs(self.mesh)
         s = config.sampler
         self.sample = sampler.make_sampler(
             self.cfg,
