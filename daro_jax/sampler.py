@@ -8,11 +8,12 @@ One jitted function per static shape (prompt length bucket P, max new tokens N, 
    each prompt's keys and values held once and read by its K rows, beside each row's N
    own slots (B·P + B·K·N cache slots);
 3. decode in stages of halving row counts R = B·K, R/2, … ≥ `min_rows` (`stage_sizes`,
-   multiples of the mesh's row shards): a `lax.while_loop` feeds token i − 1 (own slot
-   i − 1) and draws token i while i < N and more rows are live than the next stage holds;
-   then the live rows, in row order, are gathered with their caches into the next stage's
-   smaller arrays, so the steps after most rows stopped cost what the remaining rows cost.
-   Nothing returns to the host before the last stage ends.
+   multiples of the S data × fsdp row shards): a `lax.while_loop` feeds token i − 1 (own
+   slot i − 1) and draws token i while i < N and some shard has more live rows than its
+   share of the next stage; then each shard's live rows, in row order, are gathered with
+   their caches (inside the shard) into the next stage's smaller arrays, so the steps after
+   most rows stopped cost what the remaining rows cost. Nothing returns to the host before
+   the last stage ends.
 
 Completion conventions (what the trainer relies on):
 - `tokens[r, i]` is the i-th completion token; the stop token is part of the completion
@@ -32,6 +33,7 @@ Entry points: `generate`, `make_sampler` (a `Sampler`), `stage_sizes`, `Rollouts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -61,14 +63,18 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
 
 
-def _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_k) -> None:
+def _check(cfg, k, new, prompt, temperature, top_p, top_k, min_rows, stop) -> None:
+    """A ValueError naming the first sampler setting out of its range."""
+    bad = [t for t in stop if not 0 <= t < cfg.vocab_size]
     checks = (
         (k >= 1, f"k={k} must be ≥ 1"),
-        (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be ≥ 1"),
-        (prompt_len >= 1, f"prompt_len={prompt_len} must be ≥ 1"),
+        (new >= 1, f"max_new_tokens={new} must be ≥ 1"),
+        (prompt >= 1, f"prompt_len={prompt} must be ≥ 1"),
         (temperature >= 0, f"temperature={temperature} must be ≥ 0 (0 = greedy)"),
         (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1 = off)"),
         (top_k >= 0, f"top_k={top_k} must be ≥ 0 (0 = off)"),
+        (min_rows >= 1, f"min_rows={min_rows} must be ≥ 1"),
+        (not bad, f"stop_token_ids {bad} are outside the vocabulary [0, {cfg.vocab_size})"),
     )
     for ok, message in checks:
         if not ok:
@@ -116,14 +122,8 @@ class Sampler:
         mesh: Mesh | None = None,
         min_rows: int = MIN_STAGE_ROWS,
     ):
-        _check_sampling_args(k, max_new_tokens, prompt_len, temperature, top_p, top_k)
-        if min_rows < 1:
-            raise ValueError(f"sampler: min_rows={min_rows} must be ≥ 1.")
-        bad = [t for t in stop_token_ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(
-                f"sampler: stop_token_ids {bad} are outside the vocabulary [0, {cfg.vocab_size})."
-            )
+        settings = (max_new_tokens, prompt_len, temperature, top_p, top_k, min_rows)
+        _check(cfg, k, *settings, stop_token_ids)
         self.cfg = cfg
         self.k = k
         self.max_new_tokens = max_new_tokens
@@ -135,6 +135,7 @@ class Sampler:
         self.mesh = mesh
         self.min_rows = int(min_rows)
         self.param_shardings = None if mesh is None else param_shardings(cfg, mesh)
+        self.row_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # S
         self.jitted = jax.jit(self._rollout)
 
     def __call__(self, params, prompt_tokens, prompt_mask, rng) -> dict[str, jax.Array]:
@@ -145,28 +146,24 @@ class Sampler:
                 f"{np.shape(prompt_mask)} must both be [B, prompt_len={self.prompt_len}]; "
                 "pad the prompts (on the left) to the sampler's prompt_len."
             )
-        prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-        prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+        prompts = (jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32))
         if self.mesh is not None:
             spec = sharding.logical_spec(
                 ("batch", "length"), (b, p), self.mesh, what="prompts", replicate_indivisible=True
             )
             params = jax.device_put(params, self.param_shardings)
-            prompts = jax.device_put((prompt_tokens, prompt_mask), NamedSharding(self.mesh, spec))
-            prompt_tokens, prompt_mask = prompts
+            prompts = jax.device_put(prompts, NamedSharding(self.mesh, spec))
             rng = jax.device_put(rng, NamedSharding(self.mesh, PartitionSpec()))
-        return self.jitted(params, prompt_tokens, prompt_mask, rng)
+        return self.jitted(params, *prompts, rng)
 
     def stage_sizes(self, rows: int) -> tuple[int, ...]:
         """The decode stages' row counts for B·K = `rows` (`stage_sizes`), in multiples of
-        the data × fsdp shards that split the rows."""
-        shards = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return stage_sizes(rows, self.min_rows, shards)
+        the row shards."""
+        return stage_sizes(rows, self.min_rows, self.row_shards)
 
     def _rollout(self, params, prompt_tokens, prompt_mask, rng):
-        if self.mesh is None:
-            return self._decode(params, prompt_tokens, prompt_mask, rng)
-        with sharding.use_mesh(self.mesh):
+        scope = contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh)
+        with scope:
             return self._decode(params, prompt_tokens, prompt_mask, rng)
 
     def _select(self, logits, rng, step, ids, rows):
@@ -209,7 +206,8 @@ class Sampler:
             """Decode the stage's rows while steps remain and more than `next_size` live."""
 
             def cond(state):
-                return (state["step"] < n_new) & (jnp.sum(~state["done"]) > next_size)
+                live = jnp.sum(~state["done"].reshape(shards, -1), axis=1)
+                return (state["step"] < n_new) & (jnp.max(live) > next_size // shards)
 
             def body(state):
                 step = state["step"]
@@ -229,13 +227,17 @@ class Sampler:
             return {name: out[name].at[rows_in["ids"]].set(state[name]) for name in written}
 
         def shrink(state, rows_in, size):
-            """The first `size` rows of the stage, the live ones first (in row order)."""
-            keep = jnp.argsort(state["done"].astype(jnp.int32), stable=True)[:size]
-            state = {name: _by_row(state[name][keep]) for name in empty} | {
+            """The first size / S rows of each of the S row shards, the live ones first (in
+            row order); the gathers stay inside each shard (`kv_cache.take_local`)."""
+            done = state["done"].reshape(shards, -1)
+            keep = jnp.argsort(done.astype(jnp.int32), axis=1, stable=True)[:, : size // shards]
+            keep = keep + done.shape[1] * jnp.arange(shards)[:, None]
+            take = lambda x: _by_row(kv_cache.take_local(x, keep))  # noqa: E731
+            state = {name: take(state[name]) for name in empty} | {
                 "cache": kv_cache.take_rows(state["cache"], keep),
                 "step": state["step"],
             }
-            return state, {name: _by_row(x[keep]) for name, x in rows_in.items()}
+            return state, {name: take(x) for name, x in rows_in.items()}
 
         empty = {
             "tokens": jnp.full((rows, n_new), PAD_ID, jnp.int32),
@@ -253,6 +255,7 @@ class Sampler:
         state = record(empty, 0, tokens, logp) | {"cache": cache, "step": jnp.int32(1)}
         out = {name: empty[name] for name in written}
         sizes = self.stage_sizes(rows)
+        shards = self.row_shards if rows % self.row_shards == 0 else 1  # else: one stage
         for size, next_size in zip(sizes, (*sizes[1:], 0), strict=True):
             if size < rows:
                 out = write_back(out, state, rows_in)

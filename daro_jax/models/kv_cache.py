@@ -10,10 +10,10 @@ j of prompt b) decode one token per step. Per layer the cache holds
 with shared_mask [Bp, P] (real prompt tokens): B·P + R·N slots instead of R·(P + N) for a
 cache repeated per row. Layers and caches are lists of separate arrays (`Decoder(cfg,
 scan_layers=False)` on `decoder.unstack_layers`), so a step updates its slot in place and
-reads every weight where it lies. `take_rows` keeps some rows (the sampler's stages), each
-then with its own copy of its prompt's part (J = 1).
+reads every weight where it lies. `take_rows` keeps some rows of each data shard (the
+sampler's stages), each then with its own copy of its prompt's part (J = 1).
 
-Entry points: `start`, `step`, `take_rows`.
+Entry points: `start`, `step`, `take_rows`, `take_local`.
 """
 
 from __future__ import annotations
@@ -69,15 +69,28 @@ def step(dparams, cfg: ModelConfig, cache: dict, tokens, positions, slot):
     return logits, _constrain(cache | {"own": own})
 
 
+def take_local(x: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """x[index] for index [S, n] whose row s names rows of the s-th of S equal blocks of x's
+    rows (the rows one data shard holds): a gather inside each block, so no row moves between
+    devices. Returns [S·n, ...]. Rows that do not split into S blocks (a shared part of fewer
+    prompts than shards) are gathered whole."""
+    shards = index.shape[0]
+    if x.shape[0] % shards:
+        return jnp.take(x, index.reshape(-1), axis=0)
+    blocks = x.reshape(shards, -1, *x.shape[1:])
+    local = index - jnp.arange(shards)[:, None] * blocks.shape[1]
+    out = jax.vmap(lambda block, i: jnp.take(block, i, axis=0))(blocks, local)
+    return out.reshape(-1, *x.shape[1:])
+
+
 def take_rows(cache: dict, rows: jnp.ndarray) -> dict:
-    """The cache of the rows `rows` (indices into its R rows), each row with its own copy of
-    its prompt's part: row i's prompt is group i // J."""
+    """The cache of the rows `rows` ([S, n] indices into its R rows, `take_local`), each row
+    with its own copy of its prompt's part: row i's prompt is group i // J."""
     groups = rows // (cache["own"][0][0].shape[0] // cache["shared_mask"].shape[0])
-    take = lambda x, index: jnp.take(x, index, axis=0)  # noqa: E731
     return _constrain(
         {
-            "shared": jax.tree.map(lambda x: take(x, groups), cache["shared"]),
-            "shared_mask": take(cache["shared_mask"], groups),
-            "own": jax.tree.map(lambda x: take(x, rows), cache["own"]),
+            "shared": jax.tree.map(lambda x: take_local(x, groups), cache["shared"]),
+            "shared_mask": take_local(cache["shared_mask"], groups),
+            "own": jax.tree.map(lambda x: take_local(x, rows), cache["own"]),
         }
     )
