@@ -106,23 +106,22 @@ def generate_completions(
             rows = order[start : start + batch_size]
             batch = [prompt_ids[i] for i in rows]
             batch += [batch[0]] * (batch_size - len(batch))
+            tokens, mask = sampler.left_pad(
+                batch, sampler.prompt_bucket(max(len(ids) for ids in batch))
+            )
             sample = sampler.make_sampler(
                 model.config,
                 k=k,
                 max_new_tokens=max_new_tokens,
-                prompt_len=sampler.prompt_bucket(max(len(ids) for ids in batch)),
+                prompt_len=tokens.shape[1],
                 temperature=float(temperature),
                 top_p=float(top_p),
                 stop_token_ids=stop,
                 mesh=model.mesh,
             )
+            key_b = jax.random.fold_in(key, b)
             out = completions.sample_and_decode(
-                sample,
-                model.params,
-                batch,
-                jax.random.fold_in(key, b),
-                model.tokenizer,
-                per_process=False,
+                sample, model.params, tokens, mask, key_b, model.tokenizer, per_process=False
             )
             for j, i in enumerate(rows):
                 texts[i] = out["texts"][j * k : (j + 1) * k]

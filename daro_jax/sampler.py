@@ -12,8 +12,7 @@ One jitted function per static shape (prompt length bucket P, max new tokens N, 
    slot i − 1) and draws token i while i < N and some shard has more live rows than its
    share of the next stage; then each shard's live rows, in row order, are gathered with
    their caches (inside the shard) into the next stage's smaller arrays, so the steps after
-   most rows stopped cost what the remaining rows cost. Nothing returns to the host before
-   the last stage ends.
+   most rows stopped cost what the remaining rows cost. Nothing returns to the host.
 
 Completion conventions (what the trainer relies on):
 - `tokens[r, i]` is the i-th completion token; the stop token is part of the completion
@@ -44,7 +43,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from daro_jax import sharding
+from daro_jax import completions, sharding
 from daro_jax.models import decoder, kv_cache
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.model import param_shardings
@@ -382,18 +381,17 @@ def generate(
         stop_token_ids=tuple(int(t) for t in stop_token_ids),
         mesh=model.mesh,
     )
-    out = jax.device_get(sampler(model.params, prompt_tokens, prompt_mask, jax.random.key(seed)))
-    texts = [
-        tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-        for row, n in zip(out["tokens"], out["lengths"], strict=True)
-    ]
+    out = completions.sample_and_decode(
+        sampler,
+        model.params,
+        prompt_tokens,
+        prompt_mask,
+        jax.random.key(seed),
+        tokenizer,
+        per_process=False,
+    )
     return Rollouts(
-        tokens=out["tokens"],
-        mask=out["mask"],
-        logprobs=out["logprobs"],
-        lengths=out["lengths"],
-        truncated=out["truncated"],
-        texts=texts,
+        **out,
         prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
         prompt_mask=np.repeat(prompt_mask, k, axis=0),
     )

@@ -27,21 +27,19 @@ def test_greedy_completions_match_a_full_forward_loop(tiny_hf_dirs):
     sample = sampler.make_sampler(
         model.config, k=2, max_new_tokens=n, prompt_len=16, temperature=0.0, mesh=mesh
     )
+    prompts = sampler.left_pad(prompt_ids, 16)
     out = completions.sample_and_decode(
-        sample, model.params, prompt_ids, jax.random.key(0), tok, per_process=False
+        sample, model.params, *prompts, jax.random.key(0), tok, per_process=False
     )
     want = [greedy_reference(model, ids, n) for ids in prompt_ids for _ in range(2)]
     np.testing.assert_array_equal(out["tokens"], np.asarray(want))
     np.testing.assert_array_equal(out["lengths"], np.full(8, n))
     assert out["texts"] == [tok.decode(w, skip_special_tokens=True) for w in want]
-    assert out["prompt_tokens"].shape == (4, 16) and out["prompt_mask"].sum() == sum(
-        len(ids) for ids in prompt_ids
-    )
     mine = completions.sample_and_decode(
-        sample, model.params, prompt_ids, jax.random.key(0), tok, per_process=True
+        sample, model.params, *prompts, jax.random.key(0), tok, per_process=True
     )
     assert mine["texts"] == out["texts"]
-    for name in ("tokens", "mask", "logprobs", "lengths", "truncated", "prompt_tokens"):
+    for name in ("tokens", "mask", "logprobs", "lengths", "truncated"):
         np.testing.assert_array_equal(mine[name], out[name])
 
 
