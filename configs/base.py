@@ -1,7 +1,7 @@
 """Shared defaults for every recipe. Recipes call `get_config()` here and override fields.
 
 Fields set to a placeholder (value None, typed) are filled by the algorithm preset named in
-`algo.name` (see daro_jax/losses.py); any of them can be set on the command line, e.g.
+`algo.name` (see daro_jax/presets.py); any of them can be set on the command line, e.g.
 `--config.algo.clip_high=0.3`, and then wins over the preset.
 """
 
@@ -49,16 +49,20 @@ def get_config():
     c.algo.dual_clip = placeholder(float)  # c > 1 bounds the loss of negative advantages
     c.algo.kl_beta = placeholder(float)
     c.algo.std_eps = 1e-6
+    c.algo.std_ddof = 1  # advantage std: 1 = unbiased (verl, TRL), 0 = population
     c.algo.max_log_ratio = 20.0  # |log ρ| clamp for numerical safety
-    c.algo.aggregation = placeholder(str)  # see losses.AGGREGATIONS
+    c.algo.aggregation = placeholder(str)  # see presets.AGGREGATIONS
     c.algo.advantage = placeholder(str)  # group_std | group_mean | batch_std
     c.algo.dynamic_sampling = placeholder(bool)
-    c.algo.dynamic_sampling_max_tries = 3
+    c.algo.dynamic_sampling_max_tries = 10  # sampling rounds per step, the first included
     c.algo.overlong_shaping = placeholder(bool)
     c.algo.overlong_cache = 256  # DAPO L_cache: soft penalty in the last L_cache tokens
-    c.algo.overlong_penalty = 1.0
-    c.algo.daro_parameterization = "log"  # log | direct
+    c.algo.overlong_penalty = 1.0  # DAPO's, on rewards ±1: up to 0.5 off our 0/1 rewards
+    c.algo.daro_parameterization = "direct"  # direct (w, the paper's) | log (ln w)
     c.algo.daro_log_weight_bounds = (-10.0, 10.0)
+    c.algo.daro_learn_weights = True  # False: w = 1 frozen (per-group token-mean ablation)
+    c.algo.daro_log_term = True  # False: no -ln w term (ablation)
+    c.algo.sampler_is_cap = placeholder(float)  # TIS cap C >= 1 on π_old / π_sampler; None: off
 
     # Optimiser.
     c.optim = config_dict.ConfigDict()

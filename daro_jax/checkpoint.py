@@ -55,7 +55,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 # Config fields that must not change when a run resumes from its checkpoint.
-COMPAT_KEYS = ("model.path", "algo.name", "algo.k", "train.batch_prompts", "data.source")
+# algo.daro_parameterization: the stored DARO parameters are w or ln w.
+COMPAT_KEYS = (
+    "model.path",
+    "algo.name",
+    "algo.k",
+    "algo.daro_parameterization",
+    "train.batch_prompts",
+    "data.source",
+)
 
 _ABSENT = "<absent>"
 

@@ -1,7 +1,7 @@
 """The train state and its optimizer: AdamW for the model, Adam for the DARO weights.
 
 The train state is one pytree  {"model": params, "daro": weights [K-1]}  (see
-daro_jax/losses.py for the DARO parameterisation). One `optax.multi_transform` updates it:
+daro_jax/presets.py for the DARO parameterisation). One `optax.multi_transform` updates it:
 
     model (not frozen)  clip_by_global_norm(grad_clip) -> AdamW(lr_t, b1, b2, weight_decay)
     model (frozen)      set_to_zero: no update and no optimizer state; frozen = the
@@ -41,13 +41,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from daro_jax import losses
+from daro_jax import losses, presets
 
 SCHEDULES = ("constant", "cosine")
 ADAM_EPS = 1e-8
 
 
-def init_train_state(model_params, spec: losses.AlgoSpec) -> dict:
+def init_train_state(model_params, spec: presets.AlgoSpec) -> dict:
     """{"model": model_params, "daro": losses.init_daro_weights(spec)}."""
     return {"model": model_params, "daro": losses.init_daro_weights(spec)}
 
@@ -172,7 +172,7 @@ def lazy_adam_projected(
 
 
 def make_optimizer(
-    optim_cfg, state: dict, total_steps: int, spec: losses.AlgoSpec
+    optim_cfg, state: dict, total_steps: int, spec: presets.AlgoSpec
 ) -> optax.GradientTransformation:
     """The multi_transform of the module docstring for train state `state` (its structure
     and paths decide the labels; values are not read)."""

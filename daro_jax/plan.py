@@ -38,7 +38,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from daro_jax import losses, sharding, step_programs, tpu
+from daro_jax import losses, presets, sharding, step_programs, tpu
 from daro_jax.models.config import ModelConfig
 from daro_jax.step_programs import Compiled
 from daro_jax.tpu import Chip, roofline
@@ -242,7 +242,7 @@ def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan
     devices = tpu.tpu_devices(name)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     cfg = step_programs.model_config(config)
-    spec = losses.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
     state = step_programs.train_state(config, cfg, spec, mesh)
     device_bytes = step_programs.device_bytes
     params = device_bytes(state["params"]["model"])

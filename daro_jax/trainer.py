@@ -5,9 +5,10 @@ One RL step s (B prompts per global batch, K responses each):
 1. prompts: this process's slice of the global batch (`data.PromptIterator`);
 2. rollouts: the jitted sampler, K per prompt from one prefill, key fold_in(seed, s);
 3. rewards: the verifier process pool on the decoded texts (beside the accelerator);
-4. pass-rate groups and advantages (`losses.group_advantages`, on the global batch);
-   with DAPO's dynamic sampling, prompts with μ ∈ {0, 1} are dropped and more are drawn,
-   up to `algo.dynamic_sampling_max_tries` batches; free rows are padding (mask 0);
+4. pass-rate groups and advantages (`advantages.group_advantages`, on the global batch);
+   with DAPO's dynamic sampling (`daro_jax.rollout`), prompts with μ ∈ {0, 1} are
+   dropped, agreed by every process, and more are drawn until the batch is full, up to
+   `algo.dynamic_sampling_max_tries` rounds; free rows are then padding (mask 0);
 5. old-policy logprobs are recomputed only when the step makes several updates
    (ppo_epochs × minibatches > 1); with one update the step is on-policy and
    old_logp = stop_gradient(logp) exactly, so the importance ratio is exactly 1.
@@ -57,7 +58,9 @@ from daro_jax import (
     models,
     optim,
     packing,
+    presets,
     rewards,
+    rollout,
     sampler,
     sharding,
 )
@@ -103,7 +106,7 @@ class UpdateSettings:
     packed chunks come from the arrays; `daro_jax.packing`)."""
 
     cfg: ModelConfig
-    spec: losses.AlgoSpec
+    spec: presets.AlgoSpec
     temperature: float
     on_policy: bool
 
@@ -158,7 +161,7 @@ def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
 
 
 def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettings):
-    """∇ of Σ_chunks microbatch_loss, the metric sums and Σ |logp − sampler_logp|·mask.
+    """∇ of Σ_chunks microbatch_loss and the metric sums (`losses.microbatch_loss`).
 
     The prompts are forwarded once (`packed.prompt_blocks`, under `jax.vjp`); each chunk's
     gradient w.r.t. the parameters, the prompts' last hidden states and their caches is
@@ -183,11 +186,7 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
         part = tb._replace(mask=tb.mask * inside)
         if s.on_policy:
             part = part._replace(old_logp=lax.stop_gradient(logp))
-        loss, sums = losses.microbatch_loss(
-            p["daro"], logp, part, s.spec, lax.stop_gradient(entropy)
-        )
-        gap = jnp.abs(lax.stop_gradient(logp) - batch["sampler_logp"]) * part.mask
-        return loss, (sums, gap.sum())
+        return losses.microbatch_loss(p["daro"], logp, part, s.spec, lax.stop_gradient(entropy))
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
 
@@ -195,17 +194,16 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
         return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 
     def body(i, carry):
-        grads, sums, gap = carry
-        new, (s_i, gap_i) = grad_fn(params, last, cache, _chunk(batch, i))
+        grads, sums = carry
+        new, s_i = grad_fn(params, last, cache, _chunk(batch, i))
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, new)
-        return grads, losses.accumulate_metrics(sums, s_i), gap + gap_i
+        return grads, losses.accumulate_metrics(sums, s_i)
 
     init = (
         (f32_zeros(params), f32_zeros(last), f32_zeros(cache)),
-        losses.empty_metrics(s.spec, kl=tb.ref_logp is not None, entropy=True),
-        jnp.zeros((), jnp.float32),
+        losses.empty_metrics(s.spec, tb, entropy=True),
     )
-    (grads, d_last, d_cache), sums, gap = lax.fori_loop(0, batch["n_chunks"], body, init)
+    (grads, d_last, d_cache), sums = lax.fori_loop(0, batch["n_chunks"], body, init)
     cotangent = jax.tree.map(lambda d, x: d.astype(x.dtype), (d_last, d_cache), (last, cache))
     (d_model,) = pull_back(cotangent)
     grads["model"] = jax.tree.map(
@@ -215,18 +213,24 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
         params["model"],
     )
     grads["daro"] = grads["daro"].astype(params["daro"].dtype)
-    return grads, sums, gap
+    return grads, sums
+
+
+UPDATE_SCALARS = ("loss", "grad_norm", "grad_norm_daro")  # per update; checked finite
 
 
 def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings):
-    """One optimizer update on a minibatch; returns (new state, metrics).
+    """One optimizer update on a minibatch; returns (new state, its outputs).
 
     batch: prompt_tokens, prompt_mask [b, P] and the packed completions chunk_tokens,
     chunk_segments, chunk_offsets [G, S, R, C] with n_chunks (`packing.pack_blocks`);
     loss_mask, old_logp, sampler_logp [b·K, C]; advantages, group_ids [b·K]; optional
-    ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j of prompt i). If
-    the loss or the gradient norm is not finite, the state is returned unchanged and
-    metrics["finite"] is 0.
+    ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j of prompt i).
+
+    Outputs: loss; grad_norm and grad_norm_daro, the global norms of the model's and of the
+    DARO weights' gradients; "sums", the metric sums of `losses.microbatch_loss` (they add
+    over minibatches); "daro", the DARO parameters the update used; finite. If the loss or
+    either gradient norm is not finite, the state is returned unchanged and finite is 0.
     """
     params = state["params"]
     tb = losses.token_batch(
@@ -236,14 +240,19 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
         batch["group_ids"],
         s.spec,
         ref_logp=batch.get("ref_logp"),
+        sampler_logp=batch["sampler_logp"],
     )
-    grads, sums, gap = update_gradients(params, batch, tb, s)
-    out = losses.finalize_metrics(sums, params["daro"], s.spec)
-    out["grad_norm"] = optax.tree.norm(grads["model"])
-    out["sampler_logp_gap"] = gap / jnp.maximum(sums["tokens"], 1.0)
+    grads, sums = update_gradients(params, batch, tb, s)
+    out = {
+        "loss": sums["loss"],
+        "grad_norm": optax.tree.norm(grads["model"]),
+        "grad_norm_daro": optax.tree.norm(grads["daro"]),
+        "sums": sums,
+        "daro": params["daro"],
+    }
     updates, opt_state = tx.update(grads, state["opt"], params)
     new = {"params": optax.apply_updates(params, updates), "opt": opt_state}
-    finite = jnp.isfinite(out["loss"]) & jnp.isfinite(out["grad_norm"])
+    finite = jnp.all(jnp.isfinite(jnp.stack([out[name] for name in UPDATE_SCALARS])))
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     out["finite"] = finite.astype(jnp.float32)
     return new, out
@@ -286,12 +295,6 @@ def rollout_key(seed: int, step, attempt) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
 
 
-def flat_advantages(rewards, lengths, spec: losses.AlgoSpec):
-    """Advantages and group ids flattened to rollout rows [B·K], and the rollout stats."""
-    groups = losses.group_advantages(rewards, lengths, spec)
-    return groups.advantages.reshape(-1), groups.group_ids.reshape(-1), groups.stats
-
-
 # ---------------------------------------------------------------------------------------
 # Rollouts and rewards of one batch of prompts (this process's rows).
 
@@ -319,18 +322,6 @@ def _sample_and_score(
     rollout = {name: out[name].reshape(b, k, *out[name].shape[1:]) for name in out}
     rollout["prompt_tokens"], rollout["prompt_mask"] = prompt_tokens, prompt_mask
     return scores, rollout
-
-
-def _pad_prompts(tree, n: int):
-    """Pad every leaf to n rows with copies of row 0 whose lengths and masks are zero."""
-    have = jax.tree.leaves(tree)[0].shape[0]
-    if have == n:
-        return tree
-    idx = np.concatenate([np.arange(have), np.zeros(n - have, np.int64)])
-    tree = jax.tree.map(lambda x: x[idx], tree)
-    for name in ("mask", "lengths", "truncated"):
-        tree[name][have:] = 0
-    return tree
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,15 +366,17 @@ def _templated(config, tokenizer, problems: list[dict]) -> list[dict]:
     return examples
 
 
-def _check_batch(config, mesh: Mesh) -> None:
-    """Batch sizes must split evenly over processes, shards, minibatches and micro-batches."""
+def _check_batch(config, mesh: Mesh, processes: int) -> None:
+    """Batch sizes must split evenly over processes, shards, minibatches and micro-batches.
+    With several processes, each supplies only its own rows of the global arrays, which
+    must therefore be sharded, not replicated, over the data shards."""
     t = config.train
     rows = t.batch_prompts * config.algo.k
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.batch_prompts % jax.process_count():
+    if t.batch_prompts % processes:
         raise ValueError(
             f"train.batch_prompts={t.batch_prompts} must be divisible by the number of "
-            f"processes ({jax.process_count()})."
+            f"processes ({processes})."
         )
     if rows % shards:
         raise ValueError(
@@ -402,10 +395,17 @@ def _check_batch(config, mesh: Mesh) -> None:
             f"train.block_rows={t.block_rows} ≥ 1."
         )
     blocks, _ = sharding.update_blocks(t, mesh)
-    if per_mb % blocks or blocks % jax.process_count():
+    if per_mb % blocks or blocks % processes:
         raise ValueError(
             f"train.prompt_blocks={blocks} must divide the {per_mb} prompts of a minibatch "
-            f"and be a multiple of the {jax.process_count()} processes."
+            f"and be a multiple of the {processes} processes."
+        )
+    if processes > 1 and (per_mb % shards or blocks % shards):
+        raise ValueError(
+            f"with {processes} processes, the {per_mb} prompts of a minibatch (train."
+            f"batch_prompts / train.minibatches) and train.prompt_blocks={blocks} must be "
+            f"multiples of the {shards} data shards (data × fsdp of mesh.shape="
+            f"{tuple(config.mesh.shape)}): each process holds only its own rows."
         )
     if t.ppo_epochs < 1 or t.steps < 1:
         raise ValueError("train.ppo_epochs and train.steps must be ≥ 1.")
@@ -423,8 +423,8 @@ class Trainer:
         self.config = config
         # Mesh, algorithm and data first: their errors come before the model loads.
         self.mesh = sharding.make_mesh(config.mesh.shape)
-        _check_batch(config, self.mesh)
-        self.spec = losses.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+        _check_batch(config, self.mesh, jax.process_count())
+        self.spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
         problems = _load_problems(config)
         # Model.
         m = config.model
@@ -487,7 +487,7 @@ class Trainer:
             stop_token_ids=sampler.default_stop_token_ids(self.tokenizer, self.cfg),
             mesh=self.mesh,
         )
-        self.advantages = jax.jit(functools.partial(flat_advantages, spec=self.spec))
+        self.advantages = jax.jit(functools.partial(rollout.flat_advantages, spec=self.spec))
         self.rollout_key = jax.jit(
             functools.partial(rollout_key, config.seed), out_shardings=replicated
         )
@@ -505,9 +505,9 @@ class Trainer:
     # -- one RL step ----------------------------------------------------------------------
 
     def _collect(self, step: int, pool, timers: dict):
-        """Rewards [b, K], rollouts [b, K, ...] of this process's prompts and extra metrics;
-        with dynamic sampling, the kept prompts padded to b with empty rows (None when no
-        prompt was kept)."""
+        """Rewards [b, K], rollouts [b, K, ...] of this process's prompts and extra metrics
+        (`rollout.collect`: with dynamic sampling, this process's rows of the kept prompts,
+        padded with empty rows; None when no prompt was kept)."""
 
         def sample_fn(attempt: int):
             return _sample_and_score(
@@ -522,31 +522,8 @@ class Trainer:
                 timers,
             )
 
-        if not self.spec.dynamic_sampling:
-            scores, rollout = sample_fn(0)
-            return scores, rollout, {}
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "algo.dynamic_sampling with several processes is not supported: each process "
-                "would draw a different number of batches. Set "
-                "--config.algo.dynamic_sampling=False or run on one host."
-            )
-        b = self.config.train.batch_prompts
-        scores, rollout, info = losses.dynamic_sampling(
-            sample_fn, b, self.spec.dynamic_sampling_max_tries
-        )
-        extra = {
-            "dynamic/tries": info.tries,
-            "dynamic/kept_prompts": info.kept_prompts,
-            "dynamic/sampled_prompts": info.sampled_prompts,
-            "dynamic/batch_full": float(info.full),
-            "dynamic/sampled_accuracy": info.sampled_accuracy,
-        }
-        if info.kept_prompts == 0:
-            return scores, None, extra
-        pad = b - info.kept_prompts
-        scores = np.concatenate([scores, np.zeros((pad, self.spec.k), scores.dtype)])
-        return scores, _pad_prompts(rollout, b), extra
+        process = (jax.process_index(), jax.process_count())
+        return rollout.collect(sample_fn, self.spec, self.config.train.batch_prompts, process)
 
     def _packed(self, rollout: dict, prompts: np.ndarray) -> dict:
         """Global prompt and packed chunk arrays of the step's `prompts` (global indices,
@@ -623,6 +600,30 @@ class Trainer:
                 outs.append(out)
         return jax.device_get(outs)
 
+    def _update_metrics(self, updates: list[dict]) -> dict[str, float]:
+        """Metrics of the step's updates. The per-group metrics and token means cover the
+        whole batch: the metric sums of the first epoch's minibatches (each prompt once),
+        with the DARO weights of the first update. loss, grad_norm, grad_norm_daro: the
+        first update's (the on-policy one); the last update's under last_update/. With
+        several DARO updates, the weights each used: daro/w_update<i>/<k>of<K>."""
+        k, first, last = self.spec.k, updates[0], updates[-1]
+        epoch = [u["sums"] for u in updates[: self.config.train.minibatches]]
+        whole = losses.finalize_metrics(
+            functools.reduce(losses.accumulate_metrics, epoch), first["daro"], self.spec
+        )
+        out = metrics.flatten(whole, k)
+        last_means = losses.finalize_metrics(last["sums"], last["daro"], self.spec)
+        for name in UPDATE_SCALARS:
+            out[name] = float(first[name])
+            out[f"last_update/{name}"] = float(last[name])
+        for name in ("ratio_mean", "clip_frac_low", "clip_frac_high"):
+            out[f"last_update/{name}"] = float(last_means[name])
+        if self.spec.uses_daro_weights and len(updates) > 1:
+            for i, u in enumerate(updates):
+                w = np.asarray(losses.daro_weights(jnp.asarray(u["daro"]), self.spec))
+                out |= {f"daro/w_update{i}/{g}of{k}": float(v) for g, v in enumerate(w, 1)}
+        return out
+
     def step(self, step: int, pool) -> dict[str, float]:
         """One RL step; returns its metrics as host floats."""
         t_start = time.perf_counter()
@@ -642,17 +643,14 @@ class Trainer:
         update_s = time.perf_counter() - t_update
         for i, m in enumerate(updates):
             if not m["finite"]:
-                flat = metrics.flatten(m, self.spec.k)
-                bad = metrics.first_nonfinite(flat, ("loss", "grad_norm")) or "loss/grad_norm"
+                scalars = {name: float(m[name]) for name in UPDATE_SCALARS}
+                bad = metrics.first_nonfinite(scalars, UPDATE_SCALARS)
                 raise FloatingPointError(
                     f"step {step} (update {i}): non-finite {bad}; the update was not applied "
                     "and nothing was saved for this step (the last checkpoint is intact). "
                     "Lower optim.lr, check the data, or use model.dtype=float32."
                 )
-        first, last = updates[0], updates[-1]
-        out |= metrics.flatten(first, self.spec.k)
-        for name in ("loss", "grad_norm", "ratio_mean", "clip_frac_low", "clip_frac_high"):
-            out[f"last_update/{name}"] = float(last[name])
+        out |= self._update_metrics(updates)
         lengths = rollout["lengths"]
         real = lengths > 0
         n_proc = jax.process_count()

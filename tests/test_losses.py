@@ -1,4 +1,5 @@
-"""Losses against NumPy re-derivations of the formulas (DESIGN.md, "The losses")."""
+"""The losses, advantages and algorithm presets against NumPy re-derivations of the formulas
+in the docstrings of daro_jax/losses.py and daro_jax/advantages.py."""
 
 import functools
 
@@ -9,7 +10,7 @@ import optax
 import pytest
 
 from configs import base
-from daro_jax import losses, optim
+from daro_jax import advantages, losses, optim, presets
 
 K = 4
 T = 12
@@ -28,7 +29,7 @@ def algo_cfg(name, **overrides):
 
 
 def make_spec(name, **overrides):
-    return losses.resolve(algo_cfg(name, **overrides), max_response_len=T)
+    return presets.resolve(algo_cfg(name, **overrides), max_response_len=T)
 
 
 def make_case(seed, b=10, lengths=None, log_ratio_std=0.3):
@@ -44,7 +45,10 @@ def make_case(seed, b=10, lengths=None, log_ratio_std=0.3):
     old = -rng.uniform(0.1, 3.0, (b, K, T))
     logp = old + rng.normal(0.0, log_ratio_std, old.shape)
     ref = old + rng.normal(0.0, 0.2, old.shape)
-    return dict(rewards=rewards, lengths=lengths, mask=mask, old=old, logp=logp, ref=ref)
+    sampler = old + rng.normal(0.0, 0.4, old.shape)
+    return dict(
+        rewards=rewards, lengths=lengths, mask=mask, old=old, logp=logp, ref=ref, sampler=sampler
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,6 +56,7 @@ def make_case(seed, b=10, lengths=None, log_ratio_std=0.3):
 
 
 def np_penalty(lengths, l_max, cache, factor):
+    """DAPO's soft overlong punishment, in DAPO's units (rewards ±1)."""
     out = np.zeros(lengths.shape)
     for idx, n in np.ndenumerate(lengths):
         if n > l_max:
@@ -61,16 +66,23 @@ def np_penalty(lengths, l_max, cache, factor):
     return factor * out
 
 
+def np_shaped(rewards, lengths, s):
+    """0/1 rewards with DAPO's penalty: R = 2r - 1 in {-1, 1}, R' = R + penalty, r' = (R' + 1)/2."""
+    dapo = 2.0 * rewards - 1.0
+    dapo = dapo + np_penalty(lengths, s.max_response_len, s.overlong_cache, s.overlong_penalty)
+    return (dapo + 1.0) / 2.0
+
+
 def np_advantages(rewards, lengths, s):
     r = rewards.astype(np.float64)
     if s.overlong_shaping:
-        r = r + np_penalty(lengths, s.max_response_len, s.overlong_cache, s.overlong_penalty)
+        r = np_shaped(r, lengths, s)
     valid = lengths.max(axis=1) > 0
-    std_batch = r[valid].std()  # population std over the batch's responses
+    std_batch = r[valid].std(ddof=s.std_ddof)  # over the batch's responses
     adv = np.zeros_like(r)
     for b in range(r.shape[0]):
         centred = r[b] - r[b].mean()
-        std_q = r[b].std()  # population std (ddof = 0) of the prompt's K rewards
+        std_q = r[b].std(ddof=s.std_ddof)  # over the prompt's K rewards
         if s.advantage == "group_std":
             adv[b] = centred / (std_q + s.std_eps) if std_q > 0 else 0.0
         elif s.advantage == "group_mean":
@@ -80,8 +92,8 @@ def np_advantages(rewards, lengths, s):
     return adv
 
 
-def np_token_loss(logp, old, ref, adv, s):
-    """Per-token loss l and dl/dlogp; logp, old, ref: [N, T]; adv: [N]."""
+def np_token_loss(logp, old, ref, adv, s, sampler=None):
+    """Per-token loss l and dl/dlogp; logp, old, ref, sampler: [N, T]; adv: [N]."""
     a = adv[:, None]
     raw = logp - old
     inside = np.abs(raw) < s.max_log_ratio
@@ -96,6 +108,9 @@ def np_token_loss(logp, old, ref, adv, s):
         cap = (a < 0) & (pg > -s.dual_clip * a)
         pg = np.where(cap, -s.dual_clip * a, pg)
         dpg = np.where(cap, 0.0, dpg)
+    if s.sampler_is_cap is not None:  # TIS: a constant weight on the policy-gradient term
+        weight = np.minimum(np.exp(old - sampler), s.sampler_is_cap)
+        pg, dpg = weight * pg, weight * dpg
     if s.kl_beta > 0:
         d_raw = ref - logp
         d = np.clip(d_raw, -s.max_log_ratio, s.max_log_ratio)
@@ -111,7 +126,9 @@ def np_loss(case, s, theta):
     adv = rows(np_advantages(case["rewards"], case["lengths"], s))
     groups = rows(np.repeat((case["rewards"] >= 0.5).sum(1)[:, None], K, axis=1))
     mask, logp = rows(case["mask"]), rows(case["logp"])
-    ell, dell = np_token_loss(logp, rows(case["old"]), rows(case["ref"]), adv, s)
+    ell, dell = np_token_loss(
+        logp, rows(case["old"]), rows(case["ref"]), adv, s, rows(case["sampler"])
+    )
     lens = mask.sum(1)
     n_seq = (lens > 0).sum()
     grad = np.zeros_like(logp)
@@ -136,10 +153,15 @@ def np_loss(case, s, theta):
             if t_g == 0:
                 continue
             w = np.exp(theta[g - 1]) if log_param else theta[g - 1]
+            if not s.daro_learn_weights:  # frozen at 1: no gradient reaches theta
+                w = 1.0
             l_g = (ell[sel] * mask[sel]).sum() / t_g
-            loss += w * l_g - np.log(w)
+            log_term = np.log(w) if s.daro_log_term else 0.0
+            loss += w * l_g - log_term
             grad[sel] = w * dell[sel] * mask[sel] / t_g
-            dtheta[g - 1] = w * l_g - 1.0 if log_param else l_g - 1.0 / w
+            dw = l_g - (1.0 / w if s.daro_log_term else 0.0)  # dL/dw
+            if s.daro_learn_weights:
+                dtheta[g - 1] = w * dw if log_param else dw  # dw/dtheta = w for ln w
     return loss, grad, dtheta
 
 
@@ -154,7 +176,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 @functools.partial(jax.jit, static_argnames=("spec", "splits"), compiler_options=FAST_COMPILE)
 def _code_loss(arrays, logp, theta, perm, spec, splits):
-    groups = losses.group_advantages(arrays["rewards"], arrays["lengths"], spec)
+    groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
     batch = losses.token_batch(
         arrays["old"],
         arrays["mask"],
@@ -162,6 +184,7 @@ def _code_loss(arrays, logp, theta, perm, spec, splits):
         groups.group_ids.reshape(-1),
         spec,
         ref_logp=arrays["ref"],
+        sampler_logp=arrays["sampler"],
     )
     entropy = arrays["entropy"]
 
@@ -172,7 +195,7 @@ def _code_loss(arrays, logp, theta, perm, spec, splits):
             )
             return (carry[0] + part, losses.accumulate_metrics(carry[1], part_sums)), None
 
-        init = (0.0, losses.empty_metrics(spec, kl=True, entropy=True))
+        init = (0.0, losses.empty_metrics(spec, batch, entropy=True))
         return jax.lax.scan(step, init, micro_rows)[0]
 
     out = {}
@@ -184,24 +207,33 @@ def _code_loss(arrays, logp, theta, perm, spec, splits):
     return out
 
 
-group_advantages = jax.jit(losses.group_advantages, static_argnums=2, compiler_options=FAST_COMPILE)
+group_advantages = jax.jit(
+    advantages.group_advantages, static_argnums=2, compiler_options=FAST_COMPILE
+)
 
 
-def run_code_splits(case, spec, theta, splits=SPLITS):
-    """{n: (loss, d/dlogp [N, T], d/dtheta, metrics)} summed over n equal micro-batches of
-    shuffled rows (a lax.scan, as a trainer would), for n in splits."""
+def code_arrays(case):
     flat = lambda x: jnp.asarray(x, jnp.float32).reshape(-1, T)  # noqa: E731
-    arrays = dict(
+    return dict(
         rewards=jnp.asarray(case["rewards"], jnp.float32),
         lengths=jnp.asarray(case["lengths"], jnp.int32),
         old=flat(case["old"]),
         mask=flat(case["mask"]),
         ref=flat(case["ref"]),
+        sampler=flat(case["sampler"]),
         entropy=-0.5 * flat(case["old"]),
+        logp=flat(case["logp"]),
     )
+
+
+def run_code_splits(case, spec, theta, splits=SPLITS):
+    """{n: (loss, d/dlogp [N, T], d/dtheta, metrics)} summed over n equal micro-batches of
+    shuffled rows (a lax.scan, as a trainer would), for n in splits."""
+    arrays = code_arrays(case)
+    logp = arrays.pop("logp")
     perm = np.random.default_rng(0).permutation(arrays["mask"].shape[0])
     theta = jnp.asarray(theta, jnp.float32)
-    out = _code_loss(arrays, flat(case["logp"]), theta, jnp.asarray(perm), spec, splits)
+    out = _code_loss(arrays, logp, theta, jnp.asarray(perm), spec, splits)
     return {n: (float(r[0]), np.asarray(r[1]), np.asarray(r[2]), r[3]) for n, r in out.items()}
 
 
@@ -275,7 +307,7 @@ def test_presets_and_command_line_overrides():
     assert jax.jit(lambda x, s: x * s.k, static_argnums=1)(1.0, spec) == K
 
 
-def test_advantages_population_std_and_stats():
+def test_advantages_and_stats():
     case = make_case(seed=3)
     case["lengths"][0] = 0  # a padding prompt: out of the batch std and the stats
     for name in PRESET_NAMES:
@@ -290,21 +322,74 @@ def test_advantages_population_std_and_stats():
     valid = case["lengths"].max(1) > 0
     np.testing.assert_array_equal(g.stats["group_prompts"], np.bincount(k[valid], minlength=K + 1))
     np.testing.assert_allclose(g.stats["accuracy"], case["rewards"][valid].mean(), rtol=1e-6)
-    # GRPO's std is the population one: sqrt(mu (1 - mu)) for 0/1 rewards.
-    spec = make_spec("grpo", std_eps=0.0)
-    r = jnp.array([[1.0, 0.0, 0.0, 0.0]])
-    adv = group_advantages(r, jnp.ones((1, K), jnp.int32), spec).advantages
-    np.testing.assert_allclose(adv[0], (r[0] - 0.25) / np.sqrt(0.25 * 0.75), rtol=1e-6)
 
 
-def test_overlong_shaping():
-    spec = make_spec("dapo", overlong_penalty=0.5)  # L_max = 12, L_cache = 4
+@pytest.mark.parametrize("k", [4, 8])
+def test_std_ddof(k):
+    """One right answer of K, closed form: std^2 = mu (1 - mu) K / (K - ddof), so the unbiased
+    std (ddof = 1, the default, as verl and TRL) makes the advantages sqrt((K-1)/K) of the
+    population std's: 7 % smaller at K = 8."""
+    r = np.zeros((1, k))
+    r[0, 0] = 1.0
+    mu = 1.0 / k
+    lengths = jnp.ones((1, k), jnp.int32)
+    out = {}
+    for ddof in (0, 1):
+        spec = make_spec("grpo", k=k, std_eps=0.0, std_ddof=ddof)
+        out[ddof] = np.asarray(group_advantages(jnp.asarray(r), lengths, spec).advantages[0])
+        std = np.sqrt(mu * (1 - mu) * k / (k - ddof))
+        np.testing.assert_allclose(out[ddof], (r[0] - mu) / std, rtol=1e-6)
+    np.testing.assert_allclose(out[1] / out[0], np.sqrt((k - 1) / k), rtol=1e-6)
+    assert make_spec("grpo").std_ddof == 1  # the default
+    # batch_std (LIPO) over every response of the batch, same ddof.
+    case = make_case(seed=5)
+    for ddof in (0, 1):
+        spec = make_spec("lipo", std_ddof=ddof)
+        g = group_advantages(jnp.asarray(case["rewards"]), jnp.asarray(case["lengths"]), spec)
+        r, n = case["rewards"], case["rewards"].size
+        std_b = np.sqrt(((r - r.mean()) ** 2).sum() / (n - ddof))
+        centred = r - r.mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(g.advantages, centred / (std_b + spec.std_eps), rtol=1e-5)
+
+
+def dapo_convention_advantages(rewards, lengths, penalty, ddof):
+    """DAPO's own convention, independently: outcome reward +1 / -1, plus its soft overlong
+    punishment (L_max = T, L_cache = 4) in those units, group-std normalised (eps = 0)."""
+    dapo = np.where(rewards > 0.5, 1.0, -1.0) + np_penalty(lengths, T, 4, penalty)
+    centred = dapo - dapo.mean(axis=1, keepdims=True)
+    return centred / dapo.std(axis=1, ddof=ddof, keepdims=True)
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_overlong_shaping_in_the_0_1_scale(ddof):
+    """Rewards [1, 1, 0, 0], the first answer right but exactly at the length limit (full
+    penalty): its advantage stays positive, between the short right answer's and the wrong
+    ones', as under DAPO's ±1 rewards ([0.302, 1.508, -0.905, -0.905] at ddof 0); DAPO's
+    penalty of 1 on our 0/1 rewards would tie it with the wrong answers."""
+    spec = make_spec("dapo", std_eps=0.0, std_ddof=ddof)  # L_max = 12, L_cache = 4
+    rewards = np.array([[1.0, 1.0, 0.0, 0.0]])
+    lengths = np.array([[T, 3, 5, 7]])
+    g = group_advantages(jnp.asarray(rewards), jnp.asarray(lengths), spec)
+    np.testing.assert_allclose(g.rewards, [[0.5, 1.0, 0.0, 0.0]], atol=1e-7)
+    expected = dapo_convention_advantages(rewards, lengths, 1.0, ddof)
+    np.testing.assert_allclose(g.advantages, expected, rtol=1e-5)
+    if ddof == 0:
+        np.testing.assert_allclose(g.advantages[0], [0.302, 1.508, -0.905, -0.905], atol=5e-4)
+    assert 0 < g.advantages[0, 0] < g.advantages[0, 1]
+    np.testing.assert_array_equal(g.group_ids[0], [2, 2, 2, 2])  # groups from correctness
+
+
+def test_overlong_shaping_partial_penalties():
+    spec = make_spec("dapo", overlong_penalty=0.5, std_eps=0.0)  # L_max = 12, L_cache = 4
     lengths = np.array([[1, 8, 9, 10], [11, 12, 13, 4]])
     rewards = np.array([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0]])
     g = group_advantages(jnp.asarray(rewards), jnp.asarray(lengths), spec)
-    expected = np_penalty(lengths, T, 4, 0.5)
-    np.testing.assert_allclose(g.rewards, rewards + expected, atol=1e-7)
-    assert expected[0, 1] == 0.0 and expected[0, 3] == -0.25 and expected[1, 2] == -0.5
+    penalty = np_penalty(lengths, T, 4, 0.5)
+    assert penalty[0, 1] == 0.0 and penalty[0, 3] == -0.25 and penalty[1, 2] == -0.5
+    np.testing.assert_allclose(g.rewards, np_shaped(rewards, lengths, spec), atol=1e-7)
+    np.testing.assert_allclose(g.rewards, rewards + penalty / 2, atol=1e-7)
+    expected = dapo_convention_advantages(rewards, lengths, 0.5, spec.std_ddof)
+    np.testing.assert_allclose(g.advantages, expected, rtol=1e-5)
     # Groups come from correctness: long correct answers stay in their group.
     np.testing.assert_array_equal(g.group_ids[:, 0], [3, 3])
 
@@ -325,9 +410,9 @@ def test_unified_view(name, log_ratio_std):
     loss, g_logp, _, _ = run_code(case, spec, theta)
 
     mu = np.arange(K + 1) / K
-    eps = spec.std_eps
-    sigma = np.sqrt(mu * (1 - mu))
-    sigma_b = case["rewards"].std()
+    eps, ddof = spec.std_eps, spec.std_ddof
+    sigma = np.sqrt(mu * (1 - mu) * K / (K - ddof))
+    sigma_b = case["rewards"].std(ddof=ddof)
     n_mu = np.bincount(k, minlength=K + 1)
     tokens = (n_mu * group_len).sum()
     c = {
@@ -335,7 +420,7 @@ def test_unified_view(name, log_ratio_std):
         "dr_grpo": n_mu * group_len * (sigma + eps) / (b * T),
         "lipo": n_mu * group_len / tokens * (sigma + eps) / (sigma_b + eps),
         "dapo": n_mu * group_len / tokens,
-        "daro": np.exp(np.concatenate([[0.0], theta, [0.0]])),
+        "daro": np.concatenate([[1.0], theta, [1.0]]),  # direct parameterisation: w
     }[name]
     adv_std = np_advantages(case["rewards"], lengths, base_spec).reshape(-1)
     ell, dell = np_token_loss(  # the method's own clip range, std-normalised advantage
@@ -369,7 +454,7 @@ def test_metrics():
     spec = make_spec("daro", **DARO_DIRECT_KL)
     case = make_case(seed=9, b=10, log_ratio_std=0.8)
     theta = theta_for(spec)
-    _, _, _, m = run_code(case, spec, theta)
+    loss, _, _, m = run_code(case, spec, theta)
     mask = case["mask"].reshape(-1, T)
     ratio = np.exp(case["logp"] - case["old"]).reshape(-1, T)[mask > 0]
     adv = np.repeat(np_advantages(case["rewards"], case["lengths"], spec).reshape(-1), T)
@@ -385,19 +470,40 @@ def test_metrics():
     np.testing.assert_allclose(m["kl"], np.mean(np.exp(d) - d - 1), rtol=1e-5)
     entropy = -0.5 * case["old"].reshape(-1, T)[mask > 0]
     np.testing.assert_allclose(m["entropy"], entropy.mean(), rtol=1e-6)
+    gap = np.abs(case["logp"] - case["sampler"]).reshape(-1, T)[mask > 0]
+    np.testing.assert_allclose(m["sampler_logp_gap"], gap.mean(), rtol=1e-5)
+    assert "tis_weight_mean" not in m  # TIS off
     k = (case["rewards"] >= 0.5).sum(1)
     np.testing.assert_allclose(m["group_prompts"], np.bincount(k, minlength=K + 1), rtol=1e-6)
-    tok = np.bincount(np.repeat(k, K), weights=mask.sum(1), minlength=K + 1)
+    groups, lens = np.repeat(k, K), mask.sum(1)
+    tok = np.bincount(groups, weights=lens, minlength=K + 1)
     np.testing.assert_allclose(m["group_tokens"], tok)
+    ell, _ = np_token_loss(
+        case["logp"].reshape(-1, T),
+        case["old"].reshape(-1, T),
+        case["ref"].reshape(-1, T),
+        np_advantages(case["rewards"], case["lengths"], spec).reshape(-1),
+        spec,
+    )
+    l_g = np.bincount(groups, weights=(ell * mask).sum(1), minlength=K + 1) / tok
+    assert_close(m["group_loss"], l_g)
     np.testing.assert_allclose(m["group_weight"], np.concatenate([[0], theta, [0]]), rtol=1e-6)
     np.testing.assert_allclose(m["group_weighted_loss"], m["group_weight"] * m["group_loss"])
     weighted = m["group_weighted_loss"][1:K].sum()
-    np.testing.assert_allclose(m["loss"], weighted - np.log(theta).sum(), rtol=1e-5)
-    # Token-level aggregations: loss = sum_g weight_g L_g, with weight = aggregation mass.
-    spec = make_spec("dapo", kl_beta=0.0, overlong_shaping=False)
-    _, _, _, m = run_code(case, spec, theta)
-    np.testing.assert_allclose(m["group_weight"], tok / tok.sum(), rtol=1e-6)
-    np.testing.assert_allclose(m["loss"], m["group_weighted_loss"].sum(), rtol=1e-5)
+    np.testing.assert_allclose(loss, weighted - np.log(theta).sum(), rtol=1e-5)
+    # The other aggregations: weight = the group's share of the loss (finalize_metrics).
+    seqs = np.bincount(groups, weights=lens > 0, minlength=K + 1)
+    shares = {
+        "grpo": seqs / seqs.sum(),
+        "dr_grpo": tok / (seqs.sum() * T),
+        "dapo": tok / tok.sum(),
+    }
+    for name, share in shares.items():
+        spec = make_spec(name, kl_beta=0.0, overlong_shaping=False)
+        loss, _, _, m = run_code(case, spec, theta)
+        np.testing.assert_allclose(m["group_weight"], share, rtol=1e-6)
+        if name != "grpo":  # token-level: loss = sum_g weight_g L_g
+            np.testing.assert_allclose(loss, m["group_weighted_loss"].sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["grpo", "lipo"])  # n_seq, batch std
@@ -411,6 +517,102 @@ def test_padding_rows_count_nowhere(name):
     a, b = run_code(case, spec, theta), run_code(padded, spec, theta)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
     np.testing.assert_allclose(a[1], b[1][: a[1].shape[0]], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dapo", "grpo"])  # token-mean; seq-mean with KL
+def test_truncated_importance_sampling_matches_numpy_reference(name):
+    """TIS: each token's policy-gradient term times min(pi_old / pi_sampler, C), a constant
+    of the gradient; the KL term is not weighted."""
+    spec = make_spec(name, sampler_is_cap=1.2)
+    case = make_case(seed=17)
+    theta = theta_for(spec)
+    loss, g_logp, _, m = run_code(case, spec, theta)
+    ref_loss, ref_grad, _ = np_loss(case, spec, theta)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    mask = case["mask"].reshape(-1, T) > 0
+    ratio = np.exp(case["old"] - case["sampler"]).reshape(-1, T)[mask]
+    np.testing.assert_allclose(m["tis_weight_mean"], np.minimum(ratio, 1.2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["tis_capped_frac"], np.mean(ratio > 1.2), rtol=1e-6)
+    assert 0.1 < m["tis_capped_frac"] < 0.9  # the cap binds on some tokens, not all
+    plain = make_spec(name)  # off by default: the sampler's log-probs change nothing
+    assert plain.sampler_is_cap is None
+    assert_close(run_code(case, plain, theta)[0], np_loss(case, plain, theta)[0])
+    assert abs(run_code(case, plain, theta)[0] - loss) > 1e-3
+
+
+ABLATIONS = [
+    dict(daro_learn_weights=False),
+    dict(daro_log_term=False),
+    dict(daro_log_term=False, daro_parameterization="log"),
+]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_daro_ablations_match_numpy_reference(ablation):
+    spec = make_spec("daro", **ablation)
+    case = make_case(seed=23)
+    theta = theta_for(spec)
+    loss, g_logp, g_theta, m = run_code(case, spec, theta)
+    ref_loss, ref_grad, ref_theta = np_loss(case, spec, theta)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    assert_close(g_theta, ref_theta)
+    inner = m["group_loss"][1:K]
+    if not spec.daro_learn_weights:  # sum_g L_g, weights 1, no gradient to them
+        np.testing.assert_array_equal(g_theta, 0.0)
+        np.testing.assert_array_equal(m["group_weight"], [0, 1, 1, 1, 0])
+        np.testing.assert_allclose(loss, inner.sum(), rtol=1e-5)
+    else:  # sum_g w_g L_g: dL/dw_g = L_g
+        w = np.asarray(losses.daro_weights(jnp.asarray(theta, jnp.float32), spec))
+        np.testing.assert_allclose(loss, (w * inner).sum(), rtol=1e-5)
+        dw = g_theta / w if spec.daro_parameterization == "log" else g_theta
+        np.testing.assert_allclose(dw, inner, rtol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_mini"), compiler_options=FAST_COMPILE)
+def _batch_metrics(arrays, theta, spec, n_mini):
+    """finalize_metrics of the metric sums of n_mini minibatches of consecutive prompts, each
+    with its own normalisers (token_batch); advantages from the whole batch, as the trainer."""
+    groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
+    adv, ids = groups.advantages.reshape(-1), groups.group_ids.reshape(-1)
+    rows = adv.shape[0] // n_mini
+    sums = None
+    for i in range(n_mini):
+        sl = slice(i * rows, (i + 1) * rows)
+        batch = losses.token_batch(
+            arrays["old"][sl],
+            arrays["mask"][sl],
+            adv[sl],
+            ids[sl],
+            spec,
+            ref_logp=arrays["ref"][sl],
+            sampler_logp=arrays["sampler"][sl],
+        )
+        part = losses.microbatch_loss(
+            theta, arrays["logp"][sl], batch, spec, entropy=arrays["entropy"][sl]
+        )[1]
+        sums = part if sums is None else losses.accumulate_metrics(sums, part)
+    return losses.finalize_metrics(sums, theta, spec)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_group_metrics_over_four_minibatches_equal_one_minibatch(name):
+    """The per-group metrics (and the token means) of a batch split into 4 minibatches of
+    shuffled prompts, accumulated over the minibatches, equal those of 1 minibatch."""
+    overrides = dict(sampler_is_cap=1.5) if name == "dapo" else {}
+    spec = make_spec(name, **overrides)
+    case = make_case(seed=31, b=12, log_ratio_std=0.5)
+    order = np.random.default_rng(3).permutation(12)
+    case = {key: value[order] for key, value in case.items()}
+    arrays = code_arrays(case)
+    theta = jnp.asarray(theta_for(spec), jnp.float32)
+    one, four = (_batch_metrics(arrays, theta, spec, n) for n in (1, 4))
+    assert set(one) == set(four)
+    for key in one:
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    k = (case["rewards"] >= 0.5).sum(1)
+    np.testing.assert_allclose(one["group_prompts"], np.bincount(k, minlength=K + 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,7 +638,7 @@ def optimise_daro_only(case, spec, steps):
     the DARO loss of `case` with the model held fixed, so that every L_mu stays constant."""
     state = optim.init_train_state({"w": jnp.zeros((3,))}, spec)
     tx = optim.make_optimizer(base.get_config().optim, state, steps, spec)
-    groups = losses.group_advantages(case["rewards"], case["lengths"], spec)
+    groups = advantages.group_advantages(case["rewards"], case["lengths"], spec)
     flat = lambda x: jnp.asarray(x, jnp.float32).reshape(-1, T)  # noqa: E731
     batch = losses.token_batch(
         flat(case["old"]),
@@ -474,7 +676,7 @@ def test_daro_weights_converge_to_inverse_loss(param):
     l_mu = np_group_losses(case, spec)
     assert np.all(l_mu > 0) and l_mu.max() / l_mu.min() > 2
     assert np.all(np.abs(np.log(l_mu)) < BOUNDS[1])  # the bounds do not bind here
-    w = np.asarray(optimise_daro_only(case, spec, steps=3000))
+    w = np.asarray(optimise_daro_only(case, spec, steps=5000))
     np.testing.assert_allclose(w * l_mu, 1.0, atol=1e-2)
 
 
@@ -488,6 +690,18 @@ def test_daro_weights_stay_finite_when_loss_nonpositive(param):
     assert np.all(np.isfinite(w)) and np.all(w > 0)
     np.testing.assert_allclose(w[:2], np.exp(BOUNDS[1]), rtol=1e-6)  # -ln w pushes to the bound
     np.testing.assert_allclose(w[2] * l_mu[2], 1.0, atol=1e-2)  # the others are unaffected
+
+
+def test_daro_ablation_weight_dynamics():
+    """Frozen weights stay at 1; without -ln w the weights of groups with L_g > 0 run down
+    to their lower bound (dL/dw_g = L_g > 0 everywhere)."""
+    case = daro_problem(signs=[1, 1, 1])
+    frozen = make_spec("daro", daro_learn_weights=False, daro_log_weight_bounds=BOUNDS)
+    np.testing.assert_array_equal(optimise_daro_only(case, frozen, steps=200), 1.0)
+    no_log = make_spec("daro", daro_log_term=False, daro_log_weight_bounds=BOUNDS)
+    assert np.all(np_group_losses(case, no_log) > 0)
+    w = np.asarray(optimise_daro_only(case, no_log, steps=3000))
+    np.testing.assert_allclose(w, np.exp(BOUNDS[0]), rtol=1e-6)
 
 
 def test_absent_group_does_not_move():
@@ -535,34 +749,11 @@ def test_model_gradient_is_weighted_sum_of_group_gradients():
     for g in range(1, K):
         sel = groups == g
         grad_l_g = np.where(sel[:, None], dell * mask / mask[sel].sum(), 0.0)  # grad of L_g
-        expected += np.exp(theta[g - 1]) * grad_l_g
+        expected += theta[g - 1] * grad_l_g  # w_g (direct parameterisation)
     assert_close(g_logp, expected)
 
 
 # ---------------------------------------------------------------------------------------
-
-
-def test_dynamic_sampling():
-    tries = [
-        (np.array([[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]]), {"id": np.array([0, 1, 2])}),
-        (np.array([[1, 0, 1, 0], [1, 1, 1, 1]]), {"id": np.array([3, 4])}),
-        (np.array([[0, 0, 1, 0], [1, 1, 1, 0]]), {"id": np.array([5, 6])}),
-    ]
-    rewards, data, info = losses.dynamic_sampling(lambda i: tries[i], 3, max_tries=5)
-    np.testing.assert_array_equal(data["id"], [1, 3, 5])
-    expected = np.array([tries[0][0][1], tries[1][0][0], tries[2][0][0]])
-    np.testing.assert_array_equal(rewards, expected)
-    assert info == losses.DynamicSamplingInfo(
-        3, sampled_prompts=7, kept_prompts=3, full=True, sampled_accuracy=15 / 28
-    )
-    # Stall: every prompt solved or failed by all K; returns what it has after max_tries.
-    rewards, data, info = losses.dynamic_sampling(lambda i: tries[0], 3, max_tries=2)
-    np.testing.assert_array_equal(data["id"], [1, 1])
-    assert info == losses.DynamicSamplingInfo(
-        2, sampled_prompts=6, kept_prompts=2, full=False, sampled_accuracy=10 / 24
-    )
-    with pytest.raises(ValueError, match="max_tries"):
-        losses.dynamic_sampling(lambda i: tries[0], 3, max_tries=0)
 
 
 @pytest.mark.parametrize(
@@ -581,6 +772,10 @@ def test_dynamic_sampling():
         (dict(name="dapo", overlong_cache=20), "overlong_cache"),
         (dict(name="dapo", overlong_penalty=-1.0), "overlong_penalty"),
         (dict(dynamic_sampling_max_tries=0), "dynamic_sampling_max_tries"),
+        (dict(std_ddof=2), "std_ddof"),
+        (dict(sampler_is_cap=0.5), "sampler_is_cap"),
+        (dict(name="dapo", daro_learn_weights=False), "daro_learn_weights"),
+        (dict(name="grpo", daro_log_term=False), "daro_log_term"),
     ],
 )
 def test_bad_algo_config_raises(overrides, field):
@@ -592,10 +787,18 @@ def test_bad_algo_config_raises(overrides, field):
 def test_unknown_field_and_missing_reference_raise():
     cfg = dict(algo_cfg("daro").items(), clip=0.2)
     with pytest.raises(ValueError, match=r"unknown fields \['clip'\]"):
-        losses.resolve(cfg, max_response_len=T)
+        presets.resolve(cfg, max_response_len=T)
     spec = make_spec("grpo")
     batch = losses.token_batch(
         jnp.zeros((2, T)), jnp.ones((2, T)), jnp.ones(2), jnp.ones(2, jnp.int32), spec
     )
     with pytest.raises(ValueError, match="kl_beta"):
         losses.microbatch_loss(jnp.zeros(K - 1), jnp.zeros((2, T)), batch, spec)
+    with pytest.raises(ValueError, match="sampler_is_cap"):
+        losses.token_batch(
+            jnp.zeros((2, T)),
+            jnp.ones((2, T)),
+            jnp.ones(2),
+            jnp.ones(2, jnp.int32),
+            make_spec("dapo", sampler_is_cap=2.0),
+        )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import load_config_file
 
-from daro_jax import checkpoint, losses, models, packing, trainer
+from daro_jax import checkpoint, losses, models, packing, presets, trainer
 from daro_jax.models import decoder, packed
 
 ALGOS = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
@@ -115,7 +115,7 @@ def _packed_case(tiny_hf_dirs, rows: int, seed: int, padding: bool = False):
     random lengths (`padding`: prompt 2's are all empty, as DAPO's padding prompts), packed
     with `rows` rows per chunk; and the plain forward of every [prompt | completion]
     sequence alone (the reference)."""
-    spec = losses.resolve(dict(load_config_file("configs/tiny.py").algo), max_response_len=6)
+    spec = presets.resolve(dict(load_config_file("configs/tiny.py").algo), max_response_len=6)
     model = models.load(tiny_hf_dirs["smollm2"])
     cfg, params = model.config, model.params
     rng = np.random.default_rng(seed)
@@ -213,10 +213,11 @@ def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, row
     advantages = rng.normal(0, 1, n).astype(np.float32)
     group_ids = np.repeat(rng.integers(0, s.spec.k + 1, n // s.spec.k), s.spec.k)
     tb = losses.token_batch(old_logp, mask, advantages, group_ids, s.spec)
-    daro = jax.numpy.asarray(rng.normal(0, 0.1, s.spec.k - 1), jax.numpy.float32)
+    # Positive: DARO weights w themselves (the default) or ln w.
+    daro = jax.numpy.asarray(np.exp(rng.normal(0, 0.1, s.spec.k - 1)), jax.numpy.float32)
     full = {"model": params, "daro": daro}
     batch = {**batch, "sampler_logp": old_logp}
-    grads, sums, _ = jax.jit(trainer.update_gradients, static_argnames="s")(full, batch, tb, s=s)
+    grads, sums = jax.jit(trainer.update_gradients, static_argnames="s")(full, batch, tb, s=s)
 
     def plain_loss(p):
         return losses.microbatch_loss(p["daro"], plain(p["model"])[0], tb, s.spec)[0]
@@ -335,3 +336,22 @@ def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path, monkeypatch):
         )
     assert meta["step"] == last
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_group_metrics_cover_every_minibatch():
+    """A step of 4 minibatches reports the per-group metrics of the whole batch, equal to
+    those of 1 minibatch on the same batch. The learning rate is too small to change any
+    parameter in float32, so all 4 updates see the policy the 1-minibatch update sees."""
+    outs = []
+    for minibatches in (1, 4):
+        config = tiny_config(
+            **{"train.batch_prompts": 8, "train.minibatches": minibatches, "optim.lr": 1e-30}
+        )
+        outs.append(trainer.Trainer(config).step(0, PatternPool(config.algo.k)))
+    one, four = outs
+    assert sum(four[f"group/prompts/{g}of4"] for g in range(5)) == 8  # every prompt
+    names = [
+        f"group/{name}/{g}of4" for name in ("prompts", "tokens", "L", "w", "wL") for g in range(5)
+    ]
+    for name in names + ["tokens", "entropy", "ratio_mean", "sampler_logp_gap"]:
+        assert four[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), name

@@ -3,7 +3,9 @@
 Each process loads and scores its own half of the prompts; the global arrays are assembled
 over the mesh. Rewards come from a verifier stand-in that marks k = answer mod (K+1) of a
 problem's K responses correct, so the groups (and the loss) do not depend on which process
-scores which prompt.
+scores which prompt. DARO runs one update per step; DAPO runs its dynamic sampling (every
+process must keep the same prompts, over several sampling rounds) and two minibatches
+(the group metrics cover both).
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "grad_norm", "entropy", "reward", "group/L/1of4", "group/prompts/2of4")
+DYNAMIC = ("dynamic/tries", "dynamic/kept_prompts", "dynamic/sampled_prompts")
+DYNAMIC += ("dynamic/sampled_accuracy", "dynamic/batch_full")
+RUNS = {  # algorithm: (config changes, metrics compared)
+    "daro": ({"train.batch_prompts": 8}, KEYS + ("grad_norm_daro", "group/w/2of4")),
+    "dapo": (
+        {"train.batch_prompts": 16, "train.minibatches": 2},
+        KEYS + DYNAMIC + ("group/prompts/0of4", "group/prompts/4of4", "group/L/3of4"),
+    ),
+}
 
 
 class AnswerPool:
@@ -45,13 +56,33 @@ def _worker(process_id: int, num_processes: int, port: str) -> None:
         jax.distributed.initialize(
             f"localhost:{port}", num_processes=num_processes, process_id=process_id
         )
+    from jax.experimental import multihost_utils
+
     from daro_jax import trainer
     from tests.test_trainer import tiny_config
 
-    config = tiny_config(**{"train.batch_prompts": 8, "algo.name": "daro"})
-    t = trainer.Trainer(config)
-    out = t.step(0, AnswerPool(config.algo.k))
-    print(json.dumps({key: out[key] for key in KEYS}))
+    class Recording(trainer.Trainer):
+        """Keeps what `_collect` hands the step: this process's rows of the kept prompts."""
+
+        def _collect(self, step, pool, timers):
+            self.collected = super()._collect(step, pool, timers)
+            return self.collected
+
+    results = {}
+    for algo, (changes, keys) in RUNS.items():
+        config = tiny_config(**{"algo.name": algo, **changes})
+        t = Recording(config)
+        out = t.step(0, AnswerPool(config.algo.k))
+        rollout = t.collected[1]
+        rows = {"prompt_tokens": rollout["prompt_tokens"], "lengths": rollout["lengths"]}
+        if num_processes > 1:
+            rows = multihost_utils.process_allgather(rows, tiled=True)
+        batch = [
+            np.asarray(tokens).tolist() if np.asarray(lengths).any() else "padding"
+            for tokens, lengths in zip(rows["prompt_tokens"], rows["lengths"], strict=True)
+        ]
+        results[algo] = {"metrics": {key: out[key] for key in keys}, "batch": batch}
+    print(json.dumps(results))
 
 
 def _launch(num_processes: int, devices_each: int) -> list[dict]:
@@ -86,12 +117,40 @@ def _launch(num_processes: int, devices_each: int) -> list[dict]:
 
 
 def test_two_processes_match_one_process():
+    """Same batch (for DAPO: the same kept prompts) and the same metrics."""
     single = _launch(1, 8)[0]
     double = _launch(2, 4)
-    assert double[0] == double[1]  # every process sees the same global metrics
-    assert single["grad_norm"] > 0.0
-    for key in KEYS:
-        assert double[0][key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+    assert double[0] == double[1]  # every process sees the same global metrics and batch
+    for algo, (_, keys) in RUNS.items():
+        one, two = single[algo], double[0][algo]
+        assert one["metrics"]["grad_norm"] > 0.0
+        assert two["batch"] == one["batch"], algo
+        for key in keys:
+            assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-7), (
+                algo,
+                key,
+            )
+    dapo = single["dapo"]["metrics"]
+    assert dapo["dynamic/tries"] >= 2  # the batch needed several sampling rounds
+    assert dapo["dynamic/batch_full"] == 1.0 and dapo["dynamic/kept_prompts"] == 16
+    assert "padding" not in single["dapo"]["batch"]
+    assert dapo["group/prompts/0of4"] == dapo["group/prompts/4of4"] == 0  # only mixed prompts
+
+
+def test_multiprocess_batch_that_cannot_be_sharded_fails_at_start_up():
+    """With several processes each one supplies only its rows, so a minibatch's prompts and
+    the prompt blocks must split over the data shards; the check runs before any weights."""
+    from daro_jax import sharding, trainer
+    from tests.test_trainer import tiny_config
+
+    mesh = sharding.make_mesh((1, -1, 1))  # 8 data shards
+    config = tiny_config(**{"train.batch_prompts": 8, "train.minibatches": 2})
+    trainer._check_batch(config, mesh, 1)  # one process: replicated rows are fine
+    with pytest.raises(ValueError, match="the 4 prompts of a minibatch .* multiples of the 8"):
+        trainer._check_batch(config, mesh, 2)
+    trainer._check_batch(
+        tiny_config(**{"train.batch_prompts": 16, "train.minibatches": 2}), mesh, 2
+    )
 
 
 if __name__ == "__main__":
