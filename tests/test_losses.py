@@ -398,7 +398,10 @@ def test_overlong_shaping_partial_penalties():
 @pytest.mark.parametrize("log_ratio_std", [0.0, 0.3])  # ratio = 1, and random ratios
 def test_unified_view(name, log_ratio_std):
     """Fixed length T_mu per group: loss = sum_mu c(mu) base_mu, base_mu = the token-mean
-    loss of group mu with the std-normalised advantage (DARO's L_mu), c from DESIGN."""
+    loss of group mu with the std-normalised advantage (DARO's L_mu). c(mu), derived by
+    hand from each aggregation and advantage (n_mu prompts of b, T tokens, sigma_mu the
+    group's std): GRPO n_mu / b; Dr. GRPO n_mu T_mu (sigma_mu + eps) / (b L_max); LIPO
+    n_mu T_mu / T * (sigma_mu + eps) / (sigma_batch + eps); DAPO n_mu T_mu / T; DARO w_mu."""
     group_len = np.array([5, 3, 8, 11, 6])  # T_mu for k = 0..K
     b = 10
     k = np.arange(b) % (K + 1)
