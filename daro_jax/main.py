@@ -1,10 +1,11 @@
 """Entry point: `python -m daro_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v]`.
 
-Wires flags, multi-host initialisation and the trainer; everything else lives in
-trainer.py. A workdir that already holds a checkpoint resumes from it; one whose checkpoint is
-already at train.steps says so and exits 0. Local paths (workdir, model.path, data.source,
-eval.benchmarks_dir) are made absolute here (`cli.resolve_path`); `gs://` URLs stay as they
-are. The console shows the run's own lines; `--verbosity=0` adds the libraries' INFO logs.
+Wires flags, multi-host initialisation and the RL loop; everything else lives in
+daro_jax/train/loop.py. A workdir that already holds a checkpoint resumes from it; one
+whose checkpoint is already at train.steps says so and exits 0. Local paths (workdir,
+model.path, data.source, eval.benchmarks_dir) are made absolute here (`cli.resolve_path`);
+`gs://` URLs stay as they are. The console shows the run's own lines; `--verbosity=0` adds
+the libraries' INFO logs.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ def main(argv):
         from daro_jax import plan
 
         plan.check(cli.with_local_paths(_CONFIG.value))
-    from daro_jax import trainer
+    from daro_jax.train import loop
 
     workdir = cli.resolve_path(_WORKDIR.value, local=True)
-    trainer.train(cli.with_local_paths(_CONFIG.value), workdir)
+    loop.train(cli.with_local_paths(_CONFIG.value), workdir)
 
 
 if __name__ == "__main__":

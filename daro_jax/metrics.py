@@ -1,16 +1,21 @@
-"""Metric naming, TensorBoard writing (process 0 only) and the run's console lines: the
+"""The metrics of an RL step (its updates, rollouts and throughput; the finite check),
+their naming, TensorBoard writing (process 0 only) and the run's console lines: the
 start-up summary, one line per logged step and the closing line."""
 
 from __future__ import annotations
 
+import functools
 import math
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+from daro_jax import losses
 
 # Peak dense bf16 FLOP/s per chip, for MFU; devices not listed get no MFU.
 PEAK_FLOPS = {
@@ -160,3 +165,85 @@ def closing_line(step: int, steps: int, m: Mapping[str, float], workdir: str) ->
             f"view: {tensorboard_command(workdir)}",
         ]
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The metrics of one RL step.
+
+UPDATE_SCALARS = ("loss", "grad_norm", "grad_norm_daro")  # per update; checked finite
+
+
+def check_finite(step: int, updates: Sequence[Mapping[str, object]]) -> None:
+    """Raises FloatingPointError naming the first update of `step` whose loss or gradient
+    norm is not finite (the update left the state unchanged: `finite` is 0)."""
+    for i, u in enumerate(updates):
+        if not u["finite"]:
+            scalars = {name: float(u[name]) for name in UPDATE_SCALARS}
+            raise FloatingPointError(
+                f"step {step} (update {i}): non-finite {first_nonfinite(scalars, UPDATE_SCALARS)}; "
+                "the update was not applied and nothing was saved for this step (the last "
+                "checkpoint is intact). Lower optim.lr, check the data, or use "
+                "model.dtype=float32."
+            )
+
+
+def update_metrics(updates: Sequence[Mapping], spec, minibatches: int) -> dict[str, float]:
+    """Metrics of a step's updates (host outputs of `train.update.update_step`). The
+    per-group metrics and token means cover the whole batch: the metric sums of the first
+    epoch's `minibatches` updates (each prompt once), finalized with the DARO weights of the
+    first update. loss, grad_norm, grad_norm_daro: the first update's (the on-policy one);
+    the last update's under last_update/. With several DARO updates, the weights each used:
+    daro/w_update<i>/<k>of<K>."""
+    k, first, last = spec.k, updates[0], updates[-1]
+    epoch = functools.reduce(losses.accumulate_metrics, [u["sums"] for u in updates[:minibatches]])
+    out = flatten(losses.finalize_metrics(epoch, first["daro"], spec), k)
+    last_means = losses.finalize_metrics(last["sums"], last["daro"], spec)
+    for name in UPDATE_SCALARS:
+        out[name] = float(first[name])
+        out[f"last_update/{name}"] = float(last[name])
+    for name in ("ratio_mean", "clip_frac_low", "clip_frac_high"):
+        out[f"last_update/{name}"] = float(last_means[name])
+    if spec.uses_daro_weights and len(updates) > 1:
+        for i, u in enumerate(updates):
+            out |= daro_weights(f"daro/w_update{i}", u["daro"], spec)
+    return out
+
+
+def daro_weights(prefix: str, daro_params, spec) -> dict[str, float]:
+    """w_μ of the DARO parameters as <prefix>/<k>of<K>, k = 1 … K − 1."""
+    w = np.asarray(jax.device_get(losses.daro_weights(jnp.asarray(daro_params), spec)))
+    return {f"{prefix}/{g}of{spec.k}": float(v) for g, v in enumerate(w, start=1)}
+
+
+def rollout_metrics(stats: Mapping, lengths: np.ndarray, truncated: np.ndarray) -> dict:
+    """The step's reward, accuracy and lengths (`stats` of `advantages.group_advantages`
+    over the global batch); length_mean and truncated_frac over this process's rollouts
+    with a completion (padding rows of dynamic sampling have length 0)."""
+    real = lengths > 0
+    return {
+        "reward": float(stats["reward"]),
+        "accuracy": float(stats["accuracy"]),
+        "length_mean": float(lengths[real].mean()) if real.any() else 0.0,
+        "length_correct": float(stats["length_correct"]),
+        "length_incorrect": float(stats["length_incorrect"]),
+        "truncated_frac": float(truncated[real].mean()) if real.any() else 0.0,
+    }
+
+
+def throughput(
+    sampled: float, trained: float, seconds: Mapping[str, float], n_params: int, updates: int
+) -> dict[str, float]:
+    """Tokens per second of the sampler (`sampled` new tokens in seconds["sampler_s"]) and
+    of the update (`trained` prompt and completion tokens, `updates` times, in
+    seconds["update_s"]); the update's MFU = 6 · n_params · tokens / (seconds · peak · devices)
+    where the device's peak is known."""
+    update_s = seconds["update_s"]
+    out = {
+        "throughput/sampler_tokens_per_s": sampled / max(seconds["sampler_s"], 1e-9),
+        "throughput/update_tokens_per_s": trained * updates / update_s,
+    }
+    peak = peak_flops(jax.devices()[0])
+    if peak:
+        flops = 6.0 * n_params * trained * updates
+        out["throughput/update_mfu"] = flops / (update_s * peak * jax.device_count())
+    return out

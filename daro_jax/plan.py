@@ -38,10 +38,11 @@ import os
 import jax
 import jax.numpy as jnp
 
-from daro_jax import losses, presets, sharding, step_programs, tpu
+from daro_jax import presets, sharding, step_programs, tpu
 from daro_jax.models.config import ModelConfig
 from daro_jax.step_programs import Compiled
 from daro_jax.tpu import Chip, roofline
+from daro_jax.train import state as train_state
 
 GIB = 1 << 30
 RESERVE = 0.10  # share of HBM left to the runtime's buffers and fragmentation
@@ -222,7 +223,7 @@ def knobs(config) -> dict[str, str]:
     }
 
 
-def decode_floor(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh, n_params: int) -> int:
+def decode_floor(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, n_params: int) -> int:
     """Bytes on one device that a decode step must read: every weight in the compute dtype
     (each chip applies every layer to its rows; split over "tensor") and the keys and values
     of its rows, L × 2 × KV × Dh × (B·P + B·K·N) slots (each prompt's once, then each row's
@@ -243,7 +244,7 @@ def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     cfg = step_programs.model_config(config)
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
-    state = step_programs.train_state(config, cfg, spec, mesh)
+    state = train_state.abstract_state(config, cfg, spec, mesh)
     device_bytes = step_programs.device_bytes
     params = device_bytes(state["params"]["model"])
     resident = {

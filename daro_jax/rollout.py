@@ -2,7 +2,8 @@
 
 One sampling round draws the next global batch of B prompts (each process its B / P rows,
 `data.PromptIterator`), samples K responses per prompt and scores them: `draw(round)` in
-`collect`. Without dynamic sampling the step uses that round as it is.
+`collect`, `sample_and_score` in training (prompts → sampler → texts → rewards). Without
+dynamic sampling the step uses that round as it is.
 
 With DAPO's dynamic sampling the step keeps only the prompts with mixed results,
 0 < k < K correct, and draws further rounds until B are kept, as DAPO does:
@@ -18,35 +19,51 @@ With DAPO's dynamic sampling the step keeps only the prompts with mixed results,
   still short then, the step trains on the prompts it kept: the free rows are padding
   (length 0, weight 0 in every loss and metric), a warning names the numbers, and
   `dynamic/batch_full` is 0 in the step's metrics. A step that kept no prompt makes no
-  update (the trainer warns).
+  update (the RL loop warns).
 
 `flat_advantages` forms the pass-rate groups and advantages of the step's global batch
-(`daro_jax.advantages`), under jit in the trainer.
+(`daro_jax.advantages`), under jit in the RL loop.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from daro_jax import advantages
+from daro_jax import advantages, completions, hosts, sampler
 from daro_jax.presets import AlgoSpec
 
 Draw = Callable[[int], tuple[np.ndarray, dict[str, np.ndarray]]]
 PADDING_ZEROS = ("mask", "lengths", "truncated")  # rollout fields that are 0 on padding rows
+SAMPLED = ("tokens", "mask", "logprobs", "lengths", "truncated")  # the sampler's, per rollout
 
 
-def allgather(tree):
-    """Every process's `tree` (NumPy leaves with a leading row axis), concatenated along it in
-    process order, on every process; `tree` itself on one process."""
-    if jax.process_count() == 1:
-        return tree
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+def sample_and_score(
+    sample: sampler.Sampler, params, examples, rng, tokenizer, pool, timers: dict
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One round of this process's prompts `examples` (dicts with "prompt_ids" and
+    "answer"): K samples per prompt (`completions.sample_and_decode`, this process's rows
+    of the global batch) and their rewards from `pool` (a `rewards.RewardPool`).
+
+    Returns rewards [b, K] and the rollout: tokens, mask, logprobs [b, K, N], lengths,
+    truncated [b, K] and prompt_tokens, prompt_mask [b, P]; adds the seconds spent to
+    timers["sampler_s"] and timers["reward_s"].
+    """
+    prompts = sampler.left_pad([e["prompt_ids"] for e in examples], sample.prompt_len)
+    t0 = time.perf_counter()
+    out = completions.sample_and_decode(sample, params, *prompts, rng, tokenizer, per_process=True)
+    t1 = time.perf_counter()
+    b, k = len(examples), sample.k
+    rewards = pool.score(out["texts"], [e["answer"] for e in examples for _ in range(k)])
+    timers["sampler_s"] += t1 - t0
+    timers["reward_s"] += time.perf_counter() - t1
+    rollout = {name: out[name].reshape(b, k, *out[name].shape[1:]) for name in SAMPLED}
+    rollout["prompt_tokens"], rollout["prompt_mask"] = prompts
+    return rewards.reshape(b, k), rollout
 
 
 def mixed(rewards: np.ndarray) -> np.ndarray:
@@ -64,7 +81,7 @@ class DynamicSamplingInfo(NamedTuple):
 
 
 def dynamic_sampling(
-    draw: Draw, batch_prompts: int, max_tries: int, gather: Callable = allgather
+    draw: Draw, batch_prompts: int, max_tries: int, gather: Callable = hosts.allgather
 ) -> tuple[np.ndarray, dict[str, np.ndarray], DynamicSamplingInfo]:
     """DAPO's dynamic sampling over all processes (module docstring).
 
@@ -119,7 +136,7 @@ def collect(
     spec: AlgoSpec,
     batch_prompts: int,
     process: tuple[int, int],
-    gather: Callable = allgather,
+    gather: Callable = hosts.allgather,
 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None, dict[str, float]]:
     """This process's rewards [b, K] and rollouts of the step (b = batch_prompts / P, process
     = (p, P)) and the step's dynamic-sampling metrics. With dynamic sampling, the kept

@@ -177,11 +177,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names), mesh=mesh)
 
 
-def update_blocks(train, mesh: Mesh) -> tuple[int, int]:
-    """(G, R) of the packed update (`daro_jax.packing`): `train.prompt_blocks` blocks of a
-    minibatch's prompts (0: gcd(prompts per minibatch, data × fsdp shards), one block per
-    shard when they divide) and R = `train.block_rows` packed rows per block in each
-    micro-batch."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    blocks = train.prompt_blocks or math.gcd(train.batch_prompts // train.minibatches, shards)
-    return blocks, train.block_rows
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts the logical "batch" axis is split into: data × fsdp."""
+    return math.prod(mesh.shape[axis] for axis in dict(RULES)["batch"])
+
+
+def prompt_blocks(prompts: int, requested: int, mesh: Mesh) -> int:
+    """G, the blocks a minibatch's `prompts` are forwarded in by the packed update
+    (`daro_jax.packing`): `requested` (train.prompt_blocks), or for 0 gcd(prompts,
+    `batch_shards`), one block per shard when they divide."""
+    return requested or math.gcd(prompts, batch_shards(mesh))

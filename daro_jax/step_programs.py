@@ -1,14 +1,15 @@
-"""The programs of one RL step, built as the trainer builds them, on abstract arguments.
+"""The programs of one RL step, built as the RL loop builds them, on abstract arguments.
 
 `step_programs` returns the sampler (`sampler.make_sampler`), the old-policy/reference
-logprob pass (`trainer.jit_logprobs`, when the step has one) and the update
-(`trainer.jit_update`), each ready to lower with ShapeDtypeStructs that carry their
-shardings on a mesh: the params, optimizer state and DARO weights of `train_state`
-(`jax.eval_shape`: nothing allocated) and the step's arrays at their longest (prompts of
-sampler.max_prompt_tokens, every completion max_new_tokens long, so every packed chunk
-slot is filled). `compile_program` compiles one and reads the compiler's numbers:
-`memory_analysis()` and the loop-counted costs of `hlo_costs`. The model's architecture
-comes from config.json without weights; the paper's models are in `KNOWN_HF_CONFIGS`.
+logprob pass (`train.update.jit_logprobs`, when the step has one) and the update
+(`train.update.jit_update`), each ready to lower with ShapeDtypeStructs that carry their
+shardings on a mesh: the params, optimizer state and DARO weights of
+`train.state.abstract_state` (`jax.eval_shape`: nothing allocated) and the step's arrays
+at their longest (prompts of sampler.max_prompt_tokens, every completion max_new_tokens
+long, so every packed chunk slot is filled). `compile_program` compiles one and reads the
+compiler's numbers: `memory_analysis()` and the loop-counted costs of `hlo_costs`. The
+model's architecture comes from config.json without weights; the paper's models are in
+`KNOWN_HF_CONFIGS`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from daro_jax import hlo_costs, losses, optim, packing, sampler, sharding, tpu, trainer
-from daro_jax.models import decoder
+from daro_jax import hlo_costs, hosts, packing, presets, sampler, sharding, tpu
 from daro_jax.models import model as model_io
 from daro_jax.models.config import ModelConfig
+from daro_jax.train import state as train_state
+from daro_jax.train import update
 
 # config.json fields of the paper's models (huggingface.co/<id>/blob/main/config.json).
 _QWEN25_MATH = dict(
@@ -109,32 +111,6 @@ def model_config(config) -> ModelConfig:
     return cfg.replace(remat=bool(m.remat))
 
 
-def train_state(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh) -> dict:
-    """The trainer's {"params": {"model", "daro"}, "opt"} as ShapeDtypeStructs carrying their
-    shardings on `mesh`: params by the decoder's logical axes, the DARO weights replicated,
-    the optimizer state by `optim.mirror_shardings`."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
-    state = {"model": params, "daro": jax.eval_shape(lambda: losses.init_daro_weights(spec))}
-    shardings = {"model": model_io.param_shardings(cfg, mesh), "daro": replicated}
-    tx = optimizer(config, state, spec)
-    opt_state = jax.eval_shape(tx.init, state)
-    tree = {"params": state, "opt": opt_state}
-    shardings = {
-        "params": shardings,
-        "opt": optim.mirror_shardings(opt_state, state, shardings, replicated),
-    }
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
-def optimizer(config, state, spec: losses.AlgoSpec):
-    """The trainer's optimizer for `config` (its schedule spans every update of the run)."""
-    t = config.train
-    return optim.make_optimizer(config.optim, state, t.steps * t.ppo_epochs * t.minibatches, spec)
-
-
 def device_bytes(tree) -> int:
     """Bytes on one device of a pytree of ShapeDtypeStructs with shardings."""
     return sum(
@@ -156,14 +132,14 @@ class StepProgram:
     resident_args: int
 
 
-def step_programs(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh, state) -> list:
+def step_programs(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, state) -> list:
     """The sampler, the logprob pass (old policy when a step makes several updates, and the
-    reference when kl_beta > 0) and the update, as `trainer.Trainer` builds them, for the
+    reference when kl_beta > 0) and the update, as `train.loop.build` builds them, for the
     longest step of `config` (module docstring)."""
     t, s = config.train, config.sampler
     b, k, p, n = t.batch_prompts, spec.k, s.max_prompt_tokens, s.max_new_tokens
-    blocks, rows = sharding.update_blocks(t, mesh)
-    updates = t.ppo_epochs * t.minibatches
+    blocks, rows = sharding.prompt_blocks(b // t.minibatches, t.prompt_blocks, mesh), t.block_rows
+    updates = train_state.updates_per_step(t)
     params, params_bytes = state["params"]["model"], device_bytes(state["params"]["model"])
     rollout = sampler.make_sampler(
         cfg,
@@ -183,11 +159,11 @@ def step_programs(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh, state) 
     # No row stops early: the first decode stage runs all N − 1 steps, the others none.
     stages = (n - 1,) + (0,) * (len(rollout.stage_sizes(b * k)) - 1)
     programs = [StepProgram("sampler", 1, lower, stages, params_bytes)]
-    settings = trainer.UpdateSettings(cfg, spec, float(s.temperature), on_policy=updates == 1)
+    settings = update.UpdateSettings(cfg, spec, float(s.temperature), on_policy=updates == 1)
     passes = (updates > 1) + (spec.kl_beta > 0)
     if passes:
         packed = _packed(b, k, p, n, blocks, rows, mesh)
-        lower = functools.partial(trainer.jit_logprobs(mesh).lower, params, packed, s=settings)
+        lower = functools.partial(update.jit_logprobs(mesh).lower, params, packed, s=settings)
         dynamic = (packing.chunk_slots(b // blocks, k, rows),)
         programs.append(StepProgram("logprob pass", passes, lower, dynamic, params_bytes))
     per = b // t.minibatches
@@ -196,26 +172,26 @@ def step_programs(config, cfg: ModelConfig, spec: losses.AlgoSpec, mesh, state) 
         batch[name] = _rows((per * k, n), jnp.float32, mesh)
     batch |= {"advantages": _rows((per * k,), jnp.float32, mesh)}
     batch |= {"group_ids": _rows((per * k,), jnp.int32, mesh)}
-    tx = optimizer(config, state["params"], spec)
-    update = trainer.jit_update(mesh, jax.tree.map(lambda x: x.sharding, state))
-    lower = functools.partial(update.lower, state, batch, tx=tx, s=settings)
+    tx = train_state.optimizer(config, state["params"], spec)
+    jitted = update.jit_update(mesh, train_state.shardings(state))
+    lower = functools.partial(jitted.lower, state, batch, tx=tx, s=settings)
     dynamic = (packing.chunk_slots(per // blocks, k, rows),)
     programs.append(StepProgram("update", updates, lower, dynamic, device_bytes(state)))
     return programs
 
 
 def _rows(shape, dtype, mesh) -> jax.ShapeDtypeStruct:
-    """An abstract array with its rows over the mesh's batch shards (`trainer.to_global`)."""
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding(mesh, shape))
+    """An abstract array with its rows over the mesh's batch shards (`hosts.to_global`)."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=hosts.batch_sharding(mesh, shape))
 
 
 def _packed(b, k, p, n, blocks, rows, mesh) -> dict:
-    """The packed arrays of b prompts (`trainer.Trainer._packed`) with every chunk slot
+    """The packed arrays of b prompts (`train.update.packed_batch`) with every chunk slot
     filled: prompt tokens and mask [b, P], chunk arrays [G, S, R, N], n_chunks."""
     slots = packing.chunk_slots(b // blocks, k, rows)
     replicated = NamedSharding(mesh, PartitionSpec())
     out = {name: _rows((b, p), jnp.int32, mesh) for name in ("prompt_tokens", "prompt_mask")}
-    out |= {name: _rows((blocks, slots, rows, n), jnp.int32, mesh) for name in trainer.CHUNK_INPUTS}
+    out |= {name: _rows((blocks, slots, rows, n), jnp.int32, mesh) for name in packing.CHUNK_INPUTS}
     out["n_chunks"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     return out
 

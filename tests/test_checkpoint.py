@@ -326,9 +326,9 @@ def test_failed_synchronous_save_raises_at_once(tmp_path, monkeypatch):
 
 
 def test_training_stops_when_a_save_fails_and_the_last_good_one_restores(tmp_path, monkeypatch):
-    """trainer.train with the step-4 save failing: the run raises, naming step 4 and the
-    cause; step 2 (keep=1) is intact and a new run's trainer restores its whole state."""
-    from daro_jax import trainer
+    """train.loop.train with the step-4 save failing: the run raises, naming step 4 and the
+    cause; step 2 (keep=1) is intact and a new run restores its whole state."""
+    from daro_jax.train import loop
 
     config = load_config_file(
         "configs/tiny.py",
@@ -341,10 +341,10 @@ def test_training_stops_when_a_save_fails_and_the_last_good_one_restores(tmp_pat
     )
     _fail_saves_of(monkeypatch, 4)
     with pytest.raises(ck.CheckpointSaveError, match=r"step 4 .*No space left.*step 2, is intact"):
-        trainer.train(config, str(tmp_path))
+        loop.train(config, str(tmp_path))
     with ck.Checkpointer(tmp_path, keep=1, every=2) as ckpt:
         assert ckpt.all_steps() == [2]
-        assert trainer.Trainer(config).restore(ckpt) == 2
+        assert loop.resume(loop.build(config), ckpt, json.loads(config.to_json())) == 2
 
 
 def _two_process_worker(process_id, port, workdir):

@@ -265,16 +265,16 @@ def test_warning_names_the_first_five_positions(tmp_path):
     assert len(data.load_train_set(str(path), seed=0, max_bad_fraction=0.5)) == 10
 
 
-def test_trainer_refuses_a_file_of_mostly_bad_rows(tmp_path):
+def test_training_refuses_a_file_of_mostly_bad_rows(tmp_path):
     """config.data.max_bad_fraction reaches the loader: the run stops before the model loads."""
     from helpers import load_config_file
 
-    from daro_jax import trainer
+    from daro_jax.train import loop
 
     path = _two_bad_of_three(tmp_path)
     config = load_config_file("configs/tiny.py", **{"data.source": str(path)})
     with pytest.raises(ValueError, match=r"2 of 3 rows malformed.*max_bad_fraction=0.01"):
-        trainer.Trainer(config)
+        loop.build(config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from helpers import load_config_file
 
-from daro_jax import checkpoint, data, evaluation, models, rewards, trainer
+from daro_jax import checkpoint, data, evaluation, models, rewards
 from daro_jax.rewards import verify
+from daro_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every CHAMP answer (as `data.champ_answer` reduces it), boxed, is judged equal to itself;
@@ -213,7 +214,7 @@ def test_evaluate_command_on_a_tiny_model(tiny_hf_dirs, tmp_path):
 
 
 def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
-    """A trainer workdir: the model params of the latest checkpoint are restored exactly
+    """A training workdir: the model params of the latest checkpoint are restored exactly
     (not the optimizer state, not the base weights); PeriodicEval writes eval_step<N>."""
     bench = tmp_path / "bench"
     bench.mkdir()
@@ -221,13 +222,13 @@ def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(tmp_path / "config.py", tiny_hf_dirs["llama31"], str(bench))
     config.eval.every_steps = 2
-    t = trainer.Trainer(config)
+    t = loop.build(config)
     state = t.state | {
         "params": t.state["params"]
         | {"model": jax.tree.map(lambda x: x * 1.5, t.state["params"]["model"])}
     }
     with checkpoint.Checkpointer(workdir, keep=2, every=0) as ckpt:
-        ckpt.save(4, state, t.meta(4), force=True)
+        ckpt.save(4, state, {"step": 4, "config": json.loads(config.to_json())}, force=True)
     model, label, info = evaluation.load_policy(config, workdir, t.mesh)
     assert label == "step4" and info["step"] == 4
     want = jax.device_get(state["params"]["model"])

@@ -190,9 +190,9 @@ def _code_loss(arrays, logp, theta, perm, spec, splits):
 
     def total(logp, theta, micro_rows):
         def step(carry, rows):
-            part, part_sums = losses.microbatch_loss(
-                theta, logp[rows], losses.slice_rows(batch, rows), spec, entropy=entropy[rows]
-            )
+            inside = jnp.zeros(batch.mask.shape[0]).at[rows].set(1.0)[:, None]
+            micro = batch._replace(mask=batch.mask * inside)  # as the update's chunks do
+            part, part_sums = losses.microbatch_loss(theta, logp, micro, spec, entropy=entropy)
             return (carry[0] + part, losses.accumulate_metrics(carry[1], part_sums)), None
 
         init = (0.0, losses.empty_metrics(spec, batch, entropy=True))

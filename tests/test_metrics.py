@@ -1,5 +1,6 @@
-"""metrics: metric naming against hand-built dictionaries, TensorBoard scalars read back by
-TensorBoard's own reader, MFU peaks by device kind, the console lines."""
+"""metrics: the step's metrics against NumPy counts, metric naming against hand-built
+dictionaries, TensorBoard scalars read back by TensorBoard's own reader, MFU peaks by device
+kind, the console lines."""
 
 import math
 import types
@@ -101,3 +102,73 @@ def test_startup_lines_of_the_tiny_recipe():
     assert lines[3].startswith(f"recipe       {a.name}, K={a.k}, {t.batch_prompts} prompts")
     assert lines[4] == f"data         {config.data.source}: 64 problems"
     assert lines[-1] == "TensorBoard  tensorboard --logdir /runs/x"
+
+
+def _update(rng, spec, daro, loss: float):
+    """The host outputs of one update over the rollouts of 2 random prompts (K each): its
+    mask, group ids and the metric sums of `losses.microbatch_loss`."""
+    import jax.numpy as jnp
+
+    from daro_jax import losses
+
+    n, t = 2 * spec.k, 5
+    mask = (np.arange(t)[None, :] < rng.integers(1, t + 1, n)[:, None]).astype(np.float32)
+    groups = np.repeat(rng.integers(0, spec.k + 1, 2), spec.k)
+    logp = jnp.asarray(rng.normal(-1.0, 0.3, (n, t)), jnp.float32)
+    batch = losses.token_batch(logp, mask, rng.normal(0, 1, n), groups, spec)
+    _, sums = losses.microbatch_loss(daro, logp, batch, spec)
+    out = {"loss": loss, "grad_norm": 1.0 + loss, "grad_norm_daro": 2.0 + loss, "finite": 1.0}
+    return out | {"sums": sums, "daro": np.asarray(daro)}, mask, groups
+
+
+def test_update_metrics_cover_the_first_epoch_and_name_first_and_last():
+    """3 updates, 2 minibatches: the group counts are those of the first two updates' rows
+    (counted here with NumPy), the scalars the first update's, last_update/ the third's,
+    and each DARO update's weights under daro/w_update<i>."""
+    from configs import base
+    from daro_jax import losses, presets
+
+    config = base.get_config()
+    config.algo.k = 4
+    spec = presets.resolve(config.algo, max_response_len=5)
+    rng = np.random.default_rng(0)
+    daros = [losses.init_daro_weights(spec) * (1.0 + i) for i in range(3)]
+    updates, masks, groups = zip(
+        *[_update(rng, spec, d, loss) for d, loss in zip(daros, (0.5, 0.25, 0.125), strict=True)],
+        strict=True,
+    )
+    out = metrics.update_metrics(updates, spec, minibatches=2)
+    tokens = np.concatenate([m.sum(1) for m in masks[:2]])
+    ids = np.concatenate(groups[:2])
+    for g in range(spec.k + 1):
+        assert out[f"group/tokens/{g}of4"] == pytest.approx(tokens[ids == g].sum())
+        assert out[f"group/prompts/{g}of4"] == pytest.approx((ids == g).sum() / spec.k)
+    assert (out["loss"], out["grad_norm"], out["last_update/loss"]) == (0.5, 1.5, 0.125)
+    assert out["last_update/grad_norm_daro"] == 2.125
+    for i, d in enumerate(daros):
+        w = np.asarray(losses.daro_weights(d, spec))
+        assert [out[f"daro/w_update{i}/{g}of4"] for g in (1, 2, 3)] == pytest.approx(w)
+    bad = dict(updates[1], grad_norm_daro=math.nan, finite=0.0)
+    with pytest.raises(FloatingPointError, match=r"step 7 \(update 1\): non-finite grad_norm_daro"):
+        metrics.check_finite(7, [updates[0], bad])
+
+
+def test_rollout_metrics_and_throughput():
+    """Lengths and truncation over the rows with a completion (padding rows have length 0);
+    tokens per second as counted."""
+    lengths = np.array([[3, 0], [5, 2]])
+    truncated = np.array([[True, False], [False, False]])
+    stats = {"reward": 0.5, "accuracy": 0.25, "length_correct": 4.0, "length_incorrect": 3.0}
+    out = metrics.rollout_metrics(stats, lengths, truncated)
+    assert out == {
+        "reward": 0.5,
+        "accuracy": 0.25,
+        "length_mean": pytest.approx(10 / 3),
+        "length_correct": 4.0,
+        "length_incorrect": 3.0,
+        "truncated_frac": pytest.approx(1 / 3),
+    }
+    speed = metrics.throughput(100.0, 300.0, {"sampler_s": 2.0, "update_s": 3.0}, 10, updates=2)
+    assert speed["throughput/sampler_tokens_per_s"] == 50.0
+    assert speed["throughput/update_tokens_per_s"] == 200.0
+    assert "throughput/update_mfu" not in speed  # no known peak for CPU devices

@@ -170,18 +170,3 @@ def test_pad_prompts():
 def test_mixed():
     rewards = np.array([[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1]], np.float32)
     np.testing.assert_array_equal(rollout.mixed(rewards), [False, True, False, True])
-
-
-def test_bad_dynamic_sampling_config_fails_before_the_model_loads(monkeypatch):
-    """A config that cannot run fails in Trainer's start-up checks, before any weights."""
-    from daro_jax import trainer
-    from tests.test_trainer import tiny_config
-
-    def never(*args, **kwargs):
-        raise AssertionError("the model was loaded before the config was checked")
-
-    monkeypatch.setattr(trainer.models, "load", never)
-    with pytest.raises(ValueError, match="dynamic_sampling_max_tries=0"):
-        trainer.Trainer(tiny_config(**{"algo.name": "dapo", "algo.dynamic_sampling_max_tries": 0}))
-    with pytest.raises(ValueError, match="divisible by the number of processes|data shards"):
-        trainer.Trainer(tiny_config(**{"algo.name": "dapo", "train.batch_prompts": 3}))

@@ -14,9 +14,9 @@ templated `"prompt"` and its token ids `"prompt_ids"`.
 
 Typical use (the trainer):
 
-    examples = load_train_set(cfg.data.source, seed=cfg.seed, ...)
-    examples, dropped = prepare_prompts(tokenizer, examples, instruction=cfg.data.instruction,
-                                        max_prompt_tokens=cfg.sampler.max_prompt_tokens, ...)
+    problems = load_train_set_of(cfg.data, cfg.seed)          # load_train_set(source, ...)
+    examples = prepare_train_prompts(tokenizer, problems, cfg.data,
+                                     cfg.sampler.max_prompt_tokens)  # prepare_prompts(...)
     it = PromptIterator(examples, cfg.train.batch_prompts, cfg.seed,
                         jax.process_index(), jax.process_count())
     it.restore(meta["data_position"])  # when resuming
@@ -49,12 +49,14 @@ from daro_jax.data.prompts import (
     PromptIterator,
     build_prompt,
     prepare_prompts,
+    prepare_train_prompts,
     uses_chat_template,
 )
 from daro_jax.data.sources import (
     FILE_SUFFIXES,
     load_examples,
     load_train_set,
+    load_train_set_of,
     rows_to_examples,
 )
 
@@ -81,7 +83,9 @@ __all__ = [
     "load_champ",
     "load_examples",
     "load_train_set",
+    "load_train_set_of",
     "prepare_prompts",
+    "prepare_train_prompts",
     "rows_to_examples",
     "uses_chat_template",
 ]

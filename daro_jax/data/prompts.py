@@ -77,6 +77,25 @@ def prepare_prompts(
     return kept, dropped
 
 
+def prepare_train_prompts(tokenizer, problems, d, max_prompt_tokens: int) -> list[dict]:
+    """`prepare_prompts` of the training `problems` in the format of a config's `data`
+    section `d` (instruction, system_prompt, chat_template); an error when every prompt is
+    longer than `max_prompt_tokens` (sampler.max_prompt_tokens)."""
+    examples, _ = prepare_prompts(
+        tokenizer,
+        problems,
+        instruction=d.instruction,
+        max_prompt_tokens=max_prompt_tokens,
+        system_prompt=d.system_prompt,
+        chat_template=d.chat_template,
+    )
+    if not examples:
+        raise ValueError(
+            f"every prompt is longer than sampler.max_prompt_tokens={max_prompt_tokens}; raise it."
+        )
+    return examples
+
+
 # ---------------------------------------------------------------------------------------------
 # The resumable order.
 

@@ -255,3 +255,20 @@ def load_train_set(
         )
     logging.warning(message)
     return examples
+
+
+def load_train_set_of(d, seed: int) -> list[dict[str, str]]:
+    """`load_train_set` with the fields of a config's `data` section `d` (subset "" = none)."""
+    return load_train_set(
+        d.source,
+        seed=seed,
+        split=d.split,
+        problem_key=d.problem_key,
+        answer_key=d.answer_key,
+        generated_kind=d.generated_kind,
+        generated_difficulty=d.generated_difficulty,
+        num_generated=d.generated_size,
+        subset=d.subset or None,
+        answer_from_boxed=d.answer_from_boxed,
+        max_bad_fraction=d.max_bad_fraction,
+    )

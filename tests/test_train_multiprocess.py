@@ -56,24 +56,26 @@ def _worker(process_id: int, num_processes: int, port: str) -> None:
         jax.distributed.initialize(
             f"localhost:{port}", num_processes=num_processes, process_id=process_id
         )
+    from helpers import tiny_config
     from jax.experimental import multihost_utils
 
-    from daro_jax import trainer
-    from tests.test_trainer import tiny_config
+    from daro_jax.train import loop
 
-    class Recording(trainer.Trainer):
-        """Keeps what `_collect` hands the step: this process's rows of the kept prompts."""
+    collected = []
+    collect = loop.collect
 
-        def _collect(self, step, pool, timers):
-            self.collected = super()._collect(step, pool, timers)
-            return self.collected
+    def recording(*args):
+        """`loop.collect`, keeping what it hands the step: this process's rows of the
+        kept prompts."""
+        collected.append(collect(*args))
+        return collected[-1]
 
+    loop.collect = recording
     results = {}
     for algo, (changes, keys) in RUNS.items():
         config = tiny_config(**{"algo.name": algo, **changes})
-        t = Recording(config)
-        out = t.step(0, AnswerPool(config.algo.k))
-        rollout = t.collected[1]
+        out = loop.run_step(loop.build(config), 0, AnswerPool(config.algo.k))
+        rollout = collected[-1][1]
         rows = {"prompt_tokens": rollout["prompt_tokens"], "lengths": rollout["lengths"]}
         if num_processes > 1:
             rows = multihost_utils.process_allgather(rows, tiled=True)
@@ -93,7 +95,7 @@ def _launch(num_processes: int, devices_each: int) -> list[dict]:
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
     }
     procs = [
         subprocess.Popen(
@@ -135,22 +137,6 @@ def test_two_processes_match_one_process():
     assert dapo["dynamic/batch_full"] == 1.0 and dapo["dynamic/kept_prompts"] == 16
     assert "padding" not in single["dapo"]["batch"]
     assert dapo["group/prompts/0of4"] == dapo["group/prompts/4of4"] == 0  # only mixed prompts
-
-
-def test_multiprocess_batch_that_cannot_be_sharded_fails_at_start_up():
-    """With several processes each one supplies only its rows, so a minibatch's prompts and
-    the prompt blocks must split over the data shards; the check runs before any weights."""
-    from daro_jax import sharding, trainer
-    from tests.test_trainer import tiny_config
-
-    mesh = sharding.make_mesh((1, -1, 1))  # 8 data shards
-    config = tiny_config(**{"train.batch_prompts": 8, "train.minibatches": 2})
-    trainer._check_batch(config, mesh, 1)  # one process: replicated rows are fine
-    with pytest.raises(ValueError, match="the 4 prompts of a minibatch .* multiples of the 8"):
-        trainer._check_batch(config, mesh, 2)
-    trainer._check_batch(
-        tiny_config(**{"train.batch_prompts": 16, "train.minibatches": 2}), mesh, 2
-    )
 
 
 if __name__ == "__main__":

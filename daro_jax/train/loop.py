@@ -1,0 +1,302 @@
+"""The RL loop, top to bottom in the order of the work (big_vision's order).
+
+`build(config)` sets a run up: mesh and config checks (every config error before anything
+loads) → data → model (params placed on their shardings as they load) → abstract state
+and its shardings → jitted init → the jitted programs: update (state donated), logprob
+passes, sampler, advantages.
+
+One RL step s (`run_step`; B prompts per global batch, K responses each):
+
+1. rollout (`collect`): this process's slice of the batch (`data.PromptIterator`), K
+   samples per prompt (`completions.sample_and_decode`, key fold_in(fold_in(seed, s), r)
+   in sampling round r) and their rewards from the verifier pool beside the accelerator;
+   with DAPO's dynamic sampling, more rounds until B prompts with 0 < μ < 1 are kept,
+   every process agreeing (`daro_jax.rollout`);
+2. advantages and pass-rate groups over the global batch (`advantages.group_advantages`);
+3. old-policy log-probs when the step makes several updates (with one, the step is
+   on-policy: ρ = 1 exactly), reference log-probs when the KL term is on;
+4. ppo_epochs × minibatches jitted updates over whole prompts (`train.update`);
+5. the step's metrics (`daro_jax.metrics`).
+
+`train(config, workdir)` runs the steps with TensorBoard and console lines, periodic
+evaluation with training's verifier pool, checkpoints every `train.ckpt_every` steps, at
+the end and on SIGTERM, and resumes from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from daro_jax import (
+    checkpoint,
+    data,
+    evaluation,
+    hosts,
+    metrics,
+    models,
+    presets,
+    rewards,
+    rollout,
+    sampler,
+    sharding,
+)
+from daro_jax.train import checks, state, update
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one run holds (`build`); `state` is replaced by every update."""
+
+    config: object
+    mesh: Mesh
+    spec: presets.AlgoSpec
+    model: models.Model  # config (with remat), tokenizer and mesh; params live in `state`
+    examples: list[dict]
+    iterator: data.PromptIterator
+    state: dict
+    ref_params: dict | None
+    tx: object
+    settings: update.UpdateSettings
+    blocks: int
+    sample: sampler.Sampler
+    update: Callable
+    logprobs: Callable
+    advantages: Callable
+    rollout_key: Callable
+    take_rows: Callable
+    n_params: int
+
+
+def build(config) -> Run:
+    """A run of `config`, ready for its first step (module docstring)."""
+    t = config.train
+    # Mesh and config checks.
+    mesh = sharding.make_mesh(config.mesh.shape)
+    checks.check_config(config, mesh, jax.process_count())
+    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+    # Data: the problems (a bad path or column mapping fails here, before the model loads).
+    problems = data.load_train_set_of(config.data, config.seed)
+    # Model, then the problems' prompts with its tokenizer.
+    model = models.from_config(config.model, mesh, seed=config.seed)
+    cfg = model.config.replace(remat=config.model.remat)
+    examples = data.prepare_train_prompts(
+        model.tokenizer, problems, config.data, config.sampler.max_prompt_tokens
+    )
+    iterator = data.PromptIterator(
+        examples, t.batch_prompts, config.seed, jax.process_index(), jax.process_count()
+    )
+    # Abstract state and its shardings; the jitted init places the state on them.
+    abstract = state.abstract_state(config, cfg, spec, mesh)
+    tx = state.optimizer(config, abstract["params"], spec)
+    n_params = sum(x.size for x in jax.tree.leaves(model.params))
+    ref_params = jax.tree.map(jnp.copy, model.params) if spec.kl_beta > 0 else None
+    train_state = state.init_state(model.params, spec, tx, abstract)
+    # The jitted programs: update (state donated), logprob passes, sampler, advantages.
+    s = config.sampler
+    settings = update.UpdateSettings(
+        cfg, spec, float(s.temperature), on_policy=state.updates_per_step(t) == 1
+    )
+    sample = sampler.make_sampler(
+        cfg,
+        k=spec.k,
+        max_new_tokens=s.max_new_tokens,
+        prompt_len=int(max(len(e["prompt_ids"]) for e in examples)),
+        temperature=float(s.temperature),
+        top_p=float(s.top_p),
+        top_k=int(s.top_k),
+        stop_token_ids=sampler.default_stop_token_ids(model.tokenizer, cfg),
+        mesh=mesh,
+    )
+    return Run(
+        config=config,
+        mesh=mesh,
+        spec=spec,
+        model=dataclasses.replace(model, config=cfg, params=None),
+        examples=examples,
+        iterator=iterator,
+        state=train_state,
+        ref_params=ref_params,
+        tx=tx,
+        settings=settings,
+        blocks=sharding.prompt_blocks(t.batch_prompts // t.minibatches, t.prompt_blocks, mesh),
+        sample=sample,
+        update=update.jit_update(mesh, state.shardings(abstract)),
+        logprobs=update.jit_logprobs(mesh),
+        advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
+        rollout_key=jax.jit(
+            functools.partial(rollout_key, config.seed),
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        ),
+        take_rows=jax.jit(update.take_rows),
+        n_params=n_params,
+    )
+
+
+def rollout_key(seed: int, step, attempt) -> jax.Array:
+    """The sampling key of a step's round: fold_in(fold_in(key(seed), step), attempt)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
+
+
+def collect(run: Run, step: int, pool, timers: dict):
+    """Rewards [b, K], rollouts [b, K, ...] of this process's prompts, and the dynamic-
+    sampling metrics (`rollout.collect`; the rollout is None when no prompt was kept).
+    Adds the seconds spent to timers["sampler_s"] and timers["reward_s"]."""
+
+    def draw(attempt: int):
+        examples, key = next(run.iterator), run.rollout_key(step, attempt)
+        params, tokenizer = run.state["params"]["model"], run.model.tokenizer
+        return rollout.sample_and_score(run.sample, params, examples, key, tokenizer, pool, timers)
+
+    process = (jax.process_index(), jax.process_count())
+    return rollout.collect(draw, run.spec, run.config.train.batch_prompts, process)
+
+
+def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[dict], dict]:
+    """Advantages, the logprob passes and the step's ppo_epochs × minibatches updates over
+    whole prompts (`run.state` replaced); returns the updates' outputs and the advantages'
+    stats, on the host."""
+    t, k, mesh = run.config.train, run.spec.k, run.mesh
+    b, _, n = drawn["tokens"].shape
+    advantages, group_ids, stats = run.advantages(
+        hosts.to_global(scores, mesh, "rewards"), hosts.to_global(drawn["lengths"], mesh)
+    )
+    batch = {
+        "loss_mask": hosts.to_global(drawn["mask"].reshape(b * k, n).astype(np.float32), mesh),
+        "sampler_logp": hosts.to_global(drawn["logprobs"].reshape(b * k, n), mesh),
+        "advantages": advantages,
+        "group_ids": group_ids,
+    }
+    # Every process's rollouts: a minibatch's blocks may hold another process's prompts.
+    host = hosts.allgather({name: drawn[name] for name in update.PACKED_FROM})
+    s, blocks, rows = run.settings, run.blocks, run.config.train.block_rows
+    if not s.on_policy or run.ref_params is not None:
+        everything = update.packed_batch(host, np.arange(t.batch_prompts), blocks, rows, mesh)
+    batch["old_logp"] = (
+        jnp.zeros_like(batch["sampler_logp"])
+        if s.on_policy
+        else run.logprobs(run.state["params"]["model"], everything, s=s)
+    )
+    if run.ref_params is not None:
+        batch["ref_logp"] = run.logprobs(run.ref_params, everything, s=s)
+    per, outs = t.batch_prompts // t.minibatches, []
+    for epoch in range(t.ppo_epochs):
+        order = np.random.default_rng([run.config.seed, step, epoch]).permutation(t.batch_prompts)
+        for i in range(t.minibatches):
+            prompts = np.sort(order[i * per : (i + 1) * per])
+            minibatch = dict(batch)
+            if t.minibatches > 1:
+                rows_of = (prompts[:, None] * k + np.arange(k)).reshape(-1)
+                minibatch = run.take_rows(batch, jnp.asarray(rows_of))
+            minibatch |= update.packed_batch(host, prompts, blocks, rows, mesh)
+            run.state, out = run.update(run.state, minibatch, tx=run.tx, s=s)
+            outs.append(out)
+    return jax.device_get(outs), jax.device_get(stats)
+
+
+def run_step(run: Run, step: int, pool) -> dict[str, float]:
+    """One RL step (module docstring); returns its metrics as host floats."""
+    t_start = time.perf_counter()
+    timers = {"sampler_s": 0.0, "reward_s": 0.0}
+    scores, drawn, out = collect(run, step, pool, timers)
+    out |= {f"verifier/{n}": v for n, v in pool.pop_stats().items()}
+    if drawn is None:
+        logging.warning("step %d: no prompt with 0 < mu < 1 in any round; no update", step)
+        return out | {f"time/{name}": v for name, v in timers.items()}
+    t_update = time.perf_counter()
+    updates, stats = learn(run, step, scores, drawn)
+    timers["update_s"] = time.perf_counter() - t_update
+    metrics.check_finite(step, updates)
+    out |= metrics.update_metrics(updates, run.spec, run.config.train.minibatches)
+    out |= metrics.rollout_metrics(stats, drawn["lengths"], drawn["truncated"])
+    if run.spec.uses_daro_weights:
+        out |= metrics.daro_weights("daro/w_after_update", run.state["params"]["daro"], run.spec)
+    out |= {f"time/{name}": v for name, v in timers.items()}
+    out["time/step_s"] = time.perf_counter() - t_start
+    sampled = float(drawn["lengths"].sum()) * jax.process_count()
+    trained = sampled + float(drawn["prompt_mask"].sum()) * jax.process_count()
+    updates_per_step = state.updates_per_step(run.config.train)
+    return out | metrics.throughput(sampled, trained, timers, run.n_params, updates_per_step)
+
+
+def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) the RL loop of `config` in `workdir`; returns the last step's metrics.
+
+    `on_step(step, metrics)` is called after every step, with the periodic evaluation's
+    metrics when it ran at that step (tests and the study use it). Prints the start-up
+    summary, one line per logged step and a closing line (process 0). A workdir whose
+    checkpoint is already at train.steps is left as it is: one line says so, returns {}.
+    """
+    t = config.train
+    saved = json.loads(config.to_json())
+    with checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt:
+        meta = ckpt.restore_meta()
+    if meta is not None and meta["step"] >= t.steps:
+        checkpoint.check_compatible(meta["config"], saved)
+        metrics.console(f"{workdir}: already at step {meta['step']} of {t.steps}; nothing to do")
+        return {}
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    run = build(config)
+    shape = dict(run.mesh.shape)
+    for line in metrics.startup_lines(config, workdir, run.n_params, shape, len(run.examples)):
+        metrics.console(line)
+    writer = metrics.Writer(workdir)
+    evaluator = evaluation.PeriodicEval(config, workdir)
+    checkpoint.install_sigterm_handler()
+    r, last = config.reward, {}
+    with (
+        checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt,
+        rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback) as pool,
+    ):
+        start = done = resume(run, ckpt, saved)
+        quiet = jax.process_index() != 0
+        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=quiet)
+        for step in bar:
+            last = run_step(run, step, pool)
+            evaluated = evaluator.due(step + 1)
+            if evaluated:
+                policy = dataclasses.replace(run.model, params=run.state["params"]["model"])
+                last |= evaluator.run(policy, step + 1, pool)
+            if on_step is not None:
+                on_step(step, last)
+            if evaluated or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                writer.write(step + 1, last)
+                bar.write(metrics.summary_line(step + 1, last))
+            stop = checkpoint.any_process_preempted()
+            done = step + 1
+            meta = {"step": done, "data_position": run.iterator.state(), "config": saved}
+            ckpt.save(done, run.state, meta, force=stop or done == t.steps)
+            if stop:
+                logging.warning("SIGTERM: saved step %d, exiting", done)
+                break
+    writer.close()
+    metrics.console(metrics.closing_line(done, t.steps, last, workdir))
+    return last
+
+
+def resume(run: Run, ckpt: checkpoint.Checkpointer, config: dict) -> int:
+    """Restore `run`'s state and data position from the workdir's latest checkpoint (onto
+    the state's shardings), after checking the checkpoint's config against `config`; returns
+    the step to start at (0 without a checkpoint)."""
+    meta = ckpt.restore_meta()
+    if meta is None:
+        return 0
+    checkpoint.check_compatible(meta["config"], config)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
+    )
+    run.state, meta = ckpt.restore(target)
+    run.iterator.restore(meta["data_position"])
+    metrics.console(f"resumed from the checkpoint of step {meta['step']} in {ckpt.directory}")
+    return int(meta["step"])
