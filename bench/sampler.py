@@ -13,7 +13,8 @@ OMP_WAIT_POLICY=PASSIVE unless the environment sets it: on a machine shared with
 jobs, OpenMP's spin-waiting made transformers' decode step 10-40x slower here.
 
 Roofline: per decode step a perfect implementation reads every weight once (f32) and the
-valid part of the KV cache (prompt + tokens so far, averaged over the decode), and does
+valid part of the KV cache (each prompt's tokens once for its K rows, and each row's tokens
+so far, averaged over the decode), and does
 2 FLOPs per weight per row plus the attention FLOPs. Memory bandwidth is measured with a
 large NumPy copy, matmul FLOP/s with a large float32 matmul (best of NumPy and XLA), both
 re-measured at every repeat (best kept, as the machine load varies); the bound is whichever
@@ -110,13 +111,15 @@ def matmul_flops(dtype: str) -> float:
     return 2 * n**3 / seconds
 
 
-def decode_step_cost(cfg, rows: int, prompt_len: float, new_tokens: int) -> tuple[float, float]:
-    """(bytes, FLOPs) of one decode step at the average number of valid cache slots."""
+def decode_step_cost(cfg, k: int, prompts: int, prompt_len: float, new_tokens: int):
+    """(bytes, FLOPs) of one decode step of `prompts` × K rows at the average number of valid
+    cache slots (the prompt's slots read once per prompt, attended by each of its K rows)."""
     shapes = jax.tree.leaves(decoder.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
     n_params = sum(int(np.prod(s)) for s in shapes)
     width = np.dtype(cfg.compute_dtype).itemsize
-    slots = prompt_len + new_tokens / 2
-    kv_bytes = 2 * cfg.num_layers * rows * cfg.num_kv_heads * slots * cfg.head_dim * width
+    rows, slots = prompts * k, prompt_len + new_tokens / 2
+    read = prompts * prompt_len + rows * new_tokens / 2
+    kv_bytes = 2 * cfg.num_layers * read * cfg.num_kv_heads * cfg.head_dim * width
     matmul_params = n_params - cfg.hidden_size * (2 * cfg.num_layers + 1)  # not the norms
     attn_flops = 4 * cfg.num_layers * rows * cfg.num_heads * slots * cfg.head_dim
     return width * n_params + kv_bytes, 2 * matmul_params * rows + attn_flops
@@ -204,7 +207,7 @@ def main() -> None:
     tps = {side: rows * n_new / s for side, s in best.items()}
 
     step_bytes, step_flops = decode_step_cost(
-        ours.config, rows, float(prompt_mask.sum(1).mean()), n_new
+        ours.config, k, len(prompts), float(prompt_mask.sum(1).mean()), n_new
     )
     bound_s = max(step_bytes / bandwidth, step_flops / flops)
     bound = "memory" if step_bytes / bandwidth > step_flops / flops else "compute"

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -372,6 +373,32 @@ def test_export_round_trip(name, tiny_hf_dirs, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     text = "2 + 3 = 5"
     assert ours_again.tokenizer(text)["input_ids"] == model.tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_gradient(tiny_hf_dirs, policy):
+    """Each scanned layer under nn.remat (recomputed in the backward pass, keeping what the
+    named jax.checkpoint_policies entry saves): the gradient of a loss over the logits is
+    the one without remat."""
+    model = models.load(tiny_hf_dirs["qwen2_tied"])
+    ids, mask = left_padded_batch()
+    positions = decoder.positions_from_mask(mask)
+
+    def loss(cfg):
+        def fn(params):
+            hidden, _ = decoder.forward(params, cfg, ids, positions, decoder.causal_masks(mask))
+            return jnp.sum(jnp.sin(decoder.lm_logits(params, cfg, hidden)) * mask[..., None])
+
+        return fn
+
+    remat = model.config.replace(remat=True, remat_policy=policy)
+    for cfg, expected in ((remat, True), (model.config, False)):
+        jaxpr = jax.make_jaxpr(jax.grad(loss(cfg)))(model.params)
+        assert ("remat" in str(jaxpr)) == expected  # the layers under jax.checkpoint
+    grads = [jax.jit(jax.grad(loss(cfg)))(model.params) for cfg in (remat, model.config)]
+    for got, want in zip(*map(jax.tree.leaves, grads), strict=True):
+        # float32 rounding of another evaluation order, relative to the leaf's scale
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_random_init_with_overrides(tiny_hf_dirs):
