@@ -43,3 +43,46 @@ class PatternPool:
 
     def pop_stats(self):
         return {"items": 0}
+
+
+def run_processes(script, num_processes: int, devices_each: int, *args, timeout=600) -> list:
+    """Run `python script <process_id> <num_processes> <port> *args` as `num_processes`
+    CPU processes of `devices_each` devices each (a free localhost port for
+    jax.distributed, the repository and tests/ importable); asserts that each exits 0 and
+    returns the JSON of each one's last stdout line."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+    }
+    argv = [str(a) for a in args]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(num_processes), str(port), *argv],
+            env=env,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

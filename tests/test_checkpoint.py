@@ -5,11 +5,8 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +14,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import load_config_file
+from helpers import load_config_file, run_processes
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -347,10 +344,12 @@ def test_training_stops_when_a_save_fails_and_the_last_good_one_restores(tmp_pat
         assert loop.resume(loop.build(config), ckpt, json.loads(config.to_json())) == 2
 
 
-def _two_process_worker(process_id, port, workdir):
+def _two_process_worker(process_id, num_processes, port, workdir):
     """One of 2 CPU processes (4 devices each): preemption agreement, collective save/restore."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    jax.distributed.initialize(
+        f"localhost:{port}", num_processes=int(num_processes), process_id=process_id
+    )
     mesh = jax.make_mesh((8,), ("x",))
     full = np.arange(64, dtype=np.float32).reshape(8, 8)
     w = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("x")), lambda i: full[i])
@@ -374,34 +373,7 @@ def _two_process_worker(process_id, port, workdir):
 
 
 def test_two_processes_save_collectively_and_agree_on_preemption(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(root),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    results = run_processes(__file__, 2, 4, tmp_path, timeout=120)
     assert results == [
         {"local": False, "agreed": True, "restored": True},
         {"local": True, "agreed": True, "restored": True},
@@ -410,4 +382,4 @@ def test_two_processes_save_collectively_and_agree_on_preemption(tmp_path):
 
 
 if __name__ == "__main__":
-    _two_process_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    _two_process_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

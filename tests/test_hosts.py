@@ -2,14 +2,11 @@
 (gloo, 4 devices each), checked against the NumPy concatenation of the processes' rows."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
+from helpers import run_processes
 from jax.sharding import PartitionSpec as P
 
 from daro_jax import hosts, sharding
@@ -39,10 +36,12 @@ def test_one_process_round_trip_and_replicated_rows(caplog):
     assert hosts.global_max(7) == 7
 
 
-def _worker(process_id: int, port: str) -> None:
+def _worker(process_id: int, num_processes: int, port: str) -> None:
     """One of 2 processes: each supplies its own rows; prints what it got back."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    jax.distributed.initialize(
+        f"localhost:{port}", num_processes=num_processes, process_id=process_id
+    )
     mesh = sharding.make_mesh((1, -1, 1))
     local = _rows(process_id, 4)
     x = hosts.to_global(local, mesh)
@@ -58,36 +57,8 @@ def _worker(process_id: int, port: str) -> None:
 
 
 def test_two_processes_hold_their_own_rows():
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
     whole = np.concatenate([_rows(0, 4), _rows(1, 4)]).tolist()
-    for out, _ in outs:
-        got = json.loads(out.strip().splitlines()[-1])
+    for got in run_processes(__file__, 2, 4, timeout=120):
         assert got == {
             "shape": [8, 3],
             "local_rows_equal": True,
@@ -98,4 +69,4 @@ def test_two_processes_hold_their_own_rows():
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2])
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

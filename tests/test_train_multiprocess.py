@@ -11,14 +11,12 @@ process must keep the same prompts, over several sampling rounds) and two miniba
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "grad_norm", "entropy", "reward", "group/L/1of4", "group/prompts/2of4")
@@ -88,34 +86,7 @@ def _worker(process_id: int, num_processes: int, port: str) -> None:
 
 
 def _launch(num_processes: int, devices_each: int) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(i), str(num_processes), str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(num_processes)
-    ]
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    return run_processes(__file__, num_processes, devices_each)
 
 
 def test_two_processes_match_one_process():
