@@ -161,7 +161,7 @@ def test_every_readme_command_answers_help():
     """Each command of the table answers --help with exit status 0, and its help names the
     first option the README gives it (e.g. --config, --logdir)."""
     commands = readme_commands()
-    assert {"train / resume", "watch", "TPU pod", "memory plan", "evaluate", "tests"} <= set(
+    assert {"train / resume", "watch", "TPU pod", "TPU plan", "evaluate", "tests"} <= set(
         commands
     ), commands
     for what, command in commands.items():
