@@ -44,6 +44,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import completions, sharding
+from daro_jax.data.prompts import build_prompt
 from daro_jax.models import decoder, kv_cache
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.model import param_shardings
@@ -315,15 +316,14 @@ def default_stop_token_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
     """Token ids of each prompt: as one user turn of the chat template (with the assistant
-    header appended), or the raw text with the tokenizer's special tokens."""
+    header appended; `data.build_prompt`, the templating training uses), or the raw text
+    with the tokenizer's special tokens."""
     if isinstance(prompts, str):
         raise TypeError("generate: prompts must be a list of strings, not one string.")
     ids = []
     for i, prompt in enumerate(prompts):
         if chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            text = build_prompt(tokenizer, prompt, instruction="")
             row = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             row = tokenizer(prompt)["input_ids"]
