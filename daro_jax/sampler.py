@@ -55,7 +55,7 @@ __all__ = ["select_tokens", "select_with_uniforms"]  # re-exported selection fun
 PAD_ID = 0
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 MIN_PROMPT_BUCKET = 16
-MIN_STAGE_ROWS = 8  # the smallest decode stage by default
+MIN_STAGE_ROWS = 8  # default smallest decode stage: max(8, B·K / 8), at most 4 stages
 
 
 def prompt_bucket(length: int) -> int:
@@ -73,7 +73,7 @@ def _check(cfg, k, new, prompt, temperature, top_p, top_k, min_rows, stop) -> No
         (temperature >= 0, f"temperature={temperature} must be ≥ 0 (0 = greedy)"),
         (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1 = off)"),
         (top_k >= 0, f"top_k={top_k} must be ≥ 0 (0 = off)"),
-        (min_rows >= 1, f"min_rows={min_rows} must be ≥ 1"),
+        (min_rows is None or min_rows >= 1, f"min_rows={min_rows} must be ≥ 1"),
         (not bad, f"stop_token_ids {bad} are outside the vocabulary [0, {cfg.vocab_size})"),
     )
     for ok, message in checks:
@@ -105,7 +105,8 @@ class Sampler:
     are left-padded (mask 1 on real tokens, each row with at least one). New params,
     prompts and keys of the same shapes reuse the compiled function; a new B compiles once.
     Stop tokens end a row (none: always N tokens); `min_rows`: the smallest decode stage
-    (`stage_sizes`; ≥ B·K decodes all rows in one stage).
+    (`stage_sizes`; ≥ B·K: one stage; None: max(8, B·K / 8), at most four stages, each of
+    which compiles its own decode loop).
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class Sampler:
         top_k: int = 0,
         stop_token_ids: tuple[int, ...] = (),
         mesh: Mesh | None = None,
-        min_rows: int = MIN_STAGE_ROWS,
+        min_rows: int | None = None,
     ):
         settings = (max_new_tokens, prompt_len, temperature, top_p, top_k, min_rows)
         _check(cfg, k, *settings, stop_token_ids)
@@ -133,7 +134,7 @@ class Sampler:
         self.top_k = int(top_k)
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.mesh = mesh
-        self.min_rows = int(min_rows)
+        self.min_rows = min_rows
         self.param_shardings = None if mesh is None else param_shardings(cfg, mesh)
         self.row_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # S
         self.jitted = jax.jit(self._rollout)
@@ -159,7 +160,8 @@ class Sampler:
     def stage_sizes(self, rows: int) -> tuple[int, ...]:
         """The decode stages' row counts for B·K = `rows` (`stage_sizes`), in multiples of
         the row shards."""
-        return stage_sizes(rows, self.min_rows, self.row_shards)
+        smallest = self.min_rows or max(MIN_STAGE_ROWS, -(-rows // 8))
+        return stage_sizes(rows, smallest, self.row_shards)
 
     def _rollout(self, params, prompt_tokens, prompt_mask, rng):
         scope = contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh)

@@ -173,6 +173,11 @@ def test_stage_sizes_halve_down_to_min_rows_in_multiples_of_the_shards():
     assert sampler.stage_sizes(16, 1, shards=4) == (16, 8, 4)
     assert sampler.stage_sizes(24, 1, shards=8) == (24, 16, 8)
     assert sampler.stage_sizes(8, 1, shards=8) == (8,)
+    # By default the smallest stage is max(8, B·K / 8): at most four decode loops to compile.
+    cfg = ModelConfig("llama", 8, 8, 8, 1, 1, 1, 8, 1e-5, 1e4)
+    default = sampler.Sampler(cfg, k=1, max_new_tokens=1, prompt_len=1)
+    assert default.stage_sizes(32) == (32, 16, 8) and default.stage_sizes(6) == (6,)
+    assert default.stage_sizes(1024) == (1024, 512, 256, 128)
 
 
 @pytest.mark.parametrize("temperature,seed", [(1.0, 2), (0.0, 0)])
