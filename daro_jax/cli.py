@@ -3,7 +3,8 @@
 - `run(main)`: absl's `app.run` with flag parsing that answers `--help` with exit status 0
   and a misspelt `--config.x` override with one line (ml_collections' "Did you mean" hint
   included) instead of a traceback; and quiet library logging: absl, orbax and jax INFO lines
-  are hidden unless `--verbosity` is given (0: INFO, 1: debug). Warnings and errors show.
+  and transformers' advice lines are hidden unless `--verbosity` is given (0: INFO, 1:
+  debug). Warnings and errors show.
 - `resolve_path` / `with_local_paths`: every local path a user gives becomes absolute once,
   at the entry point, so a relative path works everywhere (orbax refuses relative ones);
   URLs (`gs://bucket/run`), hub ids (`Qwen/Qwen2.5-Math-1.5B`) and aliases (`smollm2-gguf`,
@@ -80,6 +81,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"FATAL Flags parsing error: {message}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        # transformers' advice lines (e.g. "PyTorch was not found", on a runtime without torch).
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     return args
 
 

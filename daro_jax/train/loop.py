@@ -1,26 +1,18 @@
 """The RL loop, top to bottom in the order of the work (big_vision's order).
 
-`build(config)` sets a run up: mesh and config checks (every config error before anything
-loads) → data → model (params placed on their shardings as they load) → abstract state
-and its shardings → jitted init → the jitted programs: update (state donated), logprob
-passes, sampler, advantages.
+`build(config)`: config checks (every config error before anything loads) → mesh → data →
+model (each tensor placed on its shard as it loads) → abstract state and its shardings →
+jitted init → the jitted programs (update with the state donated, logprob passes, sampler).
 
-One RL step s (`run_step`; B prompts per global batch, K responses each):
+`run_step(run, s, pool)`, one RL step of B prompts × K responses: rollout (`collect`: this
+process's prompts, K samples each with key fold_in(fold_in(seed, s), round), rewards from
+the verifier pool, DAPO's dynamic sampling in `daro_jax.rollout`) → advantages and
+pass-rate groups over the global batch → old/reference log-probs when needed (one update
+per step is on-policy: ρ = 1 exactly) → ppo_epochs × minibatches updates over whole prompts
+(`learn`) → the step's metrics.
 
-1. rollout (`collect`): this process's slice of the batch (`data.PromptIterator`), K
-   samples per prompt (`completions.sample_and_decode`, key fold_in(fold_in(seed, s), r)
-   in sampling round r) and their rewards from the verifier pool beside the accelerator;
-   with DAPO's dynamic sampling, more rounds until B prompts with 0 < μ < 1 are kept,
-   every process agreeing (`daro_jax.rollout`);
-2. advantages and pass-rate groups over the global batch (`advantages.group_advantages`);
-3. old-policy log-probs when the step makes several updates (with one, the step is
-   on-policy: ρ = 1 exactly), reference log-probs when the KL term is on;
-4. ppo_epochs × minibatches jitted updates over whole prompts (`train.update`);
-5. the step's metrics (`daro_jax.metrics`).
-
-`train(config, workdir)` runs the steps with TensorBoard and console lines, periodic
-evaluation with training's verifier pool, checkpoints every `train.ckpt_every` steps, at
-the end and on SIGTERM, and resumes from the workdir's latest checkpoint.
+`train(config, workdir)`: the steps with TensorBoard, console lines, periodic evaluation,
+checkpoints (every `train.ckpt_every` steps, at the end, on SIGTERM) and resumption.
 """
 
 from __future__ import annotations
