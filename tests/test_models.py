@@ -221,7 +221,7 @@ def test_prefill_then_decode_matches_full_forward(tiny_hf_dirs):
 
     prefill, (b, t) = 72, ids.shape
     shape = (cfg.num_layers, b, cfg.num_kv_heads, t, cfg.head_dim)
-    cache = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+    cache = (np.zeros(shape, np.float32).swapaxes(-1, -2), np.zeros(shape, np.float32))
     allowed = np.asarray(decoder.causal_masks(mask)["own"])  # [B, T, T]: query t, slot s
     out, cache = step(
         model.params, ids[:, :prefill], positions[:, :prefill], allowed[:, :prefill], cache, 0

@@ -147,7 +147,8 @@ def forward(params, cfg: ModelConfig, tokens, positions, masks, shared=None, own
 
 
 def prefill(params, cfg: ModelConfig, tokens: jnp.ndarray, mask: jnp.ndarray):
-    """Left-padded prompts [B, P] forwarded once: (hidden [B, P, D], (k, v) [L, B, KV, P, Dh])."""
+    """Left-padded prompts [B, P] forwarded once: (hidden [B, P, D], (keys [L, B, KV, Dh, P],
+    values [L, B, KV, P, Dh]))."""
     return forward(params, cfg, tokens, positions_from_mask(mask), causal_masks(mask))
 
 

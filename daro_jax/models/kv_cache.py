@@ -4,10 +4,11 @@ read by its samples, beside each row's own cache of its new tokens.
 After the prefill (`decoder.prefill`: B prompts of P slots once), rows r = b·J + j (sample
 j of prompt b) decode one token per step. Per layer the cache holds
 
-    shared  (k, v) [Bp, KV, P, Dh]   the prompts' keys and values, read by J = R / Bp rows each
-    own     (k, v) [R, KV, N, Dh]    each row's new tokens, slot i = its token i
+    shared  k [Bp, KV, Dh, P], v [Bp, KV, P, Dh]   the prompts' keys and values, read by
+                                                   J = R / Bp rows each
+    own     k [R, KV, Dh, N],  v [R, KV, N, Dh]    each row's new tokens, slot i = token i
 
-with shared_mask [Bp, P] (real prompt tokens): B·P + R·N slots instead of R·(P + N) for a
+(keys slots last, `layers.attend`) with shared_mask [Bp, P] (real prompt tokens): B·P + R·N slots instead of R·(P + N) for a
 cache repeated per row. Layers and caches are lists of separate arrays (`Decoder(cfg,
 scan_layers=False)` on `decoder.unstack_layers`), so a step updates its slot in place and
 reads every weight where it lies. `take_rows` keeps some rows of each data shard (the
@@ -23,12 +24,12 @@ import jax.numpy as jnp
 
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
-from daro_jax.models.layers import CACHE_AXES
+from daro_jax.models.layers import KEY_AXES, VALUE_AXES
 from daro_jax.sharding import constrain
 
 
 def _constrain(cache: dict) -> dict:
-    pin = lambda kv: tuple(constrain(x, CACHE_AXES) for x in kv)  # noqa: E731
+    pin = lambda kv: (constrain(kv[0], KEY_AXES), constrain(kv[1], VALUE_AXES))  # noqa: E731
     return {
         "shared": [pin(kv) for kv in cache["shared"]],
         "shared_mask": constrain(cache["shared_mask"], ("batch", "cache_length")),
@@ -38,14 +39,15 @@ def _constrain(cache: dict) -> dict:
 
 def start(params, cfg: ModelConfig, prompt_kv, prompt_mask, copies: int, room: int):
     """(decode params, cache) for `copies` samples of each of the B prompts whose prefill
-    keys and values are `prompt_kv` ((k, v) [L, B, KV, P, Dh]) and real tokens
-    `prompt_mask` [B, P], with `room` own slots per row."""
-    b, kv, _, dh = prompt_kv[0].shape[1:]
-    own = jnp.zeros((b * copies, kv, room, dh), prompt_kv[0].dtype)
+    keys and values are `prompt_kv` (k [L, B, KV, Dh, P], v [L, B, KV, P, Dh]) and real
+    tokens `prompt_mask` [B, P], with `room` own slots per row."""
+    b, kv, _, dh = prompt_kv[1].shape[1:]
+    own_k = jnp.zeros((b * copies, kv, dh, room), prompt_kv[0].dtype)
+    own_v = jnp.zeros((b * copies, kv, room, dh), prompt_kv[1].dtype)
     cache = {
         "shared": [(k, v) for k, v in zip(*prompt_kv, strict=True)],
         "shared_mask": prompt_mask.astype(bool),
-        "own": [(own, own)] * cfg.num_layers,
+        "own": [(own_k, own_v)] * cfg.num_layers,
     }
     return decoder.unstack_layers(params, cfg), _constrain(cache)
 
@@ -54,7 +56,7 @@ def step(dparams, cfg: ModelConfig, cache: dict, tokens, positions, slot):
     """One new token per row (tokens, positions [R]): its key and value go to own slot
     `slot`, it attends to its prompt's real tokens and its own slots ≤ `slot`. Returns the
     float32 logits [R, V] and the updated cache."""
-    rows, room = tokens.shape[0], cache["own"][0][0].shape[2]
+    rows, room = tokens.shape[0], cache["own"][0][1].shape[2]
     groups = cache["shared_mask"].shape[0]
     masks = {
         "own": jnp.broadcast_to(jnp.arange(room) <= slot, (rows, 1, room)),

@@ -12,7 +12,9 @@ rows (`Linear`).
 What a layer's queries attend to (`attend`): an optional shared key set read by groups of
 consecutive rows (a prompt's KV cache, read once by its samples or packed rows) and the
 rows' own keys (their cache with the new tokens written in, or the new tokens alone), under
-one softmax.
+one softmax. Keys are laid out slots last, [.., KV, Dh, S], and values [.., KV, S, Dh], so
+both products are plain matrix products (q [G, Dh] · k [Dh, S], e [G, S] · v [S, Dh]):
+XLA:CPU ran q·kᵀ on an [S, Dh] cache at half the speed (bench/RESULTS.md).
 
 Entry points: `DecoderLayer`, `attend`, `rms_norm`, `rope`, `rope_inv_freq`, `INIT_STD`.
 """
@@ -33,7 +35,8 @@ from daro_jax.sharding import constrain
 
 NEG_INF = -1e30
 INIT_STD = 0.02  # N(0, INIT_STD²) matrices (HF's init); zero biases, unit norm weights
-CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+KEY_AXES = ("batch", "kv_heads", "head_dim", "cache_length")  # keys: slots last
+VALUE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 STREAM_AXES = ("batch", "length", "embed")
 
 
@@ -82,23 +85,23 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 def attend(q, k, v, allowed, shared=None, shared_allowed=None) -> jnp.ndarray:
     """softmax(q·kᵀ/√Dh masked)·v over the rows' own keys and an optional shared key set.
 
-    q [R, T, KV, G, Dh]; own k, v [R, KV, S, Dh] with `allowed` [R, T, S] booleans;
-    shared: None or (k, v) [Bp, KV, P, Dh] read by the J = R / Bp consecutive rows of each
-    group, with `shared_allowed` [R, T, P]. Over the union of the allowed slots u:
+    q [R, T, KV, G, Dh]; own keys k [R, KV, Dh, S] and values v [R, KV, S, Dh] with
+    `allowed` [R, T, S] booleans; shared: None or (k [Bp, KV, Dh, P], v [Bp, KV, P, Dh])
+    read by the J = R / Bp consecutive rows of each group, with `shared_allowed` [R, T, P]. Over the union of the allowed slots u:
     e_u = exp(s_u − max s), out = Σ_u e_u v_u / Σ_u e_u (a masked slot has s = −10³⁰, so a
     query with no allowed slot gets a finite mean). Returns [R, T, KV, G, Dh].
     """
     r, t, kv, g, dh = q.shape
     scale = 1.0 / math.sqrt(dh)
     f32 = jnp.float32
-    s_own = jnp.einsum("rtkgd,rksd->rktgs", q, k, preferred_element_type=f32) * scale
+    s_own = jnp.einsum("rtkgd,rkds->rktgs", q, k, preferred_element_type=f32) * scale
     s_own = jnp.where(allowed[:, None, :, None, :], s_own, NEG_INF)
     top = s_own.max(-1)  # [R, KV, T, G]
     if shared is not None:
         bp = shared[0].shape[0]
-        j, p = r // bp, shared[0].shape[2]
+        j, p = r // bp, shared[0].shape[3]
         by_group = q.reshape(bp, j, t, kv, g, dh)
-        s_sh = jnp.einsum("bjtkgd,bkpd->bkjtgp", by_group, shared[0], preferred_element_type=f32)
+        s_sh = jnp.einsum("bjtkgd,bkdp->bkjtgp", by_group, shared[0], preferred_element_type=f32)
         mask = shared_allowed.reshape(bp, j, t, p)[:, None, :, :, None, :]
         s_sh = jnp.where(mask, s_sh * scale, NEG_INF)
         to_rows = lambda a: jnp.swapaxes(a, 1, 2).reshape(r, kv, *a.shape[3:])  # noqa: E731
@@ -182,11 +185,12 @@ class Attention(nn.Module):
         v = proj(out_shape=(kv, dh), out_axes=("kv_heads", "head_dim"), name="v")(x)
         inv_freq = rope_inv_freq(cfg)
         q = constrain(rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
-        k, v = rope(k, positions, inv_freq).swapaxes(1, 2), v.swapaxes(1, 2)  # [R, KV, T, Dh]
+        k = rope(k, positions, inv_freq).transpose(0, 2, 3, 1)  # [R, KV, Dh, T]
+        v = v.swapaxes(1, 2)  # [R, KV, T, Dh]
         if own is not None:
-            k = lax.dynamic_update_slice_in_dim(own[0], k.astype(own[0].dtype), slot, axis=2)
+            k = lax.dynamic_update_slice_in_dim(own[0], k.astype(own[0].dtype), slot, axis=3)
             v = lax.dynamic_update_slice_in_dim(own[1], v.astype(own[1].dtype), slot, axis=2)
-        k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+        k, v = constrain(k, KEY_AXES), constrain(v, VALUE_AXES)
         grouped = q.reshape(r, t, kv, cfg.num_heads // kv, dh)
         out = attend(grouped, k, v, masks["own"], shared, masks.get("shared"))
         o = _linear(
@@ -228,11 +232,12 @@ class DecoderLayer(nn.Module):
     """One pre-norm layer on x [R, T, D] (T new tokens per row at `positions` [R, T]).
 
     own: None (the T tokens attend to each other: masks["own"] [R, T, T]) or the rows' own
-    cache (k, v) [R, KV, S, Dh], into which the T new keys and values are written at slots
-    [slot, slot + T) before attending to it with masks["own"] [R, T, S]. shared: None or a
-    key set (k, v) [Bp, KV, P, Dh] read by J = R / Bp consecutive rows each, with
-    masks["shared"] [R, T, P]. Returns (new x, (k, v)): the updated own cache, or the new
-    tokens' keys and values [R, KV, T, Dh] (a prefill's cache).
+    cache (k [R, KV, Dh, S], v [R, KV, S, Dh]), into which the T new keys and values are
+    written at slots [slot, slot + T) before attending to it with masks["own"] [R, T, S].
+    shared: None or a key set in the same layout (k [Bp, KV, Dh, P], v [Bp, KV, P, Dh]) read
+    by J = R / Bp consecutive rows each, with masks["shared"] [R, T, P]. Returns (new x,
+    (k, v)): the updated own cache, or the new tokens' keys [R, KV, Dh, T] and values
+    [R, KV, T, Dh] (a prefill's cache).
     """
 
     cfg: ModelConfig

@@ -1,8 +1,8 @@
 """The update's packed forward: prompts once per block, completions packed into rows.
 
 The b = G·g left-padded prompts [b, P] of a minibatch are forwarded once (`prompt_blocks`);
-the keys and values of block j's g prompts are laid side by side, [G, KV, g·P, Dh] per
-layer. Its completions are packed back to back into rows of C positions (`daro_jax.packing`:
+the keys and values of block j's g prompts are laid side by side, keys [G, KV, Dh, g·P]
+and values [G, KV, g·P, Dh] per layer. Its completions are packed back to back into rows of C positions (`daro_jax.packing`:
 chunk_tokens, chunk_segments, chunk_offsets [G, R, C]); in `chunk_logprobs` the R rows of a
 block read its prompts' keys once (`layers.attend`'s shared key set), a token attends to its
 own prompt's real tokens and to the earlier tokens of its own completion, so each token gets
@@ -24,17 +24,19 @@ from daro_jax.packing import CHUNK_INPUTS
 def prompt_blocks(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, blocks: int):
     """The b = G·g left-padded prompts [b, P] forwarded once: the hidden state of each
     prompt's last position [G, g, D] (it predicts the first completion token) and the keys
-    and values of each block, its g prompts side by side: (k, v) [L, G, KV, g·P, Dh]."""
-    hidden, kv = decoder.prefill(params, cfg, tokens, mask)
+    and values of each block, its g prompts side by side: keys [L, G, KV, Dh, g·P] and
+    values [L, G, KV, g·P, Dh] (`layers.attend`'s layout)."""
+    hidden, (k, v) = decoder.prefill(params, cfg, tokens, mask)
     b, p = tokens.shape
     g = b // blocks
 
-    def side_by_side(c):
-        layers, _, heads, _, dh = c.shape
-        c = c.reshape(layers, blocks, g, heads, p, dh).transpose(0, 1, 3, 2, 4, 5)
-        return c.reshape(layers, blocks, heads, g * p, dh)
+    def side_by_side(values):  # [L, b, KV, P, Dh] -> [L, G, KV, g·P, Dh]
+        layers, _, heads, _, dh = values.shape
+        values = values.reshape(layers, blocks, g, heads, p, dh).transpose(0, 1, 3, 2, 4, 5)
+        return values.reshape(layers, blocks, heads, g * p, dh)
 
-    return hidden[:, -1].reshape(blocks, g, -1), jax.tree.map(side_by_side, kv)
+    keys = side_by_side(k.swapaxes(-1, -2)).swapaxes(-1, -2)
+    return hidden[:, -1].reshape(blocks, g, -1), (keys, side_by_side(v))
 
 
 def chunk_logprobs(
