@@ -209,6 +209,32 @@ def update_metrics(updates: Sequence[Mapping], spec, minibatches: int) -> dict[s
     return out
 
 
+def step_metrics(
+    updates: Sequence[Mapping],
+    stats: Mapping,
+    rollouts: Mapping[str, np.ndarray],
+    daro_params,
+    spec,
+    minibatches: int,
+    seconds: Mapping[str, float],
+    n_params: int,
+) -> dict[str, float]:
+    """The metrics of a step that updated the policy: `update_metrics` of its updates,
+    `rollout_metrics` of this process's rollouts (lengths, truncated), the DARO weights after
+    the updates (`daro_params`) as daro/w_after_update/<k>of<K> when the recipe uses them,
+    time/<name> of `seconds`, and the `throughput` of all processes' tokens, counted as this
+    process's × process_count: the new tokens sampled (lengths) and those plus the prompt
+    tokens (prompt_mask) trained on, once per update."""
+    out = update_metrics(updates, spec, minibatches)
+    out |= rollout_metrics(stats, rollouts["lengths"], rollouts["truncated"])
+    if spec.uses_daro_weights:
+        out |= daro_weights("daro/w_after_update", daro_params, spec)
+    out |= {f"time/{name}": v for name, v in seconds.items()}
+    sampled = float(rollouts["lengths"].sum()) * jax.process_count()
+    trained = sampled + float(rollouts["prompt_mask"].sum()) * jax.process_count()
+    return out | throughput(sampled, trained, seconds, n_params, len(updates))
+
+
 def daro_weights(prefix: str, daro_params, spec) -> dict[str, float]:
     """w_μ of the DARO parameters as <prefix>/<k>of<K>, k = 1 … K − 1."""
     w = np.asarray(jax.device_get(losses.daro_weights(jnp.asarray(daro_params), spec)))

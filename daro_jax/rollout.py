@@ -2,8 +2,9 @@
 
 One sampling round draws the next global batch of B prompts (each process its B / P rows,
 `data.PromptIterator`), samples K responses per prompt and scores them: `draw(round)` in
-`collect`, `sample_and_score` in training (prompts → sampler → texts → rewards). Without
-dynamic sampling the step uses that round as it is.
+`collect`, `sample_and_score` in training (prompts → sampler → texts → rewards), with the
+training sampler (`make_sampler`) and the round's key (`rollout_key`, jitted by
+`jit_rollout_key`). Without dynamic sampling the step uses that round as it is.
 
 With DAPO's dynamic sampling the step keeps only the prompts with mixed results,
 0 < k < K correct, and draws further rounds until B are kept, as DAPO does:
@@ -27,19 +28,52 @@ With DAPO's dynamic sampling the step keeps only the prompts with mixed results,
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import advantages, completions, hosts, sampler
+from daro_jax.models.config import ModelConfig
 from daro_jax.presets import AlgoSpec
 
 Draw = Callable[[int], tuple[np.ndarray, dict[str, np.ndarray]]]
 PADDING_ZEROS = ("mask", "lengths", "truncated")  # rollout fields that are 0 on padding rows
 SAMPLED = ("tokens", "mask", "logprobs", "lengths", "truncated")  # the sampler's, per rollout
+
+
+def make_sampler(s, cfg: ModelConfig, k: int, examples, tokenizer, mesh) -> sampler.Sampler:
+    """The training sampler (`sampler.make_sampler`): K samples of each prompt, left-padded
+    to the longest "prompt_ids" of `examples`, up to s.max_new_tokens new tokens at
+    s.temperature, s.top_p and s.top_k (`s`: config.sampler), stopping at
+    `sampler.default_stop_token_ids` of `tokenizer`."""
+    return sampler.make_sampler(
+        cfg,
+        k=k,
+        max_new_tokens=s.max_new_tokens,
+        prompt_len=int(max(len(e["prompt_ids"]) for e in examples)),
+        temperature=float(s.temperature),
+        top_p=float(s.top_p),
+        top_k=int(s.top_k),
+        stop_token_ids=sampler.default_stop_token_ids(tokenizer, cfg),
+        mesh=mesh,
+    )
+
+
+def rollout_key(seed: int, step, attempt) -> jax.Array:
+    """The sampling key of a step's round: fold_in(fold_in(key(seed), step), attempt)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
+
+
+def jit_rollout_key(seed: int, mesh: Mesh) -> Callable:
+    """The jitted `rollout_key` of `seed`, (step, attempt) → key, replicated on `mesh`."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(functools.partial(rollout_key, seed), out_shardings=replicated)
 
 
 def sample_and_score(

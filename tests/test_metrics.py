@@ -1,4 +1,4 @@
-"""metrics: the step's metrics against NumPy counts, metric naming against hand-built
+"""metrics: the step's metrics against NumPy and hand counts, metric naming against hand-built
 dictionaries, TensorBoard scalars read back by TensorBoard's own reader, MFU peaks by device
 kind, the console lines."""
 
@@ -172,3 +172,36 @@ def test_rollout_metrics_and_throughput():
     assert speed["throughput/sampler_tokens_per_s"] == 50.0
     assert speed["throughput/update_tokens_per_s"] == 200.0
     assert "throughput/update_mfu" not in speed  # no known peak for CPU devices
+
+
+@pytest.mark.parametrize("algo", ["daro", "grpo"])
+def test_step_metrics_of_a_step_that_updated(algo):
+    """A step's metrics: its updates' (first and last update), its rollouts' (lengths over
+    the rows with a completion), the DARO weights after the updates (direct
+    parameterization: w is the stored parameter; none for GRPO), the timings, and tokens
+    per second of one process counted here by hand."""
+    from configs import base
+    from daro_jax import presets
+
+    config = base.get_config()
+    config.algo.name, config.algo.k, config.algo.kl_beta = algo, 4, 0.0
+    spec = presets.resolve(config.algo, max_response_len=5)
+    rng = np.random.default_rng(1)
+    updates = [_update(rng, spec, np.ones(3, np.float32), loss)[0] for loss in (0.5, 0.25)]
+    rollouts = {
+        "lengths": np.array([[3, 0, 1, 2], [5, 2, 0, 4]]),  # 17 new tokens, 6 completions
+        "truncated": np.array([[True, False, False, False], [False, False, False, True]]),
+        "prompt_mask": np.array([[0, 1, 1], [1, 1, 1]]),  # 5 prompt tokens
+    }
+    stats = {"reward": 0.5, "accuracy": 0.25, "length_correct": 4.0, "length_incorrect": 3.0}
+    daro = np.array([0.5, 2.0, 1.5], np.float32)
+    seconds = {"sampler_s": 2.0, "reward_s": 0.5, "update_s": 4.0}
+    out = metrics.step_metrics(updates, stats, rollouts, daro, spec, 1, seconds, 10)
+    assert (out["loss"], out["last_update/loss"], out["reward"]) == (0.5, 0.25, 0.5)
+    assert out["length_mean"] == pytest.approx(17 / 6)
+    assert out["truncated_frac"] == pytest.approx(2 / 6)
+    weights = [out.get(f"daro/w_after_update/{g}of4") for g in (1, 2, 3)]
+    assert weights == ([0.5, 2.0, 1.5] if algo == "daro" else [None] * 3)
+    assert (out["time/sampler_s"], out["time/reward_s"], out["time/update_s"]) == (2.0, 0.5, 4.0)
+    assert out["throughput/sampler_tokens_per_s"] == 17 / 2.0
+    assert out["throughput/update_tokens_per_s"] == (17 + 5) * 2 / 4.0  # 2 updates

@@ -1,5 +1,6 @@
 """train.update: the packed forward and the update's gradient against one plain forward of
-each [prompt | completion] sequence (`jax.grad` of the same loss), on tiny SmolLM2."""
+each [prompt | completion] sequence (`jax.grad` of the same loss), on tiny SmolLM2; the
+minibatch schedule of a step."""
 
 from __future__ import annotations
 
@@ -129,3 +130,20 @@ def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, row
     assert float(sums["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(sums["clip_low"] + sums["clip_high"]) > 0  # the clipped branch is exercised
     _assert_grads_close(grads, ref_grads)
+
+
+def test_minibatch_prompts_split_each_epoch_into_sorted_minibatches():
+    """ppo_epochs × minibatches updates; each epoch's minibatches are sorted, of B / M
+    prompts, and together hold every prompt once; the order is a function of (seed, step):
+    the same again, another at the next step, and the epochs differ."""
+    from types import SimpleNamespace
+
+    train = SimpleNamespace(batch_prompts=12, minibatches=3, ppo_epochs=2)
+    got = update.minibatch_prompts(7, 5, train)
+    assert len(got) == 6
+    for epoch in (got[:3], got[3:]):
+        assert all(len(p) == 4 and list(p) == sorted(p) for p in epoch)
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(12))
+    assert [p.tolist() for p in got] == [p.tolist() for p in update.minibatch_prompts(7, 5, train)]
+    assert [p.tolist() for p in got] != [p.tolist() for p in update.minibatch_prompts(7, 6, train)]
+    assert [p.tolist() for p in got[:3]] != [p.tolist() for p in got[3:]]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from daro_jax import (
@@ -100,17 +100,6 @@ def build(config) -> Run:
     settings = update.UpdateSettings(
         cfg, spec, float(s.temperature), on_policy=state.updates_per_step(t) == 1
     )
-    sample = sampler.make_sampler(
-        cfg,
-        k=spec.k,
-        max_new_tokens=s.max_new_tokens,
-        prompt_len=int(max(len(e["prompt_ids"]) for e in examples)),
-        temperature=float(s.temperature),
-        top_p=float(s.top_p),
-        top_k=int(s.top_k),
-        stop_token_ids=sampler.default_stop_token_ids(model.tokenizer, cfg),
-        mesh=mesh,
-    )
     return Run(
         config=config,
         mesh=mesh,
@@ -123,22 +112,14 @@ def build(config) -> Run:
         tx=tx,
         settings=settings,
         blocks=sharding.prompt_blocks(t.batch_prompts // t.minibatches, t.prompt_blocks, mesh),
-        sample=sample,
+        sample=rollout.make_sampler(s, cfg, spec.k, examples, model.tokenizer, mesh),
         update=update.jit_update(mesh, state.shardings(abstract)),
         logprobs=update.jit_logprobs(mesh),
         advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
-        rollout_key=jax.jit(
-            functools.partial(rollout_key, config.seed),
-            out_shardings=NamedSharding(mesh, PartitionSpec()),
-        ),
+        rollout_key=rollout.jit_rollout_key(config.seed, mesh),
         take_rows=jax.jit(update.take_rows),
         n_params=n_params,
     )
-
-
-def rollout_key(seed: int, step, attempt) -> jax.Array:
-    """The sampling key of a step's round: fold_in(fold_in(key(seed), step), attempt)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), attempt)
 
 
 def collect(run: Run, step: int, pool, timers: dict):
@@ -160,40 +141,28 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
     whole prompts (`run.state` replaced); returns the updates' outputs and the advantages'
     stats, on the host."""
     t, k, mesh = run.config.train, run.spec.k, run.mesh
-    b, _, n = drawn["tokens"].shape
     advantages, group_ids, stats = run.advantages(
         hosts.to_global(scores, mesh, "rewards"), hosts.to_global(drawn["lengths"], mesh)
     )
-    batch = {
-        "loss_mask": hosts.to_global(drawn["mask"].reshape(b * k, n).astype(np.float32), mesh),
-        "sampler_logp": hosts.to_global(drawn["logprobs"].reshape(b * k, n), mesh),
-        "advantages": advantages,
-        "group_ids": group_ids,
-    }
-    # Every process's rollouts: a minibatch's blocks may hold another process's prompts.
-    host = hosts.allgather({name: drawn[name] for name in update.PACKED_FROM})
-    s, blocks, rows = run.settings, run.blocks, run.config.train.block_rows
+    batch, host = update.step_inputs(drawn, advantages, group_ids, mesh)
+    s, blocks, rows = run.settings, run.blocks, t.block_rows
     if not s.on_policy or run.ref_params is not None:
         everything = update.packed_batch(host, np.arange(t.batch_prompts), blocks, rows, mesh)
-    batch["old_logp"] = (
-        jnp.zeros_like(batch["sampler_logp"])
-        if s.on_policy
-        else run.logprobs(run.state["params"]["model"], everything, s=s)
-    )
+    if s.on_policy:
+        batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
+    else:
+        batch["old_logp"] = run.logprobs(run.state["params"]["model"], everything, s=s)
     if run.ref_params is not None:
         batch["ref_logp"] = run.logprobs(run.ref_params, everything, s=s)
-    per, outs = t.batch_prompts // t.minibatches, []
-    for epoch in range(t.ppo_epochs):
-        order = np.random.default_rng([run.config.seed, step, epoch]).permutation(t.batch_prompts)
-        for i in range(t.minibatches):
-            prompts = np.sort(order[i * per : (i + 1) * per])
-            minibatch = dict(batch)
-            if t.minibatches > 1:
-                rows_of = (prompts[:, None] * k + np.arange(k)).reshape(-1)
-                minibatch = run.take_rows(batch, jnp.asarray(rows_of))
-            minibatch |= update.packed_batch(host, prompts, blocks, rows, mesh)
-            run.state, out = run.update(run.state, minibatch, tx=run.tx, s=s)
-            outs.append(out)
+    outs = []
+    for prompts in update.minibatch_prompts(run.config.seed, step, t):
+        minibatch = dict(batch)
+        if t.minibatches > 1:
+            rows_of = (prompts[:, None] * k + np.arange(k)).reshape(-1)
+            minibatch = run.take_rows(batch, jnp.asarray(rows_of))
+        minibatch |= update.packed_batch(host, prompts, blocks, rows, mesh)
+        run.state, out = run.update(run.state, minibatch, tx=run.tx, s=s)
+        outs.append(out)
     return jax.device_get(outs), jax.device_get(stats)
 
 
@@ -210,16 +179,11 @@ def run_step(run: Run, step: int, pool) -> dict[str, float]:
     updates, stats = learn(run, step, scores, drawn)
     timers["update_s"] = time.perf_counter() - t_update
     metrics.check_finite(step, updates)
-    out |= metrics.update_metrics(updates, run.spec, run.config.train.minibatches)
-    out |= metrics.rollout_metrics(stats, drawn["lengths"], drawn["truncated"])
-    if run.spec.uses_daro_weights:
-        out |= metrics.daro_weights("daro/w_after_update", run.state["params"]["daro"], run.spec)
-    out |= {f"time/{name}": v for name, v in timers.items()}
-    out["time/step_s"] = time.perf_counter() - t_start
-    sampled = float(drawn["lengths"].sum()) * jax.process_count()
-    trained = sampled + float(drawn["prompt_mask"].sum()) * jax.process_count()
-    updates_per_step = state.updates_per_step(run.config.train)
-    return out | metrics.throughput(sampled, trained, timers, run.n_params, updates_per_step)
+    minibatches, daro = run.config.train.minibatches, run.state["params"]["daro"]
+    out |= metrics.step_metrics(
+        updates, stats, drawn, daro, run.spec, minibatches, timers, run.n_params
+    )
+    return out | {"time/step_s": time.perf_counter() - t_start}
 
 
 def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -230,65 +194,57 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
     summary, one line per logged step and a closing line (process 0). A workdir whose
     checkpoint is already at train.steps is left as it is: one line says so, returns {}.
     """
-    t = config.train
+    t, r, last = config.train, config.reward, {}
     saved = json.loads(config.to_json())
     with checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt:
-        meta = ckpt.restore_meta()
-    if meta is not None and meta["step"] >= t.steps:
-        checkpoint.check_compatible(meta["config"], saved)
-        metrics.console(f"{workdir}: already at step {meta['step']} of {t.steps}; nothing to do")
-        return {}
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    run = build(config)
-    shape = dict(run.mesh.shape)
-    for line in metrics.startup_lines(config, workdir, run.n_params, shape, len(run.examples)):
-        metrics.console(line)
-    writer = metrics.Writer(workdir)
-    evaluator = evaluation.PeriodicEval(config, workdir)
-    checkpoint.install_sigterm_handler()
-    r, last = config.reward, {}
-    with (
-        checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints, every=t.ckpt_every) as ckpt,
-        rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback) as pool,
-    ):
-        start = done = resume(run, ckpt, saved)
-        quiet = jax.process_index() != 0
-        bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=quiet)
-        for step in bar:
-            last = run_step(run, step, pool)
-            evaluated = evaluator.due(step + 1)
-            if evaluated:
-                policy = dataclasses.replace(run.model, params=run.state["params"]["model"])
-                last |= evaluator.run(policy, step + 1, pool)
-            if on_step is not None:
-                on_step(step, last)
-            if evaluated or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                writer.write(step + 1, last)
-                bar.write(metrics.summary_line(step + 1, last))
-            stop = checkpoint.any_process_preempted()
-            done = step + 1
-            meta = {"step": done, "data_position": run.iterator.state(), "config": saved}
-            ckpt.save(done, run.state, meta, force=stop or done == t.steps)
-            if stop:
-                logging.warning("SIGTERM: saved step %d, exiting", done)
-                break
+        if (meta := ckpt.restore_meta()) is not None and meta["step"] >= t.steps:
+            checkpoint.check_compatible(meta["config"], saved)
+            metrics.console(
+                f"{workdir}: already at step {meta['step']} of {t.steps}; nothing to do"
+            )
+            return {}
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        run = build(config)
+        shape = dict(run.mesh.shape)
+        for line in metrics.startup_lines(config, workdir, run.n_params, shape, len(run.examples)):
+            metrics.console(line)
+        writer = metrics.Writer(workdir)
+        evaluator = evaluation.PeriodicEval(config, workdir)
+        checkpoint.install_sigterm_handler()
+        with rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback) as pool:
+            start = done = resume(run, ckpt, saved)
+            quiet = jax.process_index() != 0
+            bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=quiet)
+            for step in bar:
+                last = run_step(run, step, pool)
+                if evaluated := evaluator.due(step + 1):
+                    policy = dataclasses.replace(run.model, params=run.state["params"]["model"])
+                    last |= evaluator.run(policy, step + 1, pool)
+                if on_step is not None:
+                    on_step(step, last)
+                if evaluated or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                    writer.write(step + 1, last)
+                    bar.write(metrics.summary_line(step + 1, last))
+                stop = checkpoint.any_process_preempted()
+                done = step + 1
+                meta = {"step": done, "data_position": run.iterator.state(), "config": saved}
+                ckpt.save(done, run.state, meta, force=stop or done == t.steps)
+                if stop:
+                    logging.warning("SIGTERM: saved step %d, exiting", done)
+                    break
     writer.close()
     metrics.console(metrics.closing_line(done, t.steps, last, workdir))
     return last
 
 
 def resume(run: Run, ckpt: checkpoint.Checkpointer, config: dict) -> int:
-    """Restore `run`'s state and data position from the workdir's latest checkpoint (onto
-    the state's shardings), after checking the checkpoint's config against `config`; returns
-    the step to start at (0 without a checkpoint)."""
-    meta = ckpt.restore_meta()
-    if meta is None:
+    """Restore `run`'s state and data position from the workdir's latest checkpoint
+    (`state.restore`: onto the state's shardings, its config checked against `config`);
+    returns the step to start at (0 without a checkpoint)."""
+    restored = state.restore(ckpt, run.state, config)
+    if restored is None:
         return 0
-    checkpoint.check_compatible(meta["config"], config)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
-    )
-    run.state, meta = ckpt.restore(target)
+    run.state, meta = restored
     run.iterator.restore(meta["data_position"])
     metrics.console(f"resumed from the checkpoint of step {meta['step']} in {ckpt.directory}")
     return int(meta["step"])

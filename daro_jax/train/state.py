@@ -1,5 +1,5 @@
 """The train state {"params": {"model", "daro"}, "opt"}: its optimizer, its abstract form
-with every leaf's sharding, and its jitted init.
+with every leaf's sharding, its jitted init and its restore from a checkpoint.
 
 The abstract state is what the update compiles for (its out_shardings), what a checkpoint
 is restored onto, and what the TPU plan compiles on (`daro_jax.step_programs`): the model
@@ -13,7 +13,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from daro_jax import losses, models, optim, presets
+from daro_jax import checkpoint, losses, models, optim, presets
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
 
@@ -65,3 +65,17 @@ def init_state(model_params, spec: presets.AlgoSpec, tx, abstract: dict) -> dict
         return {"params": params, "opt": tx.init(params)}
 
     return jax.jit(init, donate_argnums=0, out_shardings=shardings(abstract))(model_params)
+
+
+def restore(ckpt: checkpoint.Checkpointer, like: dict, config: dict) -> tuple[dict, dict] | None:
+    """(state, meta) of the latest checkpoint of `ckpt`, each array read onto the sharding of
+    its counterpart in `like` (this run's state), after `checkpoint.check_compatible` of the
+    checkpoint's config with `config`; None without a checkpoint."""
+    meta = ckpt.restore_meta()
+    if meta is None:
+        return None
+    checkpoint.check_compatible(meta["config"], config)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
+    )
+    return ckpt.restore(target)

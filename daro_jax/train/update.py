@@ -15,8 +15,10 @@ With one update per step the step is on-policy: old_logp = stop_gradient(logp) e
 the importance ratio is exactly 1 and no old-policy pass runs (`UpdateSettings.on_policy`).
 
 Entry points: `jit_update` (`update_step`, the state donated), `jit_logprobs`
-(`batch_logprobs`: old-policy and reference passes), `packed_batch` (the host's rollouts
-of some prompts as the global packed arrays these take).
+(`batch_logprobs`: old-policy and reference passes), `step_inputs` (a step's rollouts as
+the per-row arrays of its updates, and every process's rollouts on the host),
+`minibatch_prompts` (the prompts of each update of a step), `packed_batch` (the host's
+rollouts of some prompts as the global packed arrays these take).
 """
 
 from __future__ import annotations
@@ -228,6 +230,35 @@ def jit_logprobs(mesh: Mesh) -> Callable:
 
 
 PACKED_FROM = ("tokens", "lengths", "prompt_tokens", "prompt_mask")  # `packed_batch`'s rollouts
+
+
+def step_inputs(rollouts: dict, advantages, group_ids, mesh: Mesh) -> tuple[dict, dict]:
+    """The inputs of a step's updates from this process's rollouts (tokens, mask, logprobs
+    [b, K, N], lengths [b, K], prompt_tokens, prompt_mask [b, P]): the global per-row arrays
+    over the B·K rows, loss_mask and sampler_logp [B·K, N] with `advantages` and `group_ids`
+    [B·K]; and the PACKED_FROM rollouts of every process on the host (`hosts.allgather`: a
+    minibatch's blocks may hold another process's prompts)."""
+    b, k, n = rollouts["tokens"].shape
+    rows = {
+        "loss_mask": hosts.to_global(rollouts["mask"].reshape(b * k, n).astype(np.float32), mesh),
+        "sampler_logp": hosts.to_global(rollouts["logprobs"].reshape(b * k, n), mesh),
+        "advantages": advantages,
+        "group_ids": group_ids,
+    }
+    return rows, hosts.allgather({name: rollouts[name] for name in PACKED_FROM})
+
+
+def minibatch_prompts(seed: int, step: int, train) -> list[np.ndarray]:
+    """The prompts (global indices) of each of a step's ppo_epochs × minibatches updates, in
+    order: epoch e permutes the B = train.batch_prompts prompts with the generator seeded
+    [seed, step, e] and cuts the permutation into train.minibatches consecutive parts of
+    B / minibatches prompts, each sorted."""
+    per = train.batch_prompts // train.minibatches
+    out = []
+    for epoch in range(train.ppo_epochs):
+        order = np.random.default_rng([seed, step, epoch]).permutation(train.batch_prompts)
+        out += [np.sort(order[i * per : (i + 1) * per]) for i in range(train.minibatches)]
+    return out
 
 
 def packed_batch(host: dict, prompts: np.ndarray, blocks: int, chunk_rows: int, mesh: Mesh):
