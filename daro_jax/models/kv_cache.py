@@ -8,11 +8,12 @@ j of prompt b) decode one token per step. Per layer the cache holds
                                                    J = R / Bp rows each
     own     k [R, KV, Dh, N],  v [R, KV, N, Dh]    each row's new tokens, slot i = token i
 
-(keys slots last, `layers.attend`) with shared_mask [Bp, P] (real prompt tokens): B·P + R·N slots instead of R·(P + N) for a
-cache repeated per row. Layers and caches are lists of separate arrays (`Decoder(cfg,
-scan_layers=False)` on `decoder.unstack_layers`), so a step updates its slot in place and
-reads every weight where it lies. `take_rows` keeps some rows of each data shard (the
-sampler's stages), each then with its own copy of its prompt's part (J = 1).
+(keys slots last, `layers.attend`) with shared_mask [Bp, P] (real prompt tokens): B·P + R·N
+slots instead of R·(P + N) for a cache repeated per row. Layers and caches are lists of
+separate arrays (`Decoder(cfg, scan_layers=False)` on `decoder.unstack_layers`), so a step
+updates its slot in place and reads every weight where it lies. `take_rows` keeps some rows
+of each data shard (the sampler's stages), each then with its own copy of its prompt's part
+(J = 1).
 
 Entry points: `start`, `step`, `take_rows`, `take_local`.
 """

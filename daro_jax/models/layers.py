@@ -87,9 +87,10 @@ def attend(q, k, v, allowed, shared=None, shared_allowed=None) -> jnp.ndarray:
 
     q [R, T, KV, G, Dh]; own keys k [R, KV, Dh, S] and values v [R, KV, S, Dh] with
     `allowed` [R, T, S] booleans; shared: None or (k [Bp, KV, Dh, P], v [Bp, KV, P, Dh])
-    read by the J = R / Bp consecutive rows of each group, with `shared_allowed` [R, T, P]. Over the union of the allowed slots u:
-    e_u = exp(s_u − max s), out = Σ_u e_u v_u / Σ_u e_u (a masked slot has s = −10³⁰, so a
-    query with no allowed slot gets a finite mean). Returns [R, T, KV, G, Dh].
+    read by the J = R / Bp consecutive rows of each group, with `shared_allowed` [R, T, P].
+    Over the union of the allowed slots u: e_u = exp(s_u − max s), out = Σ_u e_u v_u / Σ_u e_u
+    (a masked slot has s = −10³⁰, so a query with no allowed slot gets a finite mean).
+    Returns [R, T, KV, G, Dh].
     """
     r, t, kv, g, dh = q.shape
     scale = 1.0 / math.sqrt(dh)

@@ -1,12 +1,13 @@
 """The update's packed forward: prompts once per block, completions packed into rows.
 
 The b = G·g left-padded prompts [b, P] of a minibatch are forwarded once (`prompt_blocks`);
-the keys and values of block j's g prompts are laid side by side, keys [G, KV, Dh, g·P]
-and values [G, KV, g·P, Dh] per layer. Its completions are packed back to back into rows of C positions (`daro_jax.packing`:
-chunk_tokens, chunk_segments, chunk_offsets [G, R, C]); in `chunk_logprobs` the R rows of a
-block read its prompts' keys once (`layers.attend`'s shared key set), a token attends to its
-own prompt's real tokens and to the earlier tokens of its own completion, so each token gets
-the logits of the forward of its [prompt | completion] alone.
+the keys and values of block j's g prompts are laid side by side, keys [G, KV, Dh, g·P] and
+values [G, KV, g·P, Dh] per layer. Its completions are packed back to back into rows of C
+positions (`daro_jax.packing`: chunk_tokens, chunk_segments, chunk_offsets [G, R, C]); in
+`chunk_logprobs` the R rows of a block read its prompts' keys once (`layers.attend`'s shared
+key set), a token attends to its own prompt's real tokens and to the earlier tokens of its
+own completion, so each token gets the logits of the forward of its [prompt | completion]
+alone.
 
 Entry points: `prompt_blocks`, `chunk_logprobs`.
 """
