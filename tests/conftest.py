@@ -1,6 +1,8 @@
 """Shared test setup. Forces 8 CPU devices before jax is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -10,6 +12,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA compilation cache per test session, shared by the xdist workers and the
+# subprocesses tests start (most of the suite's time is compiling the same tiny programs);
+# made by the process that starts the session, removed by it at the end (`pytest_sessionfinish`).
+OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if OWN_XLA_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="daro_jax_tests_xla_")
 
 import jax  # noqa: E402
 
@@ -142,3 +150,9 @@ def smollm2_model():
     from daro_jax import models
 
     return models.load("smollm2-gguf")
+
+
+def pytest_sessionfinish(session):
+    """Remove the session's XLA compilation cache (see the top of this file)."""
+    if OWN_XLA_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
