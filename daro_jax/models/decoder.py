@@ -159,11 +159,26 @@ def lm_logits(params, cfg: ModelConfig, hidden: jnp.ndarray) -> jnp.ndarray:
 
 def unstack_layers(params, cfg: ModelConfig) -> dict:
     """The params of `Decoder(cfg, scan_layers=False)` in the compute dtype: layer i of the
-    stacked leaves as "layers_{i}" (one copy of the weights)."""
-    cast = lambda x: x.astype(cfg.compute_dtype)  # noqa: E731
-    out = {name: jax.tree.map(cast, value) for name, value in params.items() if name != "layers"}
+    stacked leaves as "layers_{i}" (one copy of the weights), each weight whole along its
+    "embed" axis on every device (split over "tensor" only). Under a mesh that is one
+    all-gather over "fsdp" per call, where fsdp-split weights would be gathered again at
+    every decode step: libtpu's programs gathered the whole embedding at every step, up to
+    dozens of times on v5e (bench/RESULTS.md)."""
+    specs = param_specs(cfg)
+
+    def gathered(w, spec):
+        names = tuple(None if name in ("embed", "layers") else name for name in spec)
+        return constrain(w.astype(cfg.compute_dtype), names[len(names) - w.ndim :])
+
+    out = {
+        name: jax.tree.map(gathered, value, specs[name])
+        for name, value in params.items()
+        if name != "layers"
+    }
     for i in range(cfg.num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda w, i=i: cast(w[i]), params["layers"])
+        out[f"layers_{i}"] = jax.tree.map(
+            lambda w, spec, i=i: gathered(w[i], spec), params["layers"], specs["layers"]
+        )
     return out
 
 
