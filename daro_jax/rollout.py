@@ -47,20 +47,20 @@ PADDING_ZEROS = ("mask", "lengths", "truncated")  # rollout fields that are 0 on
 SAMPLED = ("tokens", "mask", "logprobs", "lengths", "truncated")  # the sampler's, per rollout
 
 
-def make_sampler(s, cfg: ModelConfig, k: int, examples, tokenizer, mesh) -> sampler.Sampler:
-    """The training sampler (`sampler.make_sampler`): K samples of each prompt, left-padded
-    to the longest "prompt_ids" of `examples`, up to s.max_new_tokens new tokens at
-    s.temperature, s.top_p and s.top_k (`s`: config.sampler), stopping at
-    `sampler.default_stop_token_ids` of `tokenizer`."""
+def make_sampler(s, cfg: ModelConfig, k: int, prompt_len: int, stop_token_ids, mesh):
+    """The training sampler (`sampler.make_sampler`), as training runs it and the plan
+    compiles it: K samples of each prompt left-padded to `prompt_len`, up to
+    s.max_new_tokens new tokens at s.temperature, s.top_p and s.top_k (`s`: config.sampler),
+    stopping at `stop_token_ids`."""
     return sampler.make_sampler(
         cfg,
         k=k,
         max_new_tokens=s.max_new_tokens,
-        prompt_len=int(max(len(e["prompt_ids"]) for e in examples)),
+        prompt_len=int(prompt_len),
         temperature=float(s.temperature),
         top_p=float(s.top_p),
         top_k=int(s.top_k),
-        stop_token_ids=sampler.default_stop_token_ids(tokenizer, cfg),
+        stop_token_ids=tuple(stop_token_ids),
         mesh=mesh,
     )
 

@@ -1,6 +1,6 @@
 """The programs of one RL step, built as the RL loop builds them, on abstract arguments.
 
-`step_programs` returns the sampler (`sampler.make_sampler`), the old-policy/reference
+`step_programs` returns the sampler (`rollout.make_sampler`), the old-policy/reference
 logprob pass (`train.update.jit_logprobs`, when the step has one) and the update
 (`train.update.jit_update`), each ready to lower with ShapeDtypeStructs that carry their
 shardings on a mesh: the params, optimizer state and DARO weights of
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from daro_jax import hlo_costs, hosts, packing, presets, sampler, sharding, tpu
+from daro_jax import hlo_costs, hosts, packing, presets, rollout, sharding, tpu
 from daro_jax.models import model as model_io
 from daro_jax.models.config import ModelConfig
 from daro_jax.train import state as train_state
@@ -141,23 +141,13 @@ def step_programs(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, state)
     blocks, rows = sharding.prompt_blocks(b // t.minibatches, t.prompt_blocks, mesh), t.block_rows
     updates = train_state.updates_per_step(t)
     params, params_bytes = state["params"]["model"], device_bytes(state["params"]["model"])
-    rollout = sampler.make_sampler(
-        cfg,
-        k=k,
-        max_new_tokens=n,
-        prompt_len=p,
-        temperature=float(s.temperature),
-        top_p=float(s.top_p),
-        top_k=int(s.top_k),
-        stop_token_ids=tuple(cfg.eos_token_ids),
-        mesh=mesh,
-    )
+    sample = rollout.make_sampler(s, cfg, k, p, cfg.eos_token_ids, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     prompts = _rows((b, p), jnp.int32, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    lower = functools.partial(rollout.jitted.lower, params, prompts, prompts, key)
+    lower = functools.partial(sample.jitted.lower, params, prompts, prompts, key)
     # No row stops early: the first decode stage runs all N − 1 steps, the others none.
-    stages = (n - 1,) + (0,) * (len(rollout.stage_sizes(b * k)) - 1)
+    stages = (n - 1,) + (0,) * (len(sample.stage_sizes(b * k)) - 1)
     programs = [StepProgram("sampler", 1, lower, stages, params_bytes)]
     settings = update.UpdateSettings(cfg, spec, float(s.temperature), on_policy=updates == 1)
     passes = (updates > 1) + (spec.kl_beta > 0)

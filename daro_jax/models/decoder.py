@@ -166,9 +166,9 @@ def unstack_layers(params, cfg: ModelConfig) -> dict:
     dozens of times on v5e (bench/RESULTS.md)."""
     specs = param_specs(cfg)
 
-    def gathered(w, spec):
-        names = tuple(None if name in ("embed", "layers") else name for name in spec)
-        return constrain(w.astype(cfg.compute_dtype), names[len(names) - w.ndim :])
+    def gathered(w, spec):  # spec: the names of w's axes (after "layers" for a layer's w)
+        names = tuple(None if name == "embed" else name for name in spec[len(spec) - w.ndim :])
+        return constrain(w.astype(cfg.compute_dtype), names)
 
     out = {
         name: jax.tree.map(gathered, value, specs[name])

@@ -97,6 +97,8 @@ def build(config) -> Run:
     train_state = state.init_state(model.params, spec, tx, abstract)
     # The jitted programs: update (state donated), logprob passes, sampler, advantages.
     s = config.sampler
+    prompt_len = max(len(e["prompt_ids"]) for e in examples)
+    stop_ids = sampler.default_stop_token_ids(model.tokenizer, cfg)
     settings = update.UpdateSettings(
         cfg, spec, float(s.temperature), on_policy=state.updates_per_step(t) == 1
     )
@@ -112,7 +114,7 @@ def build(config) -> Run:
         tx=tx,
         settings=settings,
         blocks=sharding.prompt_blocks(t.batch_prompts // t.minibatches, t.prompt_blocks, mesh),
-        sample=rollout.make_sampler(s, cfg, spec.k, examples, model.tokenizer, mesh),
+        sample=rollout.make_sampler(s, cfg, spec.k, prompt_len, stop_ids, mesh),
         update=update.jit_update(mesh, state.shardings(abstract)),
         logprobs=update.jit_logprobs(mesh),
         advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
