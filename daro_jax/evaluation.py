@@ -46,8 +46,9 @@ from absl import logging
 from tqdm import tqdm
 
 from daro_jax import checkpoint as ckpt
-from daro_jax import completions, data, models, rewards, sampler, sharding
+from daro_jax import data, models, rewards, sharding
 from daro_jax.eval_results import BenchmarkResult, scalars, write_results
+from daro_jax.sampling import completions, sampler
 
 NO_PROMPT_LIMIT = 1 << 30
 

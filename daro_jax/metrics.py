@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from daro_jax import losses
+from daro_jax.algo import losses
 
 # Peak dense bf16 FLOP/s per chip, for MFU; devices not listed get no MFU.
 PEAK_FLOPS = {

@@ -184,6 +184,6 @@ def batch_shards(mesh: Mesh) -> int:
 
 def prompt_blocks(prompts: int, requested: int, mesh: Mesh) -> int:
     """G, the blocks a minibatch's `prompts` are forwarded in by the packed update
-    (`daro_jax.packing`): `requested` (train.prompt_blocks), or for 0 gcd(prompts,
+    (`daro_jax.train.packing`): `requested` (train.prompt_blocks), or for 0 gcd(prompts,
     `batch_shards`), one block per shard when they divide."""
     return requested or math.gcd(prompts, batch_shards(mesh))

@@ -109,7 +109,7 @@ def _update(rng, spec, daro, loss: float):
     mask, group ids and the metric sums of `losses.microbatch_loss`."""
     import jax.numpy as jnp
 
-    from daro_jax import losses
+    from daro_jax.algo import losses
 
     n, t = 2 * spec.k, 5
     mask = (np.arange(t)[None, :] < rng.integers(1, t + 1, n)[:, None]).astype(np.float32)
@@ -126,7 +126,7 @@ def test_update_metrics_cover_the_first_epoch_and_name_first_and_last():
     (counted here with NumPy), the scalars the first update's, last_update/ the third's,
     and each DARO update's weights under daro/w_update<i>."""
     from configs import base
-    from daro_jax import losses, presets
+    from daro_jax.algo import losses, presets
 
     config = base.get_config()
     config.algo.k = 4
@@ -181,7 +181,7 @@ def test_step_metrics_of_a_step_that_updated(algo):
     parameterization: w is the stored parameter; none for GRPO), the timings, and tokens
     per second of one process counted here by hand."""
     from configs import base
-    from daro_jax import presets
+    from daro_jax.algo import presets
 
     config = base.get_config()
     config.algo.name, config.algo.k, config.algo.kl_beta = algo, 4, 0.0

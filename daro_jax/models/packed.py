@@ -3,7 +3,7 @@
 The b = G·g left-padded prompts [b, P] of a minibatch are forwarded once (`prompt_blocks`);
 the keys and values of block j's g prompts are laid side by side, keys [G, KV, Dh, g·P] and
 values [G, KV, g·P, Dh] per layer. Its completions are packed back to back into rows of C
-positions (`daro_jax.packing`: chunk_tokens, chunk_segments, chunk_offsets [G, R, C]); in
+positions (`daro_jax.train.packing`: chunk_tokens, chunk_segments, chunk_offsets [G, R, C]); in
 `chunk_logprobs` the R rows of a block read its prompts' keys once (`layers.attend`'s shared
 key set), a token attends to its own prompt's real tokens and to the earlier tokens of its
 own completion, so each token gets the logits of the forward of its [prompt | completion]
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
-from daro_jax.packing import CHUNK_INPUTS
+
+CHUNK_INPUTS = ("chunk_tokens", "chunk_segments", "chunk_offsets")  # train.packing.pack_blocks
 
 
 def prompt_blocks(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, blocks: int):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from jax.sharding import Mesh
 
-from daro_jax import presets, sharding
+from daro_jax import sharding
+from daro_jax.algo import presets
 
 
 def check_config(config, mesh: Mesh, processes: int) -> None:

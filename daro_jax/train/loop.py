@@ -6,7 +6,7 @@ jitted init → the jitted programs (update with the state donated, logprob pass
 
 `run_step(run, s, pool)`, one RL step of B prompts × K responses: rollout (`collect`: this
 process's prompts, K samples each with key fold_in(fold_in(seed, s), round), rewards from
-the verifier pool, DAPO's dynamic sampling in `daro_jax.rollout`) → advantages and
+the verifier pool, DAPO's dynamic sampling in `daro_jax.train.rollout`) → advantages and
 pass-rate groups over the global batch → old/reference log-probs when needed (one update
 per step is on-policy: ρ = 1 exactly) → ppo_epochs × minibatches updates over whole prompts
 (`learn`) → the step's metrics.
@@ -31,20 +31,10 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from daro_jax import (
-    checkpoint,
-    data,
-    evaluation,
-    hosts,
-    metrics,
-    models,
-    presets,
-    rewards,
-    rollout,
-    sampler,
-    sharding,
-)
-from daro_jax.train import checks, state, update
+from daro_jax import checkpoint, data, evaluation, hosts, metrics, models, rewards, sharding
+from daro_jax.algo import presets
+from daro_jax.sampling import sampler
+from daro_jax.train import checks, rollout, state, update
 
 
 @dataclasses.dataclass

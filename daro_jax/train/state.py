@@ -2,7 +2,7 @@
 with every leaf's sharding, its jitted init and its restore from a checkpoint.
 
 The abstract state is what the update compiles for (its out_shardings), what a checkpoint
-is restored onto, and what the TPU plan compiles on (`daro_jax.step_programs`): the model
+is restored onto, and what the TPU plan compiles on (`daro_jax.plan.programs`): the model
 params by the decoder's logical axes (`models.param_shardings`), the DARO weights
 replicated, each optimizer-state leaf like the param it mirrors (`optim.mirror_shardings`).
 """
@@ -13,7 +13,8 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from daro_jax import checkpoint, losses, models, optim, presets
+from daro_jax import checkpoint, models
+from daro_jax.algo import losses, optim, presets
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
 

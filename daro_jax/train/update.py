@@ -3,7 +3,7 @@
 Log-probabilities use logits / T with the sampling temperature T, exactly as the sampler
 does. The prompts of a minibatch (left-padded to a fixed length P for the whole run) are
 forwarded once, in G blocks; their completions, packed back to back into rows of
-N = max_new_tokens positions (`daro_jax.packing`, completions of several prompts sharing a
+N = max_new_tokens positions (`daro_jax.train.packing`, completions of several prompts sharing a
 row), attend to their own prompt's cache (`models.packed`). The update loops over
 micro-batches of R packed rows per block with a traced trip count, so every array keeps one
 shape for the whole run and the update compiles once; the prompts' share of the gradient is
@@ -34,15 +34,17 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from daro_jax import hosts, losses, packing, presets, sharding
+from daro_jax import hosts, sharding
+from daro_jax.algo import losses, presets
 from daro_jax.models import packed
 from daro_jax.models.config import ModelConfig
+from daro_jax.train import packing
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateSettings:
     """Static settings of the compiled update and logprob functions (the shapes of the
-    packed chunks come from the arrays; `daro_jax.packing`)."""
+    packed chunks come from the arrays; `daro_jax.train.packing`)."""
 
     cfg: ModelConfig
     spec: presets.AlgoSpec
@@ -50,7 +52,7 @@ class UpdateSettings:
     on_policy: bool
 
 
-CHUNK_INPUTS = packing.CHUNK_INPUTS
+CHUNK_INPUTS = packed.CHUNK_INPUTS
 
 
 def to_rows(x: jax.Array, chunk: dict, k: int, g: int, rows: int) -> jax.Array:

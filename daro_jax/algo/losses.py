@@ -1,0 +1,319 @@
+"""The clipped policy-gradient losses over pass-rate groups, the DARO weights, and metrics.
+
+One formulation covers GRPO, Dr. GRPO, LIPO, DAPO and DARO (`daro_jax.algo.presets` picks the
+knobs; the README's "Algorithms" section sets each beside its paper). Response i of a prompt
+has advantage A_i and pass-rate group g_i = k, its prompt's number of correct responses
+(daro_jax.algo.advantages); per token t:
+
+    rho_{i,t} = exp(clip(logp - old_logp, -M, M))                    (M = max_log_ratio)
+    pg_{i,t}  = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i)
+              (dual clip c > 1, A_i < 0:  pg_{i,t} = min(pg_{i,t}, -c A_i))
+              (TIS, cap C:  pg_{i,t} *= min(exp(clip(old_logp - sampler_logp, -M, M)), C))
+    l_{i,t}   = pg_{i,t} + beta * kl_{i,t},   kl = exp(d) - d - 1,  d = clip(ref_logp - logp)  (k3)
+
+TIS (`sampler_is_cap`) corrects for the sampler's log-probs differing from the trainer's
+(bf16 kernels, another decode layout); its weight is a constant of the gradient and weights
+the policy gradient only (the KL term regularises the current policy, under no sampler).
+
+Every aggregation is a weighted token sum  loss = sum_{i,t} m_{i,t} c_i lt_{i,t}  with one
+coefficient c_i per sequence, computed from the whole minibatch (n_seq = sequences with at
+least one token, T = tokens of the minibatch, T_g = tokens of group g, L_max = max response
+length):
+
+    seq_mean          c_i = 1 / (len_i n_seq)                      (GRPO)
+    token_sum_const   c_i = 1 / (n_seq L_max)                      (Dr. GRPO)
+    token_mean        c_i = 1 / T                                  (LIPO, DAPO)
+    group_token_mean  c_i = 1 / T_{g_i} if 0 < g_i < K else 0      (DARO)
+
+and lt = l except for DARO, where lt_{i,t} = w_{g_i} l_{i,t} - ln w_{g_i}: the sum over the
+tokens of group g is then  w_g L_g - ln w_g  with L_g the token mean of l inside g, so
+
+    L_DARO = sum_{g present, 0 < g < K} (w_g L_g - ln w_g),    dL/dw_g = L_g - 1 / w_g.
+
+The -ln w_g term is apportioned over the group's tokens, so it appears exactly once in the
+sum over micro-batches and hosts, and a group absent from the minibatch gets exactly zero
+gradient. A KL term (kl_beta > 0) is part of l, hence of L_g: under DARO the groups
+mu in {0, 1} carry none. Ablations: `daro_learn_weights=False` fixes w_g = 1 (loss
+sum_g L_g, no gradient to the weights); `daro_log_term=False` drops -ln w_g (dL/dw_g = L_g).
+
+DARO weights: [K - 1] parameters (index k - 1 for group k), w ("direct") or ln w ("log"),
+projected by the optimizer onto `daro_param_bounds(spec)`: w stays finite and positive even
+when L_g <= 0, where -ln w would push w to infinity.
+
+API (jit-friendly; `spec` = presets.resolve(config.algo, ...) is a static argument):
+
+    batch = token_batch(old_logp, mask, advantages, group_ids, spec, ref_logp, sampler_logp)
+    part = batch._replace(mask=batch.mask * inside)  # a micro-batch: its tokens only
+    loss_mb, sums_mb = microbatch_loss(daro_params, logp, part, spec)
+    sums = accumulate_metrics(sums, sums_mb)        # or start from empty_metrics(...)
+    metrics = finalize_metrics(sums, daro_params, spec)
+
+`batch` holds the normalisers of a whole minibatch (global arrays under jit, so that the
+hosts' contributions add up); the micro-batches' losses and gradients sum to exactly the
+minibatch's. The metric sums add over minibatches too: over one pass of minibatches,
+`finalize_metrics` gives the whole RL batch's metrics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from daro_jax.algo.presets import AlgoSpec
+
+# Token means that finalize_metrics reports when their sums are present.
+OPTIONAL_METRICS = {
+    "kl_sum": "kl",
+    "entropy_sum": "entropy",
+    "clip_dual": "clip_frac_dual",
+    "sampler_gap_sum": "sampler_logp_gap",
+    "tis_weight_sum": "tis_weight_mean",
+    "tis_capped": "tis_capped_frac",
+}
+
+# ----------------------------------------------------------------------------------------
+# DARO weights.
+
+
+def init_daro_weights(spec: AlgoSpec) -> jax.Array:
+    """Initial DARO parameters, [K-1] (group k at index k-1): all weights w = 1."""
+    fill = 0.0 if spec.daro_parameterization == "log" else 1.0
+    return jnp.full((spec.k - 1,), fill, jnp.float32)
+
+
+def daro_param_bounds(spec: AlgoSpec) -> tuple[float, float]:
+    """Bounds of the stored DARO parameters that the optimizer projects onto."""
+    lo, hi = spec.daro_log_weight_bounds
+    if spec.daro_parameterization == "log":
+        return lo, hi
+    return float(np.exp(lo)), float(np.exp(hi))
+
+
+def _weights_and_logs(params: jax.Array, spec: AlgoSpec) -> tuple[jax.Array, jax.Array]:
+    """(w, ln w) over group ids 0..K, with w = 1 (ln w = 0) for the unused mu in {0, 1}, and
+    for every group when the weights are frozen (`daro_learn_weights=False`)."""
+    if not spec.daro_learn_weights:
+        w = jnp.ones((spec.k - 1,), params.dtype)
+        log_w = jnp.zeros((spec.k - 1,), params.dtype)
+    elif spec.daro_parameterization == "log":
+        log_w = params
+        w = jnp.exp(params)
+    else:
+        w = params
+        log_w = jnp.log(params)
+    one, zero = jnp.ones((1,), params.dtype), jnp.zeros((1,), params.dtype)
+    return jnp.concatenate([one, w, one]), jnp.concatenate([zero, log_w, zero])
+
+
+def daro_weights(params: jax.Array, spec: AlgoSpec) -> jax.Array:
+    """w_mu for mu = 1/K ... (K-1)/K from the stored parameters, [K-1]."""
+    return _weights_and_logs(params, spec)[0][1:-1]
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token loss over micro-batches.
+
+
+class TokenBatch(NamedTuple):
+    """Per-row inputs of the loss; every field has the minibatch rows as leading axis. A
+    micro-batch is the batch with `mask` restricted to its tokens; coef comes from the
+    whole minibatch."""
+
+    old_logp: jax.Array  # [N, T] trainer's log-probs of the policy that sampled
+    mask: jax.Array  # [N, T] float32, 1 on response tokens
+    advantages: jax.Array  # [N]
+    group_ids: jax.Array  # [N] int32
+    coef: jax.Array  # [N] loss coefficient c_i of the aggregation
+    ref_logp: jax.Array | None  # [N, T] reference-policy logprobs, or None
+    sampler_logp: jax.Array | None  # [N, T] the sampler's logprobs, or None
+
+
+def token_batch(
+    old_logp: jax.Array,
+    mask: jax.Array,
+    advantages: jax.Array,
+    group_ids: jax.Array,
+    spec: AlgoSpec,
+    ref_logp: jax.Array | None = None,
+    sampler_logp: jax.Array | None = None,
+) -> TokenBatch:
+    """The normalisers of the whole minibatch (no model needed): the coefficients c_i of the
+    module docstring. Rows with no response token are padding and count nowhere."""
+    if spec.sampler_is_cap is not None and sampler_logp is None:
+        raise ValueError(
+            f"algo.sampler_is_cap={spec.sampler_is_cap} needs the sampler's logprobs: pass "
+            "sampler_logp to token_batch, or set --config.algo.sampler_is_cap=None."
+        )
+    mask = mask.astype(jnp.float32)
+    lengths = mask.sum(axis=1)
+    valid = (lengths > 0).astype(jnp.float32)
+    n_seq = jnp.maximum(valid.sum(), 1.0)
+    group_ids = group_ids.astype(jnp.int32)
+    if spec.aggregation == "seq_mean":
+        coef = valid / (jnp.maximum(lengths, 1.0) * n_seq)
+    elif spec.aggregation == "token_sum_const":
+        coef = valid / (n_seq * spec.max_response_len)
+    elif spec.aggregation == "token_mean":
+        coef = valid / jnp.maximum(lengths.sum(), 1.0)
+    else:
+        group_tokens = jax.ops.segment_sum(lengths, group_ids, num_segments=spec.num_groups)
+        inner = (group_ids > 0) & (group_ids < spec.k)
+        coef = jnp.where(inner, 1.0 / jnp.maximum(group_tokens[group_ids], 1.0), 0.0)
+    return TokenBatch(
+        old_logp, mask, advantages.astype(jnp.float32), group_ids, coef, ref_logp, sampler_logp
+    )
+
+
+def _clamp(x: jax.Array, bound: float) -> jax.Array:
+    return jnp.clip(x, -bound, bound)
+
+
+def microbatch_loss(
+    daro_params: jax.Array,
+    logp: jax.Array,
+    batch: TokenBatch,
+    spec: AlgoSpec,
+    entropy: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Contribution of one micro-batch: sum_{i,t} m c_i lt_{i,t} (module docstring), and the
+    metric sums of `accumulate_metrics`. logp / entropy: [n, T] under the current policy.
+    Differentiate w.r.t. logp (model) and daro_params; both gradients add over micro-batches.
+    """
+    if spec.kl_beta > 0.0 and batch.ref_logp is None:
+        raise ValueError(
+            f"algo.kl_beta={spec.kl_beta} needs reference logprobs: pass ref_logp to "
+            "token_batch, or set --config.algo.kl_beta=0."
+        )
+    dtype = jnp.promote_types(logp.dtype, jnp.float32)
+    logp = logp.astype(dtype)
+    m = batch.mask.astype(dtype)
+    adv = batch.advantages.astype(dtype)[:, None]
+    old = batch.old_logp.astype(dtype)
+    ratio = jnp.exp(_clamp(logp - old, spec.max_log_ratio))
+    surr = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - spec.clip_low, 1.0 + spec.clip_high) * adv
+    per_token = -jnp.minimum(surr, clipped)
+    if spec.dual_clip is not None:
+        per_token = jnp.where(adv < 0, jnp.minimum(per_token, -spec.dual_clip * adv), per_token)
+    sums: dict[str, jax.Array] = {}
+    if batch.sampler_logp is not None:
+        sampler = batch.sampler_logp.astype(dtype)
+        sums["sampler_gap_sum"] = (jnp.abs(logp - sampler) * m).sum()
+        if spec.sampler_is_cap is not None:
+            is_ratio = jax.lax.stop_gradient(jnp.exp(_clamp(old - sampler, spec.max_log_ratio)))
+            is_weight = jnp.minimum(is_ratio, spec.sampler_is_cap)
+            per_token = is_weight * per_token
+            sums["tis_weight_sum"] = (is_weight * m).sum()
+            sums["tis_capped"] = (m * (is_ratio > spec.sampler_is_cap)).sum()
+    if batch.ref_logp is not None:
+        d = _clamp(batch.ref_logp.astype(dtype) - logp, spec.max_log_ratio)
+        kl = jnp.exp(d) - d - 1.0
+        sums["kl_sum"] = (kl * m).sum()
+        if spec.kl_beta > 0.0:
+            per_token = per_token + spec.kl_beta * kl
+    seq_loss = (per_token * m).sum(axis=1)
+    lengths = m.sum(axis=1)
+    coef = batch.coef.astype(dtype)
+    g = batch.group_ids
+    if spec.uses_daro_weights:
+        w, log_w = _weights_and_logs(daro_params.astype(dtype), spec)
+        weighted = w[g] * seq_loss
+        if spec.daro_log_term:
+            weighted = weighted - log_w[g] * lengths
+        loss = (coef * weighted).sum()
+    else:
+        loss = (coef * seq_loss).sum()
+    ng = spec.num_groups
+    sums.update(
+        loss=loss,
+        tokens=m.sum(),
+        clip_low=(m * ((ratio < 1.0 - spec.clip_low) & (adv < 0))).sum(),
+        clip_high=(m * ((ratio > 1.0 + spec.clip_high) & (adv > 0))).sum(),
+        ratio_sum=(ratio * m).sum(),
+        ratio_min=jnp.where(m > 0, ratio, jnp.inf).min(),
+        ratio_max=jnp.where(m > 0, ratio, -jnp.inf).max(),
+        group_seqs=jax.ops.segment_sum((lengths > 0).astype(dtype), g, num_segments=ng),
+        group_tokens=jax.ops.segment_sum(lengths, g, num_segments=ng),
+        group_loss_sum=jax.ops.segment_sum(seq_loss, g, num_segments=ng),
+    )
+    if spec.dual_clip is not None:
+        sums["clip_dual"] = (m * ((ratio > spec.dual_clip) & (adv < 0))).sum()
+    if entropy is not None:
+        sums["entropy_sum"] = (entropy.astype(dtype) * m).sum()
+    return loss, jax.tree.map(jax.lax.stop_gradient, sums)
+
+
+def empty_metrics(spec: AlgoSpec, batch: TokenBatch, *, entropy: bool) -> dict[str, jax.Array]:
+    """Neutral element of `accumulate_metrics` for the sums `microbatch_loss` returns on
+    micro-batches of `batch` (a lax.scan carry over micro-batches)."""
+    zero = jnp.zeros((), jnp.float32)
+    groups = jnp.zeros((spec.num_groups,), jnp.float32)
+    names = ["loss", "tokens", "clip_low", "clip_high", "ratio_sum"]
+    if batch.ref_logp is not None:
+        names.append("kl_sum")
+    if batch.sampler_logp is not None:
+        names.append("sampler_gap_sum")
+        if spec.sampler_is_cap is not None:
+            names += ["tis_weight_sum", "tis_capped"]
+    if spec.dual_clip is not None:
+        names.append("clip_dual")
+    if entropy:
+        names.append("entropy_sum")
+    sums = dict.fromkeys(names, zero)
+    sums.update(ratio_min=jnp.full((), jnp.inf), ratio_max=jnp.full((), -jnp.inf))
+    sums.update(dict.fromkeys(("group_seqs", "group_tokens", "group_loss_sum"), groups))
+    return sums
+
+
+def accumulate_metrics(acc: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict:
+    """Combine metric sums of two micro-batches, minibatches or hosts: min / max for
+    ratio_min / ratio_max, + for everything else."""
+    combine = {"ratio_min": jnp.minimum, "ratio_max": jnp.maximum}
+    return {key: combine.get(key, jnp.add)(acc[key], new[key]) for key in acc}
+
+
+def finalize_metrics(
+    sums: dict[str, jax.Array], daro_params: jax.Array, spec: AlgoSpec
+) -> dict[str, jax.Array]:
+    """Divide the accumulated sums once (the loss itself is sums["loss"]). Per group
+    g = 0..K ([K+1] arrays): prompts, tokens, loss L_g (token mean of l inside g), weight
+    and weighted_loss = weight_g L_g. The weight is DARO's w_g (0 for g in {0, K}), and for
+    the other methods the share of the loss their aggregation gives the group, from counts
+    over everything the sums cover (n_g sequences and T_g tokens of n and T):
+
+        seq_mean  n_g / n,   token_sum_const  T_g / (n L_max),   token_mean  T_g / T
+
+    so that loss = sum_g weight_g L_g for the token-level aggregations of one minibatch."""
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    seqs = sums["group_seqs"]
+    group_tokens = sums["group_tokens"]
+    group_loss = sums["group_loss_sum"] / jnp.maximum(group_tokens, 1.0)
+    if spec.uses_daro_weights:
+        w = _weights_and_logs(jnp.asarray(daro_params), spec)[0]
+        weight = w.at[0].set(0.0).at[-1].set(0.0)
+    elif spec.aggregation == "seq_mean":
+        weight = seqs / jnp.maximum(seqs.sum(), 1.0)
+    elif spec.aggregation == "token_sum_const":
+        weight = group_tokens / (jnp.maximum(seqs.sum(), 1.0) * spec.max_response_len)
+    else:
+        weight = group_tokens / tokens
+    out = {
+        "tokens": sums["tokens"],
+        "clip_frac_low": sums["clip_low"] / tokens,
+        "clip_frac_high": sums["clip_high"] / tokens,
+        "ratio_mean": sums["ratio_sum"] / tokens,
+        "ratio_min": sums["ratio_min"],
+        "ratio_max": sums["ratio_max"],
+        "group_prompts": seqs / spec.k,
+        "group_tokens": group_tokens,
+        "group_loss": group_loss,
+        "group_weight": weight,
+        "group_weighted_loss": weight * group_loss,
+    }
+    for key, name in OPTIONAL_METRICS.items():
+        if key in sums:
+            out[name] = sums[key] / tokens
+    return out

@@ -1,0 +1,335 @@
+"""The TPU plan: one RL step of a recipe compiled ahead of time for its TPU topology.
+
+    python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=v5p:2x4x4]
+        [--json=FILE]
+
+No TPU is needed: libtpu (jax[tpu]) describes the chips of `config.tpu.accelerator`
+(`topology`; `--topology` or `config.plan.topology` overrides it) and compiles for them.
+Over the mesh `config.mesh.shape` of those chips, with abstract params, optimizer state and
+DARO weights (ShapeDtypeStructs with their shardings: nothing allocated) and the recipe's
+longest shapes (prompts of sampler.max_prompt_tokens, every completion max_new_tokens
+long), it compiles every program one RL step runs, as the trainer jits them: the sampler
+(prefill and decode loop), the old-policy/reference logprob pass (when the step has one)
+and the update. From each compiled program: its per-device bytes (`memory_analysis()`:
+arguments, outputs, temp, generated code) and its FLOPs, HBM bytes and bytes exchanged
+between chips with loop trip counts counted (`hlo_costs`).
+
+The peak per device is the largest program's arguments + outputs − aliased + temp + code,
+plus the run's resident state that the program does not take (e.g. the optimizer state
+while sampling). It fits when at most (1 − RESERVE) of the chip's HBM, RESERVE being what
+the compiler cannot know: the runtime's own buffers and fragmentation.
+
+Times are a roofline per program part (the code outside its loops, one iteration of each
+loop): max(FLOPs / peak, HBM bytes / HBM bandwidth, ICI bytes / ICI bandwidth) from the
+`chips.CHIPS` table, times the trip count. The step = sampler (prefill + N − 1 decode steps) +
+logprob passes + updates; the update's MFU = 6 · params · tokens / (time · chips · peak);
+the decode loop's share of the HBM roofline = the bytes a decode step must read
+(`decode_floor`) / HBM bandwidth, over its estimated time. All of these are compiler
+estimates, not measurements: no overlap, no launch overheads, no host time (rewards,
+packing), collectives at the chips' full ICI bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from daro_jax import sharding
+from daro_jax.algo import presets
+from daro_jax.models.config import ModelConfig
+from daro_jax.plan import chips, programs
+from daro_jax.plan.chips import Chip, roofline
+from daro_jax.plan.programs import Compiled
+from daro_jax.train import state as train_state
+
+GIB = 1 << 30
+RESERVE = 0.10  # share of HBM left to the runtime's buffers and fragmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A recipe's compiled step on a topology (module docstring)."""
+
+    title: str
+    topology: str
+    chips: int
+    chip: Chip
+    mesh_shape: dict
+    resident: dict[str, int]
+    programs: tuple[Compiled, ...]
+    n_params: int
+    update_tokens: int  # tokens of one update: b·P + b·K·N
+    decode_floor: int  # bytes per device one decode step reads at the least (`decode_floor`)
+    knobs: dict[str, str]  # program → the setting that shrinks it
+
+    @property
+    def peak_program(self) -> Compiled:
+        return max(self.programs, key=lambda c: c.peak)
+
+    @property
+    def usable(self) -> int:
+        return int(self.chip.hbm_gib * GIB * (1 - RESERVE))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_program.peak <= self.usable and self.compiled
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiler accepted every program (times need all of them)."""
+        return not any(c.error for c in self.programs)
+
+    def program(self, name: str) -> Compiled | None:
+        return next((c for c in self.programs if c.name == name), None)
+
+    def step_seconds(self) -> dict[str, float]:
+        """Estimated seconds of one step by phase: prefill, decode, logprob pass, update."""
+        sampler, passes, update = (self.program(n) for n in ("sampler", "logprob pass", "update"))
+        return {
+            "prefill": sampler.seconds(self.chip, dynamic=False),
+            "decode": sampler.seconds(self.chip, dynamic=True),
+            "logprob pass": passes.runs * passes.seconds(self.chip) if passes else 0.0,
+            "update": update.runs * update.seconds(self.chip),
+        }
+
+    def update_mfu(self) -> float:
+        """6 · params · tokens of one update / (its time · chips · peak FLOP/s)."""
+        flops = 6.0 * self.n_params * self.update_tokens
+        seconds = self.program("update").seconds(self.chip)
+        return flops / (seconds * self.chips * self.chip.peak_flops)
+
+    def decode_share(self) -> float:
+        """The decode loop's share of the step's estimated time."""
+        phases = self.step_seconds()
+        return phases["decode"] / sum(phases.values())
+
+    def decode_roofline_share(self) -> float:
+        """The decode loop's HBM roofline (its floor of bytes / HBM bandwidth per step) over
+        its estimated time per step: 1 when a step moves no more than it must."""
+        loop = next(p for p in self.program("sampler").parts if p.dynamic)
+        return self.decode_floor / self.chip.hbm_bandwidth / roofline(loop.per_trip, self.chip)
+
+    def verdict(self) -> str:
+        peak, hbm = self.peak_program.peak / GIB, self.chip.hbm_gib
+        if self.fits:
+            return f"plan: fits (peak {peak:.2f} of {hbm:g} GiB per device)"
+        return (
+            f"plan: does not fit (peak {peak:.2f} GiB per device in the "
+            f"{self.peak_program.name}, over {self.usable / GIB:.2f} GiB usable of {hbm:g} "
+            f"GiB); change {self.knobs[self.peak_program.name]}"
+        )
+
+    def estimates(self) -> dict:
+        """Step time by phase, update MFU and the decode loop's shares (all programs
+        compiled), else {}."""
+        if not self.compiled:
+            return {}
+        return {
+            "step_seconds": self.step_seconds(),
+            "update_mfu": self.update_mfu(),
+            "decode_share_of_step": self.decode_share(),
+            "decode_floor_bytes": self.decode_floor,
+            "decode_share_of_hbm_roofline": self.decode_roofline_share(),
+        }
+
+    def to_json(self) -> dict:
+        programs = [
+            dataclasses.asdict(c) | {"peak": c.peak, "seconds_per_run": c.seconds(self.chip)}
+            for c in self.programs
+        ]
+        return {
+            "note": "compiler estimates, not measurements; bytes per device",
+            **{k: getattr(self, k) for k in ("title", "topology", "chips", "n_params")},
+            "chip": dataclasses.asdict(self.chip),
+            "mesh": self.mesh_shape,
+            "resident": self.resident,
+            "programs": programs,
+            "peak": self.peak_program.peak,
+            "usable": self.usable,
+            "fits": self.fits,
+            **self.estimates(),
+            "verdict": self.verdict(),
+        }
+
+    def format(self) -> str:
+        """The report the CLI prints (every number a compiler estimate)."""
+        mesh = " × ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        lines = [
+            f"TPU plan (compiler estimates, not measurements): {self.title}",
+            f"{self.topology}: {self.chips} chips × {self.chip.hbm_gib:g} GiB HBM; mesh {mesh}; "
+            f"{self.n_params / 1e9:.2f} B params",
+            "resident: " + ", ".join(f"{k} {_gib(v)}" for k, v in self.resident.items()),
+        ]
+        for c in self.programs:
+            lines += _program_lines(c, self.chip)
+        if self.compiled:
+            phases = self.step_seconds()
+            lines += [
+                f"step: {sum(phases.values()):.2f} s = "
+                + " + ".join(f"{name} {s:.2f}" for name, s in phases.items()),
+                f"update MFU {self.update_mfu():.1%}; decode loop {self.decode_share():.0%} of "
+                f"the step, at {self.decode_roofline_share():.0%} of its HBM roofline (a step "
+                f"must read {_gib(self.decode_floor)})",
+            ]
+        lines += [
+            f"peak per device: {_gib(self.peak_program.peak)} ({self.peak_program.name}) of "
+            f"{self.chip.hbm_gib:g} GiB, usable {_gib(self.usable)} after a {RESERVE:.0%} reserve",
+            self.verdict(),
+        ]
+        return "\n".join(lines)
+
+
+def _program_lines(c: Compiled, chip: Chip) -> list[str]:
+    """A compiled program's lines of the report: memory, costs, and its parts."""
+    m, total = c.memory, c.total()
+    head = f"{c.name} (×{c.runs} per step, compiled in {c.compile_s:.0f} s here): "
+    if c.error:
+        return [
+            head + f"refused by the compiler: {c.error}",
+            f"  arguments {_gib(m['arguments'])} + resident elsewhere "
+            f"{_gib(c.resident_elsewhere)} + temp {_gib(m['temp'])} = peak {_gib(c.peak)}",
+        ]
+    lines = [
+        head + f"arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} (aliased "
+        f"{_gib(m['aliased'])}), temp {_gib(m['temp'])}, code {_gib(m['code'])}; + resident "
+        f"elsewhere {_gib(c.resident_elsewhere)} = peak {_gib(c.peak)}",
+        f"  {total.flops / 1e12:.2f} TFLOP, {total.bytes / GIB:.2f} GiB HBM, "
+        f"{total.ici_bytes / GIB:.2f} GiB ICI per device per run → {c.seconds(chip):.3f} s",
+    ]
+    for part in c.parts:
+        cost = part.per_trip
+        lines.append(
+            f"    {part.name}{' (data-dependent)' * part.dynamic}: {part.trips} × "
+            f"({cost.flops / 1e9:.2f} GFLOP, {cost.bytes / 2**20:.1f} MiB HBM, "
+            f"{cost.ici_bytes / 2**20:.1f} MiB ICI) = {part.trips * roofline(cost, chip):.3f} s"
+        )
+    return lines
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def knobs(config) -> dict[str, str]:
+    """Per program, the one setting to change when it does not fit."""
+    t = config.train
+    rows = f"train.block_rows={t.block_rows // 2}" if t.block_rows > 1 else None
+    return {
+        "sampler": f"train.batch_prompts={t.batch_prompts // 2} (the decode cache is B·K rows)",
+        "logprob pass": rows or f"train.batch_prompts={t.batch_prompts // 2}",
+        "update": rows or f"train.minibatches={t.minibatches * 2}",
+    }
+
+
+def decode_floor(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, n_params: int) -> int:
+    """Bytes on one device that a decode step must read: every weight in the compute dtype
+    (each chip applies every layer to its rows; split over "tensor") and the keys and values
+    of its rows, L × 2 × KV × Dh × (B·P + B·K·N) slots (each prompt's once, then each row's
+    own N) over the data × fsdp shards."""
+    s, b = config.sampler, config.train.batch_prompts
+    item = jnp.dtype(cfg.compute_dtype).itemsize
+    slots = b * s.max_prompt_tokens + b * spec.k * s.max_new_tokens
+    cache = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * slots * item
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return n_params * item // mesh.shape["tensor"] + cache // shards
+
+
+def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan:
+    """Compile one RL step of `config` for `topology_name` (default: config.plan.topology,
+    else the topology of config.tpu.accelerator)."""
+    name = topology_name or config.plan.topology or chips.topology(config.tpu.accelerator)
+    devices = chips.tpu_devices(name)
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    cfg = programs.model_config(config)
+    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+    state = train_state.abstract_state(config, cfg, spec, mesh)
+    device_bytes = programs.device_bytes
+    params = device_bytes(state["params"]["model"])
+    resident = {
+        "params": params,
+        "optimizer state": device_bytes(state["opt"]),
+        "DARO weights": device_bytes(state["params"]["daro"]),
+        "reference params": params if spec.kl_beta > 0 else 0,
+    }
+    step = programs.step_programs(config, cfg, spec, mesh, state)
+    total = sum(resident.values())
+    t, s = config.train, config.sampler
+    per = t.batch_prompts // t.minibatches
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]["model"]))
+    return Plan(
+        title=title or str(config.model.path),
+        topology=name,
+        chips=len(devices),
+        chip=chips.chip(name),
+        mesh_shape=dict(mesh.shape),
+        resident=resident,
+        programs=tuple(programs.compile_program(p, total) for p in step),
+        n_params=n_params,
+        update_tokens=per * s.max_prompt_tokens + per * spec.k * s.max_new_tokens,
+        decode_floor=decode_floor(config, cfg, spec, mesh, n_params),
+        knobs=knobs(config),
+    )
+
+
+def compile_only(accelerator: str) -> None:
+    """Set up a process that only plans: JAX on the CPU; libtpu told it has no TPU workers
+    of its own (else it prints start-up errors) and that other processes may load it too
+    (it holds no chip; else a second one fails on libtpu's lockfile). Settings already
+    made, such as a TPU VM's, are kept."""
+    jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", str(accelerator))
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def check(config) -> Plan:
+    """The start-up check of `daro_jax.main` (config.plan.check): prints the plan of
+    `config`; raises SystemExit with its verdict when the compiled step does not fit. The
+    run's own backend starts first (on a TPU VM it, not the plan, brings libtpu up)."""
+    jax.devices()
+    result = make_plan(config)
+    print(result.format(), flush=True)
+    if not result.fits:
+        raise SystemExit(result.verdict())
+    return result
+
+
+def main() -> None:
+    """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=NAME]
+    [--json=FILE]`: print the plan; exit status 1 when it does not fit. Flags are defined
+    here, not at import, so that importing this module next to daro_jax.main does not
+    define --config twice. A local model.path is made absolute first (`cli`); the process
+    only plans (`compile_only`)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from daro_jax import cli
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Recipe file with get_config().", lock_config=True
+    )
+    topology_flag = flags.DEFINE_string(
+        "topology", None, "libtpu topology, e.g. v5p:2x4x4 (default: config.tpu.accelerator's)."
+    )
+    json_flag = flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        if config_flag.value is None:
+            raise app.UsageError("--config=configs/<recipe>.py is required.")
+        config = cli.with_local_paths(config_flag.value)
+        compile_only(config.tpu.accelerator)
+        title = flags.FLAGS["config"].config_filename
+        result = make_plan(config, topology_flag.value, title=title)
+        print(result.format())
+        if json_flag.value:
+            with open(json_flag.value, "w") as f:
+                json.dump(result.to_json(), f, indent=1)
+        return 0 if result.fits else 1
+
+    cli.run(run)

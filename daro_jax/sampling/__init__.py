@@ -1,0 +1,3 @@
+"""Sampling: `sampler` (the jitted K-rollout sampler: prefill once, one decode loop),
+`selection` (temperature / top-p / top-k token selection), `completions` (host side:
+sample and decode completions to text)."""

@@ -1,0 +1,400 @@
+"""Rollout generation: prefill each prompt once, then decode K samples that share its cache.
+
+One jitted function per static shape (prompt length bucket P, max new tokens N, K):
+
+1. prefill: the B left-padded prompts run once through the decoder (`decoder.prefill`);
+   the logits of each prompt's last position give its K samples' first tokens;
+2. rows r = b·K + j (sample j of prompt b, prompt-major) decode with `models.kv_cache`:
+   each prompt's keys and values held once and read by its K rows, beside each row's N
+   own slots (B·P + B·K·N cache slots);
+3. decode in stages of halving row counts R = B·K, R/2, … ≥ `min_rows` (`stage_sizes`,
+   multiples of the S data × fsdp row shards): a `lax.while_loop` feeds token i − 1 (own
+   slot i − 1) and draws token i while i < N and some shard has more live rows than its
+   share of the next stage; then each shard's live rows, in row order, are gathered with
+   their caches (inside the shard) into the next stage's smaller arrays, so the steps after
+   most rows stopped cost what the remaining rows cost. Nothing returns to the host.
+
+Completion conventions (what the trainer relies on):
+- `tokens[r, i]` is the i-th completion token; the stop token is part of the completion
+  (mask 1); every slot after it is padding: token `PAD_ID`, mask 0, logprob 0;
+- `lengths[r] = Σ_i mask[r, i]`; `truncated[r]`: no stop token within N tokens;
+- `logprobs[r, i] = log p(tokens[r, i])` under the distribution it was drawn from
+  (`selection`: with T = 1 and no top-k/top-p, the training forward's log π_θ); greedy
+  (T = 0) returns the model's log softmax(logits)[argmax].
+
+Randomness: token i of each row is drawn at that row's entry of uniform(fold_in(rng, i),
+(B·K,)), whatever the stage or the mesh, so a seed gives the same samples up to XLA's
+rounding of reductions at another row count or sharding (a draw within ulps of a CDF
+boundary may then pick the neighbouring token).
+
+Entry points: `generate`, `make_sampler` (a `Sampler`), `stage_sizes`, `Rollouts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from daro_jax import sharding
+from daro_jax.data.prompts import build_prompt
+from daro_jax.models import decoder, kv_cache
+from daro_jax.models.config import ModelConfig
+from daro_jax.models.model import param_shardings
+from daro_jax.sampling import completions
+from daro_jax.sampling.selection import select_tokens, select_with_uniforms
+
+__all__ = ["select_tokens", "select_with_uniforms"]  # re-exported selection functions
+
+PAD_ID = 0
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+MIN_PROMPT_BUCKET = 16
+MIN_STAGE_ROWS = 8  # default smallest decode stage: max(8, B·K / 8), at most 4 stages
+
+
+def prompt_bucket(length: int) -> int:
+    """The static prompt length used for `length` real tokens: the next power of two ≥ 16."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+
+
+def _check(cfg, k, new, prompt, temperature, top_p, top_k, min_rows, stop) -> None:
+    """A ValueError naming the first sampler setting out of its range."""
+    bad = [t for t in stop if not 0 <= t < cfg.vocab_size]
+    checks = (
+        (k >= 1, f"k={k} must be ≥ 1"),
+        (new >= 1, f"max_new_tokens={new} must be ≥ 1"),
+        (prompt >= 1, f"prompt_len={prompt} must be ≥ 1"),
+        (temperature >= 0, f"temperature={temperature} must be ≥ 0 (0 = greedy)"),
+        (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1] (1 = off)"),
+        (top_k >= 0, f"top_k={top_k} must be ≥ 0 (0 = off)"),
+        (min_rows is None or min_rows >= 1, f"min_rows={min_rows} must be ≥ 1"),
+        (not bad, f"stop_token_ids {bad} are outside the vocabulary [0, {cfg.vocab_size})"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"sampler: {message}.")
+
+
+def stage_sizes(rows: int, min_rows: int, shards: int = 1) -> tuple[int, ...]:
+    """The row counts of the decode stages: `rows`, then repeatedly half of the previous
+    count rounded up to a multiple of `shards`, as long as that is smaller and ≥ min_rows."""
+    sizes = [rows]
+    half = -(-rows // (2 * shards)) * shards
+    while min_rows <= half < sizes[-1]:
+        sizes.append(half)
+        half = -(-half // (2 * shards)) * shards
+    return tuple(sizes)
+
+
+def _by_row(x: jnp.ndarray) -> jnp.ndarray:
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+class Sampler:
+    """A compiled rollout function for one static shape; build it with `make_sampler`.
+
+    `sampler(params, prompt_tokens [B, P], prompt_mask [B, P], rng)` returns a dict of
+    device arrays over the B·K rows (prompt-major): tokens [B·K, N] int32, mask [B·K, N]
+    int32, logprobs [B·K, N] float32, lengths [B·K] int32, truncated [B·K] bool. Prompts
+    are left-padded (mask 1 on real tokens, each row with at least one). New params,
+    prompts and keys of the same shapes reuse the compiled function; a new B compiles once.
+    Stop tokens end a row (none: always N tokens); `min_rows`: the smallest decode stage
+    (`stage_sizes`; ≥ B·K: one stage; None: max(8, B·K / 8), at most four stages, each of
+    which compiles its own decode loop).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        k: int,
+        max_new_tokens: int,
+        prompt_len: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop_token_ids: tuple[int, ...] = (),
+        mesh: Mesh | None = None,
+        min_rows: int | None = None,
+    ):
+        settings = (max_new_tokens, prompt_len, temperature, top_p, top_k, min_rows)
+        _check(cfg, k, *settings, stop_token_ids)
+        self.cfg = cfg
+        self.k = k
+        self.max_new_tokens = max_new_tokens
+        self.prompt_len = prompt_len
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k)
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.mesh = mesh
+        self.min_rows = min_rows
+        self.param_shardings = None if mesh is None else param_shardings(cfg, mesh)
+        self.row_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # S
+        self.jitted = jax.jit(self._rollout)
+
+    def __call__(self, params, prompt_tokens, prompt_mask, rng) -> dict[str, jax.Array]:
+        b, p = np.shape(prompt_tokens)
+        if p != self.prompt_len or np.shape(prompt_mask) != (b, p):
+            raise ValueError(
+                f"sampler: prompt_tokens {np.shape(prompt_tokens)} and prompt_mask "
+                f"{np.shape(prompt_mask)} must both be [B, prompt_len={self.prompt_len}]; "
+                "pad the prompts (on the left) to the sampler's prompt_len."
+            )
+        prompts = (jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32))
+        if self.mesh is not None:
+            spec = sharding.logical_spec(
+                ("batch", "length"), (b, p), self.mesh, what="prompts", replicate_indivisible=True
+            )
+            params = jax.device_put(params, self.param_shardings)
+            prompts = jax.device_put(prompts, NamedSharding(self.mesh, spec))
+            rng = jax.device_put(rng, NamedSharding(self.mesh, PartitionSpec()))
+        return self.jitted(params, *prompts, rng)
+
+    def stage_sizes(self, rows: int) -> tuple[int, ...]:
+        """The decode stages' row counts for B·K = `rows` (`stage_sizes`), in multiples of
+        the row shards."""
+        smallest = self.min_rows or max(MIN_STAGE_ROWS, -(-rows // 8))
+        return stage_sizes(rows, smallest, self.row_shards)
+
+    def _rollout(self, params, prompt_tokens, prompt_mask, rng):
+        scope = contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh)
+        with scope:
+            return self._decode(params, prompt_tokens, prompt_mask, rng)
+
+    def _select(self, logits, rng, step, ids, rows):
+        """Tokens of one step for the rows `ids` of all `rows`: each row's whole logits on
+        one device and the row's uniform of `uniform(fold_in(rng, step), (rows,))`."""
+        uniforms = None
+        if self.temperature != 0:
+            uniforms = jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32)
+            uniforms = uniforms[ids]
+        return select_with_uniforms(
+            sharding.constrain(logits, ("batch", None)),
+            uniforms,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
+
+    def _decode(self, params, prompt_tokens, prompt_mask, rng):
+        cfg, k, n_new = self.cfg, self.k, self.max_new_tokens
+        rows = prompt_tokens.shape[0] * k
+        hidden, prompt_kv = decoder.prefill(params, cfg, prompt_tokens, prompt_mask)
+        logits = jnp.repeat(decoder.lm_logits(params, cfg, hidden[:, -1]), k, axis=0)
+        dparams, cache = kv_cache.start(params, cfg, prompt_kv, prompt_mask, k, n_new)
+        stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
+
+        def record(state, step, tokens, logp):
+            """Write the step's tokens (padding on rows already stopped) into the buffers."""
+            live = ~state["done"]
+            tokens = jnp.where(live, tokens, PAD_ID)
+            column = lambda buf, x: lax.dynamic_update_slice_in_dim(buf, x[:, None], step, 1)  # noqa: E731
+            return state | {
+                "tokens": column(state["tokens"], tokens),
+                "logprobs": column(state["logprobs"], jnp.where(live, logp, 0.0)),
+                "mask": column(state["mask"], live.astype(jnp.int32)),
+                "done": state["done"] | (live & jnp.isin(tokens, stop_ids)),
+                "last": tokens,
+            }
+
+        def run_stage(state, rows_in, next_size):
+            """Decode the stage's rows while steps remain and more than `next_size` live."""
+
+            def cond(state):
+                live = jnp.sum(~state["done"].reshape(shards, -1), axis=1)
+                return (state["step"] < n_new) & (jnp.max(live) > next_size // shards)
+
+            def body(state):
+                step = state["step"]
+                positions = rows_in["position"] + step - 1
+                logits, cache = kv_cache.step(
+                    dparams, cfg, state["cache"], state["last"], positions, step - 1
+                )
+                tokens, logp = self._select(logits, rng, step, rows_in["ids"], rows)
+                return record(state, step, tokens, logp) | {"cache": cache, "step": step + 1}
+
+            return lax.while_loop(cond, body, state)
+
+        written = ("tokens", "logprobs", "mask", "done")
+
+        def write_back(out, state, rows_in):
+            """The full [B·K, ..] buffers with the stage's rows written at their ids."""
+            return {name: out[name].at[rows_in["ids"]].set(state[name]) for name in written}
+
+        def shrink(state, rows_in, size):
+            """The first size / S rows of each of the S row shards, the live ones first (in
+            row order); the gathers stay inside each shard (`kv_cache.take_local`)."""
+            done = state["done"].reshape(shards, -1)
+            keep = jnp.argsort(done.astype(jnp.int32), axis=1, stable=True)[:, : size // shards]
+            keep = keep + done.shape[1] * jnp.arange(shards)[:, None]
+            take = lambda x: _by_row(kv_cache.take_local(x, keep))  # noqa: E731
+            state = {name: take(state[name]) for name in empty} | {
+                "cache": kv_cache.take_rows(state["cache"], keep),
+                "step": state["step"],
+            }
+            return state, {name: take(x) for name, x in rows_in.items()}
+
+        empty = {
+            "tokens": jnp.full((rows, n_new), PAD_ID, jnp.int32),
+            "logprobs": jnp.zeros((rows, n_new), jnp.float32),
+            "mask": jnp.zeros((rows, n_new), jnp.int32),
+            "done": jnp.zeros((rows,), bool),
+            "last": jnp.zeros((rows,), jnp.int32),
+        }
+        empty = {name: _by_row(x) for name, x in empty.items()}
+        rows_in = {
+            "ids": _by_row(jnp.arange(rows, dtype=jnp.int32)),
+            "position": _by_row(jnp.repeat(jnp.sum(prompt_mask, axis=-1), k)),
+        }
+        tokens, logp = self._select(logits, rng, 0, rows_in["ids"], rows)
+        state = record(empty, 0, tokens, logp) | {"cache": cache, "step": jnp.int32(1)}
+        out = {name: empty[name] for name in written}
+        sizes = self.stage_sizes(rows)
+        shards = self.row_shards if rows % self.row_shards == 0 else 1  # else: one stage
+        for size, next_size in zip(sizes, (*sizes[1:], 0), strict=True):
+            if size < rows:
+                out = write_back(out, state, rows_in)
+                state, rows_in = shrink(state, rows_in, size)
+            state = run_stage(state, rows_in, next_size)
+        out = write_back(out, state, rows_in)
+        return {
+            "tokens": out["tokens"],
+            "mask": out["mask"],
+            "logprobs": out["logprobs"],
+            "lengths": jnp.sum(out["mask"], axis=-1),
+            "truncated": ~out["done"],
+        }
+
+
+@functools.lru_cache(maxsize=32)
+def make_sampler(cfg: ModelConfig, **settings) -> Sampler:
+    """The (cached) compiled `Sampler` of `cfg` for these static settings (its keyword
+    arguments). Under a mesh, params are placed with the decoder's logical-axis shardings
+    (a no-op when they already are), rows split over ("data", "fsdp") and key/value heads
+    over "tensor"."""
+    return Sampler(cfg, **settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """B·K completions, prompt-major (the K samples of prompt 0 first); NumPy arrays.
+
+    tokens, mask, logprobs [B·K, N]; lengths, truncated [B·K]; texts: the completions
+    decoded without special tokens; prompt_tokens, prompt_mask [B·K, P]: each row's prompt,
+    left-padded, so concatenate(prompt_tokens, tokens) with concatenate(prompt_mask, mask)
+    is the full sequence the trainer scores (positions = cumsum(mask) − 1).
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+    texts: list[str]
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+
+
+def default_stop_token_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
+    """The model's EOS ids, the tokenizer's EOS and any chat end-of-turn token it knows.
+
+    End-of-turn tokens: SmolLM2 and Qwen `<|im_end|>` (and `<|endoftext|>`), Llama 3
+    `<|eot_id|>` (and `<|end_of_text|>`).
+    """
+    ids = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[name] for name in END_OF_TURN_TOKENS if name in vocab)
+    return tuple(sorted(ids))
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt: as one user turn of the chat template (with the assistant
+    header appended; `data.build_prompt`, the templating training uses), or the raw text
+    with the tokenizer's special tokens."""
+    if isinstance(prompts, str):
+        raise TypeError("generate: prompts must be a list of strings, not one string.")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        if chat_template:
+            text = build_prompt(tokenizer, prompt, instruction="")
+            row = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            row = tokenizer(prompt)["input_ids"]
+        if not row:
+            raise ValueError(f"generate: prompt {i} encodes to no tokens; give a non-empty prompt.")
+        ids.append(list(row))
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, length] int32 tokens (PAD_ID on the left) and the mask of real tokens."""
+    tokens = np.full((len(rows), length), PAD_ID, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"prompt {i} has {len(row)} tokens, more than length={length}.")
+        tokens[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
+    return tokens, mask
+
+
+def generate(
+    model,
+    prompts: list[str],
+    *,
+    k: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    chat_template: bool = True,
+    stop_token_ids: Sequence[int] | None = None,
+) -> Rollouts:
+    """K sampled completions of each prompt (temperature 0 = greedy); see `Rollouts`.
+
+    `model` has .config, .params, .tokenizer and .mesh (daro_jax.models.load). Prompts are padded
+    to a power-of-two bucket (≥ 16) so that few shapes are compiled. Stop tokens default to
+    `default_stop_token_ids`; pass [] to always generate max_new_tokens. The run uses
+    `model.mesh` (None: one device).
+    """
+    tokenizer, cfg = model.tokenizer, model.config
+    rows = encode_prompts(tokenizer, prompts, chat_template)
+    prompt_tokens, prompt_mask = left_pad(rows, prompt_bucket(max(len(r) for r in rows)))
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(tokenizer, cfg)
+    sampler = make_sampler(
+        cfg,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        prompt_len=prompt_tokens.shape[1],
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        stop_token_ids=tuple(int(t) for t in stop_token_ids),
+        mesh=model.mesh,
+    )
+    out = completions.sample_and_decode(
+        sampler,
+        model.params,
+        prompt_tokens,
+        prompt_mask,
+        jax.random.key(seed),
+        tokenizer,
+        per_process=False,
+    )
+    return Rollouts(
+        **out,
+        prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
+        prompt_mask=np.repeat(prompt_mask, k, axis=0),
+    )

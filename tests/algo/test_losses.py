@@ -1,0 +1,807 @@
+"""The losses, advantages and algorithm presets against NumPy re-derivations of the formulas
+in the docstrings of daro_jax/algo/losses.py and daro_jax/algo/advantages.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base
+from daro_jax.algo import advantages, losses, optim, presets
+
+K = 4
+T = 12
+PRESET_NAMES = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
+DARO_DIRECT_KL = dict(daro_parameterization="direct", kl_beta=0.05, dual_clip=2.0)
+
+
+def algo_cfg(name, **overrides):
+    cfg = base.get_config().algo
+    cfg.name = name
+    cfg.k = K
+    cfg.overlong_cache = 4
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def make_spec(name, **overrides):
+    return presets.resolve(algo_cfg(name, **overrides), max_response_len=T)
+
+
+def make_case(seed, b=10, lengths=None, log_ratio_std=0.3):
+    """B prompts x K responses covering every k = 0..K, variable lengths."""
+    rng = np.random.default_rng(seed)
+    k = np.arange(b) % (K + 1)
+    rewards = np.zeros((b, K))
+    for i in range(b):
+        rewards[i, rng.permutation(K)[: k[i]]] = 1.0
+    if lengths is None:
+        lengths = rng.integers(1, T + 1, (b, K))
+    mask = (np.arange(T) < lengths[..., None]).astype(np.float64)
+    old = -rng.uniform(0.1, 3.0, (b, K, T))
+    logp = old + rng.normal(0.0, log_ratio_std, old.shape)
+    ref = old + rng.normal(0.0, 0.2, old.shape)
+    sampler = old + rng.normal(0.0, 0.4, old.shape)
+    return dict(
+        rewards=rewards, lengths=lengths, mask=mask, old=old, logp=logp, ref=ref, sampler=sampler
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# NumPy reference, written from the formulas.
+
+
+def np_penalty(lengths, l_max, cache, factor):
+    """DAPO's soft overlong punishment, in DAPO's units (rewards ±1)."""
+    out = np.zeros(lengths.shape)
+    for idx, n in np.ndenumerate(lengths):
+        if n > l_max:
+            out[idx] = -1.0
+        elif n > l_max - cache:
+            out[idx] = (l_max - cache - n) / cache
+    return factor * out
+
+
+def np_shaped(rewards, lengths, s):
+    """0/1 rewards with DAPO's penalty: R = 2r - 1 in {-1, 1}, R' = R + penalty, r' = (R' + 1)/2."""
+    dapo = 2.0 * rewards - 1.0
+    dapo = dapo + np_penalty(lengths, s.max_response_len, s.overlong_cache, s.overlong_penalty)
+    return (dapo + 1.0) / 2.0
+
+
+def np_advantages(rewards, lengths, s):
+    r = rewards.astype(np.float64)
+    if s.overlong_shaping:
+        r = np_shaped(r, lengths, s)
+    valid = lengths.max(axis=1) > 0
+    std_batch = r[valid].std(ddof=s.std_ddof)  # over the batch's responses
+    adv = np.zeros_like(r)
+    for b in range(r.shape[0]):
+        centred = r[b] - r[b].mean()
+        std_q = r[b].std(ddof=s.std_ddof)  # over the prompt's K rewards
+        if s.advantage == "group_std":
+            adv[b] = centred / (std_q + s.std_eps) if std_q > 0 else 0.0
+        elif s.advantage == "group_mean":
+            adv[b] = centred
+        else:
+            adv[b] = centred / (std_batch + s.std_eps)
+    return adv
+
+
+def np_token_loss(logp, old, ref, adv, s, sampler=None):
+    """Per-token loss l and dl/dlogp; logp, old, ref, sampler: [N, T]; adv: [N]."""
+    a = adv[:, None]
+    raw = logp - old
+    inside = np.abs(raw) < s.max_log_ratio
+    rho = np.exp(np.clip(raw, -s.max_log_ratio, s.max_log_ratio))
+    drho = rho * inside
+    lo, hi = 1.0 - s.clip_low, 1.0 + s.clip_high
+    unclipped, clipped = rho * a, np.clip(rho, lo, hi) * a
+    obj = np.minimum(unclipped, clipped)
+    dobj = np.where(unclipped <= clipped, a * drho, a * drho * ((rho > lo) & (rho < hi)))
+    pg, dpg = -obj, -dobj
+    if s.dual_clip is not None:
+        cap = (a < 0) & (pg > -s.dual_clip * a)
+        pg = np.where(cap, -s.dual_clip * a, pg)
+        dpg = np.where(cap, 0.0, dpg)
+    if s.sampler_is_cap is not None:  # TIS: a constant weight on the policy-gradient term
+        weight = np.minimum(np.exp(old - sampler), s.sampler_is_cap)
+        pg, dpg = weight * pg, weight * dpg
+    if s.kl_beta > 0:
+        d_raw = ref - logp
+        d = np.clip(d_raw, -s.max_log_ratio, s.max_log_ratio)
+        kl = np.exp(d) - d - 1.0
+        dkl = -(np.exp(d) - 1.0) * (np.abs(d_raw) < s.max_log_ratio)
+        pg, dpg = pg + s.kl_beta * kl, dpg + s.kl_beta * dkl
+    return pg, dpg
+
+
+def np_loss(case, s, theta):
+    """Loss, d loss / d logp [N, T] and d loss / d theta [K-1] of one whole minibatch."""
+    rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    adv = rows(np_advantages(case["rewards"], case["lengths"], s))
+    groups = rows(np.repeat((case["rewards"] >= 0.5).sum(1)[:, None], K, axis=1))
+    mask, logp = rows(case["mask"]), rows(case["logp"])
+    ell, dell = np_token_loss(
+        logp, rows(case["old"]), rows(case["ref"]), adv, s, rows(case["sampler"])
+    )
+    lens = mask.sum(1)
+    n_seq = (lens > 0).sum()
+    grad = np.zeros_like(logp)
+    dtheta = np.zeros(K - 1)
+    if s.aggregation == "seq_mean":
+        loss = 0.0
+        for i in np.flatnonzero(lens > 0):
+            loss += (ell[i] * mask[i]).sum() / lens[i] / n_seq
+            grad[i] = dell[i] * mask[i] / lens[i] / n_seq
+    elif s.aggregation == "token_sum_const":
+        loss = (ell * mask).sum() / (n_seq * s.max_response_len)
+        grad = dell * mask / (n_seq * s.max_response_len)
+    elif s.aggregation == "token_mean":
+        loss = (ell * mask).sum() / mask.sum()
+        grad = dell * mask / mask.sum()
+    else:
+        log_param = s.daro_parameterization == "log"
+        loss = 0.0
+        for g in range(1, K):
+            sel = groups == g
+            t_g = mask[sel].sum()
+            if t_g == 0:
+                continue
+            w = np.exp(theta[g - 1]) if log_param else theta[g - 1]
+            if not s.daro_learn_weights:  # frozen at 1: no gradient reaches theta
+                w = 1.0
+            l_g = (ell[sel] * mask[sel]).sum() / t_g
+            log_term = np.log(w) if s.daro_log_term else 0.0
+            loss += w * l_g - log_term
+            grad[sel] = w * dell[sel] * mask[sel] / t_g
+            dw = l_g - (1.0 / w if s.daro_log_term else 0.0)  # dL/dw
+            if s.daro_learn_weights:
+                dtheta[g - 1] = w * dw if log_param else dw  # dw/dtheta = w for ln w
+    return loss, grad, dtheta
+
+
+# ---------------------------------------------------------------------------------------
+# The code under test, over n_micro micro-batches of shuffled rows.
+
+
+SPLITS = (1, 2, 4)  # micro-batches per minibatch in the invariance test
+# The test graphs are tiny: compile time dominates, and LLVM's -O0 halves it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "splits"), compiler_options=FAST_COMPILE)
+def _code_loss(arrays, logp, theta, perm, spec, splits):
+    groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
+    batch = losses.token_batch(
+        arrays["old"],
+        arrays["mask"],
+        groups.advantages.reshape(-1),
+        groups.group_ids.reshape(-1),
+        spec,
+        ref_logp=arrays["ref"],
+        sampler_logp=arrays["sampler"],
+    )
+    entropy = arrays["entropy"]
+
+    def total(logp, theta, micro_rows):
+        def step(carry, rows):
+            inside = jnp.zeros(batch.mask.shape[0]).at[rows].set(1.0)[:, None]
+            micro = batch._replace(mask=batch.mask * inside)  # as the update's chunks do
+            part, part_sums = losses.microbatch_loss(theta, logp, micro, spec, entropy=entropy)
+            return (carry[0] + part, losses.accumulate_metrics(carry[1], part_sums)), None
+
+        init = (0.0, losses.empty_metrics(spec, batch, entropy=True))
+        return jax.lax.scan(step, init, micro_rows)[0]
+
+    out = {}
+    for n_micro in splits:
+        (loss, sums), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+            logp, theta, perm.reshape(n_micro, -1)
+        )
+        out[n_micro] = (loss, *grads, losses.finalize_metrics(sums, theta, spec))
+    return out
+
+
+group_advantages = jax.jit(
+    advantages.group_advantages, static_argnums=2, compiler_options=FAST_COMPILE
+)
+
+
+def code_arrays(case):
+    flat = lambda x: jnp.asarray(x, jnp.float32).reshape(-1, T)  # noqa: E731
+    return dict(
+        rewards=jnp.asarray(case["rewards"], jnp.float32),
+        lengths=jnp.asarray(case["lengths"], jnp.int32),
+        old=flat(case["old"]),
+        mask=flat(case["mask"]),
+        ref=flat(case["ref"]),
+        sampler=flat(case["sampler"]),
+        entropy=-0.5 * flat(case["old"]),
+        logp=flat(case["logp"]),
+    )
+
+
+def run_code_splits(case, spec, theta, splits=SPLITS):
+    """{n: (loss, d/dlogp [N, T], d/dtheta, metrics)} summed over n equal micro-batches of
+    shuffled rows (a lax.scan, as a trainer would), for n in splits."""
+    arrays = code_arrays(case)
+    logp = arrays.pop("logp")
+    perm = np.random.default_rng(0).permutation(arrays["mask"].shape[0])
+    theta = jnp.asarray(theta, jnp.float32)
+    out = _code_loss(arrays, logp, theta, jnp.asarray(perm), spec, splits)
+    return {n: (float(r[0]), np.asarray(r[1]), np.asarray(r[2]), r[3]) for n, r in out.items()}
+
+
+def run_code(case, spec, theta):
+    """run_code_splits for one micro-batch (the whole minibatch)."""
+    return run_code_splits(case, spec, theta, splits=(1,))[1]
+
+
+def theta_for(spec, seed=1):
+    rng = np.random.default_rng(seed)
+    log_w = rng.normal(0.0, 0.5, K - 1)
+    return log_w if spec.daro_parameterization == "log" else np.exp(log_w)
+
+
+def assert_close(actual, expected, tol=1e-5):
+    """Relative 1e-5 of the largest entry; a float32 floor of 1e-7 for values that are 0."""
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=max(tol * scale, 1e-7))
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_preset_matches_numpy_reference(name):
+    spec = make_spec(name)
+    case = make_case(seed=PRESET_NAMES.index(name))
+    theta = theta_for(spec)
+    loss, g_logp, g_theta, _ = run_code(case, spec, theta)
+    ref_loss, ref_grad, ref_theta = np_loss(case, spec, theta)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    assert_close(g_theta, ref_theta)
+    assert np.abs(ref_grad).max() > 0
+    if spec.uses_daro_weights:
+        assert np.all(ref_theta != 0)
+    else:
+        np.testing.assert_array_equal(g_theta, 0.0)
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("grpo", dict(dual_clip=3.0, kl_beta=0.1, clip_high=0.3)),
+        ("daro", DARO_DIRECT_KL),
+    ],
+)
+def test_overridden_knobs_match_numpy_reference(name, overrides):
+    spec = make_spec(name, **overrides)
+    for key, value in overrides.items():
+        assert getattr(spec, key) == value
+    case = make_case(seed=7, log_ratio_std=0.8)  # wide ratios: dual clip is active
+    theta = theta_for(spec)
+    loss, g_logp, g_theta, _ = run_code(case, spec, theta)
+    ref_loss, ref_grad, ref_theta = np_loss(case, spec, theta)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    assert_close(g_theta, ref_theta)
+
+
+def test_presets_and_command_line_overrides():
+    assert make_spec("grpo").clip_high == 0.2 and make_spec("grpo").kl_beta > 0
+    assert make_spec("dapo").clip_high == 0.28 and make_spec("dapo").dynamic_sampling
+    assert make_spec("daro").aggregation == "group_token_mean"
+    assert make_spec("daro").kl_beta == 0.0 and make_spec("dapo").kl_beta == 0.0
+    assert make_spec("dr_grpo").advantage == "group_mean"
+    assert make_spec("lipo").advantage == "batch_std"
+    assert make_spec("grpo", clip_high=0.3).clip_high == 0.3
+    spec = make_spec("daro")
+    assert hash(spec) == hash(make_spec("daro"))
+    assert jax.jit(lambda x, s: x * s.k, static_argnums=1)(1.0, spec) == K
+
+
+def test_advantages_and_stats():
+    case = make_case(seed=3)
+    case["lengths"][0] = 0  # a padding prompt: out of the batch std and the stats
+    for name in PRESET_NAMES:
+        spec = make_spec(name)
+        g = group_advantages(jnp.asarray(case["rewards"]), jnp.asarray(case["lengths"]), spec)
+        np.testing.assert_allclose(
+            g.advantages, np_advantages(case["rewards"], case["lengths"], spec), atol=1e-6
+        )
+    k = (case["rewards"] >= 0.5).sum(1)
+    np.testing.assert_array_equal(g.group_ids, np.repeat(k[:, None], K, 1))
+    np.testing.assert_allclose(g.pass_rate, k / K)
+    valid = case["lengths"].max(1) > 0
+    np.testing.assert_array_equal(g.stats["group_prompts"], np.bincount(k[valid], minlength=K + 1))
+    np.testing.assert_allclose(g.stats["accuracy"], case["rewards"][valid].mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_std_ddof(k):
+    """One right answer of K, closed form: std^2 = mu (1 - mu) K / (K - ddof), so the unbiased
+    std (ddof = 1, the default, as verl and TRL) makes the advantages sqrt((K-1)/K) of the
+    population std's: 7 % smaller at K = 8."""
+    r = np.zeros((1, k))
+    r[0, 0] = 1.0
+    mu = 1.0 / k
+    lengths = jnp.ones((1, k), jnp.int32)
+    out = {}
+    for ddof in (0, 1):
+        spec = make_spec("grpo", k=k, std_eps=0.0, std_ddof=ddof)
+        out[ddof] = np.asarray(group_advantages(jnp.asarray(r), lengths, spec).advantages[0])
+        std = np.sqrt(mu * (1 - mu) * k / (k - ddof))
+        np.testing.assert_allclose(out[ddof], (r[0] - mu) / std, rtol=1e-6)
+    np.testing.assert_allclose(out[1] / out[0], np.sqrt((k - 1) / k), rtol=1e-6)
+    assert make_spec("grpo").std_ddof == 1  # the default
+    # batch_std (LIPO) over every response of the batch, same ddof.
+    case = make_case(seed=5)
+    for ddof in (0, 1):
+        spec = make_spec("lipo", std_ddof=ddof)
+        g = group_advantages(jnp.asarray(case["rewards"]), jnp.asarray(case["lengths"]), spec)
+        r, n = case["rewards"], case["rewards"].size
+        std_b = np.sqrt(((r - r.mean()) ** 2).sum() / (n - ddof))
+        centred = r - r.mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(g.advantages, centred / (std_b + spec.std_eps), rtol=1e-5)
+
+
+def dapo_convention_advantages(rewards, lengths, penalty, ddof):
+    """DAPO's own convention, independently: outcome reward +1 / -1, plus its soft overlong
+    punishment (L_max = T, L_cache = 4) in those units, group-std normalised (eps = 0)."""
+    dapo = np.where(rewards > 0.5, 1.0, -1.0) + np_penalty(lengths, T, 4, penalty)
+    centred = dapo - dapo.mean(axis=1, keepdims=True)
+    return centred / dapo.std(axis=1, ddof=ddof, keepdims=True)
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_overlong_shaping_in_the_0_1_scale(ddof):
+    """Rewards [1, 1, 0, 0], the first answer right but exactly at the length limit (full
+    penalty): its advantage stays positive, between the short right answer's and the wrong
+    ones', as under DAPO's ±1 rewards ([0.302, 1.508, -0.905, -0.905] at ddof 0); DAPO's
+    penalty of 1 on our 0/1 rewards would tie it with the wrong answers."""
+    spec = make_spec("dapo", std_eps=0.0, std_ddof=ddof)  # L_max = 12, L_cache = 4
+    rewards = np.array([[1.0, 1.0, 0.0, 0.0]])
+    lengths = np.array([[T, 3, 5, 7]])
+    g = group_advantages(jnp.asarray(rewards), jnp.asarray(lengths), spec)
+    np.testing.assert_allclose(g.rewards, [[0.5, 1.0, 0.0, 0.0]], atol=1e-7)
+    expected = dapo_convention_advantages(rewards, lengths, 1.0, ddof)
+    np.testing.assert_allclose(g.advantages, expected, rtol=1e-5)
+    if ddof == 0:
+        np.testing.assert_allclose(g.advantages[0], [0.302, 1.508, -0.905, -0.905], atol=5e-4)
+    assert 0 < g.advantages[0, 0] < g.advantages[0, 1]
+    np.testing.assert_array_equal(g.group_ids[0], [2, 2, 2, 2])  # groups from correctness
+
+
+def test_overlong_shaping_partial_penalties():
+    spec = make_spec("dapo", overlong_penalty=0.5, std_eps=0.0)  # L_max = 12, L_cache = 4
+    lengths = np.array([[1, 8, 9, 10], [11, 12, 13, 4]])
+    rewards = np.array([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0]])
+    g = group_advantages(jnp.asarray(rewards), jnp.asarray(lengths), spec)
+    penalty = np_penalty(lengths, T, 4, 0.5)
+    assert penalty[0, 1] == 0.0 and penalty[0, 3] == -0.25 and penalty[1, 2] == -0.5
+    np.testing.assert_allclose(g.rewards, np_shaped(rewards, lengths, spec), atol=1e-7)
+    np.testing.assert_allclose(g.rewards, rewards + penalty / 2, atol=1e-7)
+    expected = dapo_convention_advantages(rewards, lengths, 0.5, spec.std_ddof)
+    np.testing.assert_allclose(g.advantages, expected, rtol=1e-5)
+    # Groups come from correctness: long correct answers stay in their group.
+    np.testing.assert_array_equal(g.group_ids[:, 0], [3, 3])
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("log_ratio_std", [0.0, 0.3])  # ratio = 1, and random ratios
+def test_unified_view(name, log_ratio_std):
+    """Fixed length T_mu per group: loss = sum_mu c(mu) base_mu, base_mu = the token-mean
+    loss of group mu with the std-normalised advantage (DARO's L_mu). c(mu), derived by
+    hand from each aggregation and advantage (n_mu prompts of b, T tokens, sigma_mu the
+    group's std): GRPO n_mu / b; Dr. GRPO n_mu T_mu (sigma_mu + eps) / (b L_max); LIPO
+    n_mu T_mu / T * (sigma_mu + eps) / (sigma_batch + eps); DAPO n_mu T_mu / T; DARO w_mu."""
+    group_len = np.array([5, 3, 8, 11, 6])  # T_mu for k = 0..K
+    b = 10
+    k = np.arange(b) % (K + 1)
+    lengths = np.repeat(group_len[k][:, None], K, axis=1)
+    case = make_case(seed=11, b=b, lengths=lengths, log_ratio_std=log_ratio_std)
+    spec = make_spec(name, kl_beta=0.0, overlong_shaping=False)
+    base_spec = make_spec("daro")
+    theta = theta_for(base_spec)
+    loss, g_logp, _, _ = run_code(case, spec, theta)
+
+    mu = np.arange(K + 1) / K
+    eps, ddof = spec.std_eps, spec.std_ddof
+    sigma = np.sqrt(mu * (1 - mu) * K / (K - ddof))
+    sigma_b = case["rewards"].std(ddof=ddof)
+    n_mu = np.bincount(k, minlength=K + 1)
+    tokens = (n_mu * group_len).sum()
+    c = {
+        "grpo": n_mu / b,
+        "dr_grpo": n_mu * group_len * (sigma + eps) / (b * T),
+        "lipo": n_mu * group_len / tokens * (sigma + eps) / (sigma_b + eps),
+        "dapo": n_mu * group_len / tokens,
+        "daro": np.concatenate([[1.0], theta, [1.0]]),  # direct parameterisation: w
+    }[name]
+    adv_std = np_advantages(case["rewards"], lengths, base_spec).reshape(-1)
+    ell, dell = np_token_loss(  # the method's own clip range, std-normalised advantage
+        case["logp"].reshape(-1, T), case["old"].reshape(-1, T), None, adv_std, spec
+    )
+    mask, groups = case["mask"].reshape(-1, T), np.repeat(k, K)
+    expected, expected_grad = 0.0, np.zeros_like(ell)
+    for g in range(1, K):
+        sel = groups == g
+        t_g = mask[sel].sum()
+        expected += c[g] * (ell[sel] * mask[sel]).sum() / t_g
+        expected_grad[sel] = c[g] * dell[sel] * mask[sel] / t_g
+        if name == "daro":
+            expected -= np.log(c[g])
+    assert_close(loss, expected)
+    assert_close(g_logp, expected_grad)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_microbatch_invariance(name):
+    spec = make_spec(name)
+    runs = run_code_splits(make_case(seed=PRESET_NAMES.index(name)), spec, theta_for(spec))
+    for n_micro in SPLITS[1:]:
+        for a, b in zip(runs[1][:3], runs[n_micro][:3], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        for key, value in runs[1][3].items():
+            np.testing.assert_allclose(value, runs[n_micro][3][key], rtol=1e-6, atol=1e-6)
+
+
+def test_metrics():
+    spec = make_spec("daro", **DARO_DIRECT_KL)
+    case = make_case(seed=9, b=10, log_ratio_std=0.8)
+    theta = theta_for(spec)
+    loss, _, _, m = run_code(case, spec, theta)
+    mask = case["mask"].reshape(-1, T)
+    ratio = np.exp(case["logp"] - case["old"]).reshape(-1, T)[mask > 0]
+    adv = np.repeat(np_advantages(case["rewards"], case["lengths"], spec).reshape(-1), T)
+    adv = adv.reshape(-1, T)[mask > 0]
+    np.testing.assert_allclose(m["ratio_mean"], ratio.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["ratio_min"], ratio.min(), rtol=1e-5)
+    np.testing.assert_allclose(m["ratio_max"], ratio.max(), rtol=1e-5)
+    np.testing.assert_allclose(m["clip_frac_low"], np.mean((ratio < 0.8) & (adv < 0)), rtol=1e-6)
+    np.testing.assert_allclose(m["clip_frac_high"], np.mean((ratio > 1.28) & (adv > 0)), rtol=1e-6)
+    np.testing.assert_allclose(m["clip_frac_dual"], np.mean((ratio > 2) & (adv < 0)), rtol=1e-6)
+    assert 0 < m["clip_frac_dual"] < m["clip_frac_low"] + m["clip_frac_high"]
+    d = (case["ref"] - case["logp"]).reshape(-1, T)[mask > 0]
+    np.testing.assert_allclose(m["kl"], np.mean(np.exp(d) - d - 1), rtol=1e-5)
+    entropy = -0.5 * case["old"].reshape(-1, T)[mask > 0]
+    np.testing.assert_allclose(m["entropy"], entropy.mean(), rtol=1e-6)
+    gap = np.abs(case["logp"] - case["sampler"]).reshape(-1, T)[mask > 0]
+    np.testing.assert_allclose(m["sampler_logp_gap"], gap.mean(), rtol=1e-5)
+    assert "tis_weight_mean" not in m  # TIS off
+    k = (case["rewards"] >= 0.5).sum(1)
+    np.testing.assert_allclose(m["group_prompts"], np.bincount(k, minlength=K + 1), rtol=1e-6)
+    groups, lens = np.repeat(k, K), mask.sum(1)
+    tok = np.bincount(groups, weights=lens, minlength=K + 1)
+    np.testing.assert_allclose(m["group_tokens"], tok)
+    ell, _ = np_token_loss(
+        case["logp"].reshape(-1, T),
+        case["old"].reshape(-1, T),
+        case["ref"].reshape(-1, T),
+        np_advantages(case["rewards"], case["lengths"], spec).reshape(-1),
+        spec,
+    )
+    l_g = np.bincount(groups, weights=(ell * mask).sum(1), minlength=K + 1) / tok
+    assert_close(m["group_loss"], l_g)
+    np.testing.assert_allclose(m["group_weight"], np.concatenate([[0], theta, [0]]), rtol=1e-6)
+    np.testing.assert_allclose(m["group_weighted_loss"], m["group_weight"] * m["group_loss"])
+    weighted = m["group_weighted_loss"][1:K].sum()
+    np.testing.assert_allclose(loss, weighted - np.log(theta).sum(), rtol=1e-5)
+    # The other aggregations: weight = the group's share of the loss (finalize_metrics).
+    seqs = np.bincount(groups, weights=lens > 0, minlength=K + 1)
+    shares = {
+        "grpo": seqs / seqs.sum(),
+        "dr_grpo": tok / (seqs.sum() * T),
+        "dapo": tok / tok.sum(),
+    }
+    for name, share in shares.items():
+        spec = make_spec(name, kl_beta=0.0, overlong_shaping=False)
+        loss, _, _, m = run_code(case, spec, theta)
+        np.testing.assert_allclose(m["group_weight"], share, rtol=1e-6)
+        if name != "grpo":  # token-level: loss = sum_g weight_g L_g
+            np.testing.assert_allclose(loss, m["group_weighted_loss"].sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["grpo", "lipo"])  # n_seq, batch std
+def test_padding_rows_count_nowhere(name):
+    case = make_case(seed=4, b=10)
+    padded = {key: np.concatenate([val, val[:2]]) for key, val in case.items()}
+    padded["lengths"][-2:] = 0
+    padded["mask"][-2:] = 0.0
+    spec = make_spec(name)
+    theta = theta_for(spec)
+    a, b = run_code(case, spec, theta), run_code(padded, spec, theta)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+    np.testing.assert_allclose(a[1], b[1][: a[1].shape[0]], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dapo", "grpo"])  # token-mean; seq-mean with KL
+def test_truncated_importance_sampling_matches_numpy_reference(name):
+    """TIS: each token's policy-gradient term times min(pi_old / pi_sampler, C), a constant
+    of the gradient; the KL term is not weighted."""
+    spec = make_spec(name, sampler_is_cap=1.2)
+    case = make_case(seed=17)
+    theta = theta_for(spec)
+    loss, g_logp, _, m = run_code(case, spec, theta)
+    ref_loss, ref_grad, _ = np_loss(case, spec, theta)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    mask = case["mask"].reshape(-1, T) > 0
+    ratio = np.exp(case["old"] - case["sampler"]).reshape(-1, T)[mask]
+    np.testing.assert_allclose(m["tis_weight_mean"], np.minimum(ratio, 1.2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["tis_capped_frac"], np.mean(ratio > 1.2), rtol=1e-6)
+    assert 0.1 < m["tis_capped_frac"] < 0.9  # the cap binds on some tokens, not all
+    plain = make_spec(name)  # off by default: the sampler's log-probs change nothing
+    assert plain.sampler_is_cap is None
+    assert_close(run_code(case, plain, theta)[0], np_loss(case, plain, theta)[0])
+    assert abs(run_code(case, plain, theta)[0] - loss) > 1e-3
+
+
+ABLATIONS = [
+    dict(daro_learn_weights=False),
+    dict(daro_log_term=False),
+    dict(daro_log_term=False, daro_parameterization="log"),
+]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_daro_ablations_match_numpy_reference(ablation):
+    spec = make_spec("daro", **ablation)
+    case = make_case(seed=23)
+    theta = theta_for(spec)
+    loss, g_logp, g_theta, m = run_code(case, spec, theta)
+    ref_loss, ref_grad, ref_theta = np_loss(case, spec, theta)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    assert_close(g_theta, ref_theta)
+    inner = m["group_loss"][1:K]
+    if not spec.daro_learn_weights:  # sum_g L_g, weights 1, no gradient to them
+        np.testing.assert_array_equal(g_theta, 0.0)
+        np.testing.assert_array_equal(m["group_weight"], [0, 1, 1, 1, 0])
+        np.testing.assert_allclose(loss, inner.sum(), rtol=1e-5)
+    else:  # sum_g w_g L_g: dL/dw_g = L_g
+        w = np.asarray(losses.daro_weights(jnp.asarray(theta, jnp.float32), spec))
+        np.testing.assert_allclose(loss, (w * inner).sum(), rtol=1e-5)
+        dw = g_theta / w if spec.daro_parameterization == "log" else g_theta
+        np.testing.assert_allclose(dw, inner, rtol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_mini"), compiler_options=FAST_COMPILE)
+def _batch_metrics(arrays, theta, spec, n_mini):
+    """finalize_metrics of the metric sums of n_mini minibatches of consecutive prompts, each
+    with its own normalisers (token_batch); advantages from the whole batch, as the trainer."""
+    groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
+    adv, ids = groups.advantages.reshape(-1), groups.group_ids.reshape(-1)
+    rows = adv.shape[0] // n_mini
+    sums = None
+    for i in range(n_mini):
+        sl = slice(i * rows, (i + 1) * rows)
+        batch = losses.token_batch(
+            arrays["old"][sl],
+            arrays["mask"][sl],
+            adv[sl],
+            ids[sl],
+            spec,
+            ref_logp=arrays["ref"][sl],
+            sampler_logp=arrays["sampler"][sl],
+        )
+        part = losses.microbatch_loss(
+            theta, arrays["logp"][sl], batch, spec, entropy=arrays["entropy"][sl]
+        )[1]
+        sums = part if sums is None else losses.accumulate_metrics(sums, part)
+    return losses.finalize_metrics(sums, theta, spec)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_group_metrics_over_four_minibatches_equal_one_minibatch(name):
+    """The per-group metrics (and the token means) of a batch split into 4 minibatches of
+    shuffled prompts, accumulated over the minibatches, equal those of 1 minibatch."""
+    overrides = dict(sampler_is_cap=1.5) if name == "dapo" else {}
+    spec = make_spec(name, **overrides)
+    case = make_case(seed=31, b=12, log_ratio_std=0.5)
+    order = np.random.default_rng(3).permutation(12)
+    case = {key: value[order] for key, value in case.items()}
+    arrays = code_arrays(case)
+    theta = jnp.asarray(theta_for(spec), jnp.float32)
+    one, four = (_batch_metrics(arrays, theta, spec, n) for n in (1, 4))
+    assert set(one) == set(four)
+    for key in one:
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    k = (case["rewards"] >= 0.5).sum(1)
+    np.testing.assert_allclose(one["group_prompts"], np.bincount(k, minlength=K + 1))
+
+
+# ---------------------------------------------------------------------------------------
+# DARO dynamics with the configured optimizer.
+
+
+def daro_problem(signs, seed=0):
+    """A DARO batch (ratio = 1) with one prompt per group k = 1..K-1; signs[k-1] > 0 makes
+    wrong answers longer (L_k > 0), < 0 right answers longer (L_k < 0), 0 equal lengths."""
+    k = np.arange(1, K)
+    rewards = (np.arange(K)[None, :] < k[:, None]).astype(np.float64)
+    long_short = {1: (12, 1), 0: (6, 6), -1: (1, 12)}  # (wrong, right) lengths
+    wrong, right = np.array([long_short[s] for s in signs]).T
+    lengths = np.where(rewards > 0, right[:, None], wrong[:, None])
+    case = make_case(seed, b=K - 1, lengths=lengths, log_ratio_std=0.0)
+    case["rewards"] = rewards
+    return case
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "steps"), compiler_options=FAST_COMPILE)
+def optimise_daro_only(case, spec, steps):
+    """Weights after `steps` updates of the configured optimizer (configs/base.py optim) on
+    the DARO loss of `case` with the model held fixed, so that every L_mu stays constant."""
+    state = optim.init_train_state({"w": jnp.zeros((3,))}, spec)
+    tx = optim.make_optimizer(base.get_config().optim, state, steps, spec)
+    groups = advantages.group_advantages(case["rewards"], case["lengths"], spec)
+    flat = lambda x: jnp.asarray(x, jnp.float32).reshape(-1, T)  # noqa: E731
+    batch = losses.token_batch(
+        flat(case["old"]),
+        flat(case["mask"]),
+        groups.advantages.reshape(-1),
+        groups.group_ids.reshape(-1),
+        spec,
+    )
+    logp = flat(case["logp"])
+    grad_fn = jax.grad(lambda th: losses.microbatch_loss(th, logp, batch, spec)[0])
+
+    def step(carry, _):
+        state, opt_state = carry
+        grads = {"model": {"w": jnp.zeros((3,))}, "daro": grad_fn(state["daro"])}
+        updates, opt_state = tx.update(grads, opt_state, state)
+        return (optax.apply_updates(state, updates), opt_state), None
+
+    (state, _), _ = jax.lax.scan(step, (state, tx.init(state)), None, length=steps)
+    return losses.daro_weights(state["daro"], spec)
+
+
+def np_group_losses(case, spec):
+    adv = np_advantages(case["rewards"], case["lengths"], spec)
+    mask = case["mask"]
+    return np.array([-(adv[i] * mask[i].sum(1)).sum() / mask[i].sum() for i in range(K - 1)])
+
+
+BOUNDS = (-1.0, 1.0)  # small, so that the bound is reached within the test's steps
+
+
+@pytest.mark.parametrize("param", ["log", "direct"])
+def test_daro_weights_converge_to_inverse_loss(param):
+    spec = make_spec("daro", daro_parameterization=param, daro_log_weight_bounds=BOUNDS)
+    case = daro_problem(signs=[1, 1, 1])
+    l_mu = np_group_losses(case, spec)
+    assert np.all(l_mu > 0) and l_mu.max() / l_mu.min() > 2
+    assert np.all(np.abs(np.log(l_mu)) < BOUNDS[1])  # the bounds do not bind here
+    w = np.asarray(optimise_daro_only(case, spec, steps=5000))
+    np.testing.assert_allclose(w * l_mu, 1.0, atol=1e-2)
+
+
+@pytest.mark.parametrize("param", ["log", "direct"])
+def test_daro_weights_stay_finite_when_loss_nonpositive(param):
+    spec = make_spec("daro", daro_parameterization=param, daro_log_weight_bounds=BOUNDS)
+    case = daro_problem(signs=[-1, 0, 1])
+    l_mu = np_group_losses(case, spec)
+    assert l_mu[0] < 0 and abs(l_mu[1]) < 1e-6 and l_mu[2] > 0
+    w = np.asarray(optimise_daro_only(case, spec, steps=3000))
+    assert np.all(np.isfinite(w)) and np.all(w > 0)
+    np.testing.assert_allclose(w[:2], np.exp(BOUNDS[1]), rtol=1e-6)  # -ln w pushes to the bound
+    np.testing.assert_allclose(w[2] * l_mu[2], 1.0, atol=1e-2)  # the others are unaffected
+
+
+def test_daro_ablation_weight_dynamics():
+    """Frozen weights stay at 1; without -ln w the weights of groups with L_g > 0 run down
+    to their lower bound (dL/dw_g = L_g > 0 everywhere)."""
+    case = daro_problem(signs=[1, 1, 1])
+    frozen = make_spec("daro", daro_learn_weights=False, daro_log_weight_bounds=BOUNDS)
+    np.testing.assert_array_equal(optimise_daro_only(case, frozen, steps=200), 1.0)
+    no_log = make_spec("daro", daro_log_term=False, daro_log_weight_bounds=BOUNDS)
+    assert np.all(np_group_losses(case, no_log) > 0)
+    w = np.asarray(optimise_daro_only(case, no_log, steps=3000))
+    np.testing.assert_allclose(w, np.exp(BOUNDS[0]), rtol=1e-6)
+
+
+def test_absent_group_does_not_move():
+    spec = make_spec("daro")
+    full = daro_problem(signs=[1, 1, 1])
+    partial = dict(full, rewards=full["rewards"].copy())
+    partial["rewards"][2] = 0.0  # the k = 3 prompt becomes k = 0: group 3 absent
+    state = optim.init_train_state({"w": jnp.ones((3,))}, spec)
+    tx = optim.make_optimizer(base.get_config().optim, state, 100, spec)
+    update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
+    plain = optax.adam(1e-3)
+    opt_state, plain_state = tx.init(state), plain.init(state["daro"])
+    plain_params = state["daro"]
+    history = []
+    for i in range(12):
+        _, _, g_theta, _ = run_code(full if i < 4 else partial, spec, np.asarray(state["daro"]))
+        assert (g_theta[2] == 0.0) == (i >= 4)
+        grads = {"model": {"w": jnp.ones((3,))}, "daro": jnp.asarray(g_theta)}
+        updates, opt_state = update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
+        plain_updates, plain_state = plain.update(grads["daro"], plain_state)
+        plain_params = optax.apply_updates(plain_params, plain_updates)
+        history.append(np.asarray(state["daro"]))
+    history = np.array(history)
+    assert np.all(np.diff(history[:4, 2]) != 0)  # moving while present
+    np.testing.assert_array_equal(history[4:, 2], history[3, 2])  # frozen once absent
+    assert np.all(np.diff(history[4:, :2], axis=0) != 0)
+    daro_state = opt_state.inner_states["daro"].inner_state
+    np.testing.assert_array_equal(daro_state.count["daro"], [12, 12, 4])
+    assert abs(float(plain_params[2]) - history[3, 2]) > 1e-4  # plain Adam would drift
+
+
+def test_model_gradient_is_weighted_sum_of_group_gradients():
+    spec = make_spec("daro")
+    case = make_case(seed=21)
+    theta = theta_for(spec)
+    _, g_logp, _, _ = run_code(case, spec, theta)
+    adv = np_advantages(case["rewards"], case["lengths"], spec).reshape(-1)
+    _, dell = np_token_loss(
+        case["logp"].reshape(-1, T), case["old"].reshape(-1, T), None, adv, spec
+    )
+    mask = case["mask"].reshape(-1, T)
+    groups = np.repeat((case["rewards"] >= 0.5).sum(1), K)
+    expected = np.zeros_like(dell)
+    for g in range(1, K):
+        sel = groups == g
+        grad_l_g = np.where(sel[:, None], dell * mask / mask[sel].sum(), 0.0)  # grad of L_g
+        expected += theta[g - 1] * grad_l_g  # w_g (direct parameterisation)
+    assert_close(g_logp, expected)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(k=1), "k"),
+        (dict(name="ppo"), "name"),
+        (dict(clip_low=0.3, clip_high=0.2), "clip_high"),
+        (dict(clip_low=-0.1), "clip_low"),
+        (dict(dual_clip=0.5), "dual_clip"),
+        (dict(kl_beta=-1.0), "kl_beta"),
+        (dict(aggregation="mean"), "aggregation"),
+        (dict(advantage="rloo"), "advantage"),
+        (dict(daro_parameterization="softplus"), "daro_parameterization"),
+        (dict(daro_log_weight_bounds=(1.0, 2.0)), "daro_log_weight_bounds"),
+        (dict(name="dapo", overlong_cache=20), "overlong_cache"),
+        (dict(name="dapo", overlong_penalty=-1.0), "overlong_penalty"),
+        (dict(dynamic_sampling_max_tries=0), "dynamic_sampling_max_tries"),
+        (dict(std_ddof=2), "std_ddof"),
+        (dict(sampler_is_cap=0.5), "sampler_is_cap"),
+        (dict(name="dapo", daro_learn_weights=False), "daro_learn_weights"),
+        (dict(name="grpo", daro_log_term=False), "daro_log_term"),
+    ],
+)
+def test_bad_algo_config_raises(overrides, field):
+    name = overrides.pop("name", "daro")
+    with pytest.raises(ValueError, match=f"algo.{field}="):
+        make_spec(name, **overrides)
+
+
+def test_unknown_field_and_missing_reference_raise():
+    cfg = dict(algo_cfg("daro").items(), clip=0.2)
+    with pytest.raises(ValueError, match=r"unknown fields \['clip'\]"):
+        presets.resolve(cfg, max_response_len=T)
+    spec = make_spec("grpo")
+    batch = losses.token_batch(
+        jnp.zeros((2, T)), jnp.ones((2, T)), jnp.ones(2), jnp.ones(2, jnp.int32), spec
+    )
+    with pytest.raises(ValueError, match="kl_beta"):
+        losses.microbatch_loss(jnp.zeros(K - 1), jnp.zeros((2, T)), batch, spec)
+    with pytest.raises(ValueError, match="sampler_is_cap"):
+        losses.token_batch(
+            jnp.zeros((2, T)),
+            jnp.ones((2, T)),
+            jnp.ones(2),
+            jnp.ones(2, jnp.int32),
+            make_spec("dapo", sampler_is_cap=2.0),
+        )
