@@ -67,18 +67,18 @@ def test_memory_numbers_are_positive_and_consistent(tiny):
     peak covers its arguments and temp."""
     _, p = tiny
     state = sum(p.resident.values())
-    programs = by_name(p)
-    for c in programs.values():
+    compiled = by_name(p)
+    for c in compiled.values():
         m = c.memory
         assert min(m["arguments"], m["outputs"], m["temp"], m["code"]) > 0, c
         assert c.peak >= m["arguments"] + m["temp"] >= m["arguments"]
-    update, rollout = programs["update"], programs["sampler"]
+    update, rollout = compiled["update"], compiled["sampler"]
     assert update.memory["arguments"] > state
     assert state <= update.memory["aliased"] <= 1.1 * state  # + TPU tile padding
     assert update.resident_elsewhere == 0
     assert rollout.memory["arguments"] >= p.resident["params"]
     assert rollout.resident_elsewhere == state - p.resident["params"] > 0
-    assert p.peak_program.peak == max(c.peak for c in programs.values())
+    assert p.peak_program.peak == max(c.peak for c in compiled.values())
 
 
 def test_loop_trip_counts_and_model_flops(tiny):
@@ -91,13 +91,13 @@ def test_loop_trip_counts_and_model_flops(tiny):
     config, p = tiny
     t, s, k = config.train, config.sampler, config.algo.k
     b, prompt, n = t.batch_prompts, s.max_prompt_tokens, s.max_new_tokens
-    programs = by_name(p)
-    decode = [part.trips for part in programs["sampler"].parts if part.dynamic]
+    compiled = by_name(p)
+    decode = [part.trips for part in compiled["sampler"].parts if part.dynamic]
     assert decode == [n - 1, 0]  # stages of 16, 8 rows: no row stops early
-    (chunks,) = [part for part in programs["update"].parts if part.dynamic]
+    (chunks,) = [part for part in compiled["update"].parts if part.dynamic]
     blocks = math.gcd(b, 4)
     assert chunks.trips == packing.chunk_slots(b // blocks, k, t.block_rows)
-    layers = [part for part in programs["sampler"].parts if not part.dynamic][1:]
+    layers = [part for part in compiled["sampler"].parts if not part.dynamic][1:]
     assert [part.trips for part in layers] == [2]  # the prefill's scan over the 2 layers
     cfg = programs.model_config(config)
     head = 2 * cfg.hidden_size * cfg.vocab_size
@@ -105,8 +105,8 @@ def test_loop_trip_counts_and_model_flops(tiny):
     decoded = b * k * (n - 1)
     sampling = 2 * weights * (b * prompt + decoded) + head * (b + decoded)
     update = 3 * (2 * weights * (b * prompt + b * k * n) + head * b * k * n)
-    assert 1.0 <= programs["sampler"].total().flops * p.chips / sampling < 1.5
-    assert 1.0 <= programs["update"].total().flops * p.chips / update < 1.5
+    assert 1.0 <= compiled["sampler"].total().flops * p.chips / sampling < 1.5
+    assert 1.0 <= compiled["update"].total().flops * p.chips / update < 1.5
 
 
 def test_step_time_and_mfu_are_roofline_estimates(tiny):
