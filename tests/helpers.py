@@ -7,6 +7,13 @@ from pathlib import Path
 import numpy as np
 
 
+def softmax(x):
+    """softmax over the last axis, in float64."""
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def load_config_file(path, **changes):
     """get_config() of the config file `path` with dotted-name `changes` applied."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)

@@ -62,7 +62,7 @@ def expected_batch(rounds, batch_prompts, max_tries):
     return kept, tries
 
 
-def run_processes(rounds, batch_prompts, processes, algo):
+def collect_simulated(rounds, batch_prompts, processes, algo):
     """collect() on each of `processes` simulated processes; their outputs and the rounds
     each one drew."""
     outs, drawn = [], []
@@ -90,7 +90,7 @@ def run_processes(rounds, batch_prompts, processes, algo):
 def test_every_process_keeps_the_same_prompts_as_one_process(processes):
     rounds = make_rounds(6, prompts=8, seed=processes)
     algo = spec()
-    outs, drawn = run_processes(rounds, 8, processes, algo)
+    outs, drawn = collect_simulated(rounds, 8, processes, algo)
     kept, tries = expected_batch(rounds, 8, algo.dynamic_sampling_max_tries)
     assert len(kept) == 8 and tries >= 2  # several rounds were needed
     assert all(calls == list(range(tries)) for calls in drawn)  # same rounds everywhere
@@ -120,7 +120,7 @@ def test_short_batch_trains_on_what_it_has(processes, caplog):
     rounds = make_rounds(3, prompts=8, seed=7, solved=0.4, failed=0.4)
     algo = spec(dynamic_sampling_max_tries=2)
     with caplog.at_level(logging.WARNING):
-        outs, drawn = run_processes(rounds, 8, processes, algo)
+        outs, drawn = collect_simulated(rounds, 8, processes, algo)
     kept, tries = expected_batch(rounds, 8, 2)
     assert tries == 2 and 0 < len(kept) < 8
     assert all(calls == [0, 1] for calls in drawn)

@@ -1,0 +1,49 @@
+"""TPU chips and topologies (daro_jax/plan/chips.py): accelerator names, libtpu's device
+descriptions, and a clear failure without libtpu."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from daro_jax.plan import chips
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "name"),
+    [
+        ("v4-8", "v4:2x2x1"),
+        ("v4-32", "v4:2x2x4"),
+        ("v5p-64", "v5p:2x4x4"),
+        ("v5p-128", "v5p:4x4x4"),
+        ("v5e-4", "v5e:2x2"),
+        ("v5litepod-8", "v5e:2x4"),
+        ("v6e-8", "v6e:2x4"),
+        ("v6e-32", "v6e:4x8"),
+    ],
+)
+def test_topology_of_an_accelerator(accelerator, name):
+    assert chips.topology(accelerator) == name
+
+
+@pytest.mark.parametrize("accelerator", ["v3-8", "tpu-16", "v4-7", "v5e-6"])
+def test_unknown_accelerator_is_a_clear_error(accelerator):
+    with pytest.raises(ValueError, match=f"config.tpu.accelerator={accelerator!r}"):
+        chips.topology(accelerator)
+
+
+def test_topologies_have_the_chip_counts():
+    """libtpu's own descriptions: v4 chips as one megacore device each."""
+    assert len(chips.tpu_devices("v4:2x2x4")) == 16
+    assert len(chips.tpu_devices("v5p:2x4x4")) == 32
+    assert chips.tpu_devices("v6e:2x4")[0].device_kind.startswith("TPU v6")
+
+
+def test_missing_libtpu_is_a_clear_failure(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+    )
+    with pytest.raises(RuntimeError, match=r"libtpu, which is not installed.*requirements-test"):
+        chips.tpu_devices("v5e:2x2")

@@ -1,0 +1,76 @@
+"""The step's programs compiled ahead of time (daro_jax/plan/programs.py), on configs/tiny.py's
+plan for a v5e 2×2: memory numbers consistent with each other and the state's bytes, loop
+trip counts, compiled FLOPs against the model's closed-form FLOPs; the recipes' model
+shapes against their published parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from helpers import load_config_file
+
+from daro_jax.models import decoder
+from daro_jax.plan import programs
+from daro_jax.train import packing
+
+PAPER_RECIPES = {  # recipe → published parameter count of its model
+    "qwen2_5_math_1_5b": 1_543_714_304,
+    "qwen2_5_math_7b": 7_615_616_512,
+    "llama8b": 8_030_261_248,
+}
+
+
+def test_memory_numbers_are_positive_and_consistent(tiny):
+    """Per device: arguments, temp and code positive; the update takes the whole state
+    (params, Adam moments, DARO weights) and gives it back in place (donated; the compiler
+    counts TPU tiles, which pad tiny's 64-wide arrays); the sampler takes the params; each
+    peak covers its arguments and temp."""
+    _, p = tiny
+    state = sum(p.resident.values())
+    for c in p.programs:
+        m = c.memory
+        assert min(m["arguments"], m["outputs"], m["temp"], m["code"]) > 0, c
+        assert c.peak >= m["arguments"] + m["temp"] >= m["arguments"]
+    update, rollout = p.program("update"), p.program("sampler")
+    assert update.memory["arguments"] > state
+    assert state <= update.memory["aliased"] <= 1.1 * state  # + TPU tile padding
+    assert update.resident_elsewhere == 0
+    assert rollout.memory["arguments"] >= p.resident["params"]
+    assert rollout.resident_elsewhere == state - p.resident["params"] > 0
+    assert p.peak_program.peak == max(c.peak for c in p.programs)
+
+
+def test_loop_trip_counts_and_model_flops(tiny):
+    """The decode loop runs N − 1 steps (in its first stage) and the update's chunk loop
+    all S packed chunks; with the layers' scans counted L times, the compiled FLOPs cover
+    the model's matmul FLOPs: 2·W per token through the layers' W weights and 2·D·V per
+    logit row forward, 3× that forward and backward. Sampler: B·P prompt tokens, B·K·(N − 1)
+    decoded, logits for B prompts and the decoded tokens. Update: B·P + B·K·N tokens, logits
+    for the B·K·N completion tokens."""
+    config, p = tiny
+    t, s, k = config.train, config.sampler, config.algo.k
+    b, prompt, n = t.batch_prompts, s.max_prompt_tokens, s.max_new_tokens
+    sampler, update = p.program("sampler"), p.program("update")
+    decode = [part.trips for part in sampler.parts if part.dynamic]
+    assert decode == [n - 1, 0]  # stages of 16, 8 rows: no row stops early
+    (chunks,) = [part for part in update.parts if part.dynamic]
+    blocks = math.gcd(b, 4)
+    assert chunks.trips == packing.chunk_slots(b // blocks, k, t.block_rows)
+    layers = [part for part in sampler.parts if not part.dynamic][1:]
+    assert [part.trips for part in layers] == [2]  # the prefill's scan over the 2 layers
+    cfg = programs.model_config(config)
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    weights = p.n_params - cfg.hidden_size * cfg.vocab_size * (2 - cfg.tie_word_embeddings)
+    decoded = b * k * (n - 1)
+    sampling = 2 * weights * (b * prompt + decoded) + head * (b + decoded)
+    trained = 3 * (2 * weights * (b * prompt + b * k * n) + head * b * k * n)
+    assert 1.0 <= sampler.total().flops * p.chips / sampling < 1.5
+    assert 1.0 <= update.total().flops * p.chips / trained < 1.5
+
+
+def test_paper_models_match_their_published_parameter_counts():
+    for name, published in PAPER_RECIPES.items():
+        cfg = programs.model_config(load_config_file(f"configs/{name}.py"))
+        shapes = jax.tree.leaves(decoder.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+        assert sum(math.prod(s) for s in shapes) == published, name
