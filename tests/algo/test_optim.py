@@ -152,17 +152,40 @@ def test_daro_weights_are_projected_onto_bounds(param):
     np.testing.assert_allclose(trace, expected, rtol=1e-6)
 
 
-def test_lazy_adam_skips_zero_gradients():
-    tx = optim.lazy_adam_projected(lambda step: 0.1, 0.9, 0.999, (-10.0, 10.0))
-    params = jnp.zeros(3)
-    state = tx.init(params)
-    _, state = tx.update(jnp.array([1.0, 2.0, 3.0]), state, params)
-    updates, state2 = tx.update(jnp.array([1.0, 0.0, -1.0]), state, params)
-    assert float(updates[1]) == 0.0 and float(updates[0]) != 0.0
-    np.testing.assert_array_equal(state2.count, [2, 1, 2])
-    assert float(state2.mu[1]) == float(state.mu[1]) and float(state2.nu[1]) == float(state.nu[1])
+def test_absent_group_weight_does_not_move():
+    """A DARO weight whose gradient is exactly 0 (its group absent from the batch:
+    test_losses.py) keeps its value, Adam moments and step count (lazy Adam) while the
+    others move; plain Adam would move it on its momentum. Without params the update is
+    refused (the projection needs them)."""
+    spec = algo_spec()
+    state, grads = random_state(spec)
+    tx = optim.make_optimizer(optim_cfg(), state, 100, spec)
+    update = jax.jit(tx.update)
+    plain = optax.adam(1e-3)
+    opt_state, plain_state, plain_params = tx.init(state), plain.init(state["daro"]), state["daro"]
+    rng = np.random.default_rng(1)
+    history, moments = [], []
+    for i in range(12):
+        g = rng.normal(size=K - 1).astype(np.float32)
+        g[2] = g[2] if i < 4 else 0.0  # group 3 absent from the fifth update on
+        grads["daro"] = jnp.asarray(g)
+        updates, opt_state = update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
+        plain_updates, plain_state = plain.update(grads["daro"], plain_state)
+        plain_params = optax.apply_updates(plain_params, plain_updates)
+        history.append(np.asarray(state["daro"]))
+        daro_state = opt_state.inner_states["daro"].inner_state
+        moments.append([float(daro_state.mu["daro"][2]), float(daro_state.nu["daro"][2])])
+    history = np.array(history)
+    assert np.all(np.diff(history[:4, 2]) != 0)  # moving while present
+    np.testing.assert_array_equal(history[4:, 2], history[3, 2])  # frozen once absent
+    assert np.all(np.diff(history[4:, :2], axis=0) != 0)
+    np.testing.assert_array_equal(moments[4:], [moments[3]] * 8)
+    np.testing.assert_array_equal(daro_state.count["daro"], [12, 12, 4])
+    assert abs(float(plain_params[2]) - history[3, 2]) > 1e-4  # plain Adam would drift
+    lazy = optim.lazy_adam_projected(lambda step: 0.1, 0.9, 0.999, (-10.0, 10.0))
     with pytest.raises(ValueError, match="pass params"):
-        tx.update(jnp.ones(3), state)
+        lazy.update(jnp.ones(3), lazy.init(jnp.zeros(3)))
 
 
 @pytest.mark.parametrize(

@@ -531,11 +531,6 @@ def test_bad_paths_and_arguments(tiny_hf_dirs, monkeypatch):
         models.smollm2_gguf_path()
 
 
-def test_mesh_that_does_not_fit_the_devices():
-    with pytest.raises(ValueError, match="needs 12 devices but 8"):
-        sharding.make_mesh((3, 2, 2))
-
-
 # ---- GGUF metadata without torch: config and tokenizer vs transformers' GGUF loaders ----
 
 TOKENIZER_TEXTS = [

@@ -1,12 +1,18 @@
 """Equivalence verdicts of `math_reward` on boxed answers, grouped by kind (written for this
 project), the documented fixes of math-verify's false positives / negatives, and the fast
-paths' agreement with the full SymPy comparison."""
+paths' agreement with the full SymPy comparison; every CHAMP gold against itself."""
 
 import pytest
 from math_verify import parse, verify
 
-from daro_jax.rewards import math_reward
-from daro_jax.rewards.verify import _compare, normalize, parse_gold
+from daro_jax import data
+from daro_jax.rewards import VerifierConfig, math_reward
+from daro_jax.rewards.verify import _compare, normalize, parse_gold, score_item
+
+# Every CHAMP answer (as `data.champ_answer` reduces it), boxed, is judged equal to itself;
+# at least this many of the 270 also parse to SymPy (265 measured by
+# bench/verifier_coverage.py; the others, e.g. "sum_(k=1)^n 1/k", compare as strings).
+CHAMP_MIN_PARSED = 260
 
 # kind -> [(gold, boxed answer, expected verdict)]
 CASES = {
@@ -360,3 +366,26 @@ def test_last_of_several_boxes_counts():
     completion = "First guess $\\boxed{4}$, but rechecking, the answer is $\\boxed{5}$."
     assert math_reward(completion, "5") == 1.0
     assert math_reward(completion, "4") == 0.0
+
+
+def test_champ_golds_equal_themselves_boxed():
+    """Every CHAMP gold normalizes and matches itself boxed; at least CHAMP_MIN_PARSED parse
+    to SymPy (with the reward's parser). (Loading CHAMP: tests/data/test_data.py.)"""
+    from math_verify.parser import parse_latex_cached
+
+    champ = data.load_benchmark("champ", None)
+    config = VerifierConfig(fallback="none")
+    parsed = 0
+    for e in champ:
+        text = parse_gold(e["answer"]).text
+        assert text, e["answer"]
+        try:
+            parse_latex_cached(text)
+            parsed += 1
+        except Exception:
+            pass
+        assert score_item(f"\\boxed{{{e['answer']}}}", e["answer"], config) == (
+            1.0,
+            "correct",
+        ), e["answer"]
+    assert parsed >= CHAMP_MIN_PARSED

@@ -3,7 +3,6 @@ names the field (and the value that would fix it)."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -41,13 +40,6 @@ def no_model(monkeypatch):
 def test_bad_inputs_fail_before_the_model_loads(changes, message, no_model):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         loop.build(tiny_config(**changes))
-
-
-def test_column_mapping_mismatch(tmp_path, no_model):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
-    with pytest.raises(ValueError, match="problem"):
-        loop.build(tiny_config(**{"data.source": str(path)}))
 
 
 def test_several_processes_need_whole_shards_each():
