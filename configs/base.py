@@ -24,6 +24,15 @@ def get_config():
     c.model.init_random = False  # random init from model.path's config (smoke tests)
     # With init_random only: HF config fields replaced before init (e.g. a tiny shape).
     c.model.arch_overrides = config_dict.ConfigDict()
+    # LoRA (daro_jax/models/lora.py): rank 0 = full fine-tuning. With rank > 0 the base is
+    # frozen in model.dtype (param_dtype is not used) and only the adapters W + (alpha/rank)·B·A
+    # of the targeted projections train; targets: comma-separated regexes over
+    # q, k, v, o, gate, up, down (e.g. "q,v" or ".*"); dtype: the adapters' (float32 | bfloat16).
+    c.model.lora = config_dict.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 16.0
+    c.model.lora.targets = "q,k,v,o,gate,up,down"
+    c.model.lora.dtype = "float32"
 
     # Device mesh: sizes of (data, fsdp, tensor); one -1 takes the remaining devices.
     c.mesh = config_dict.ConfigDict()

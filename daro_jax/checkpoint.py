@@ -58,6 +58,9 @@ from jax.experimental import multihost_utils
 # algo.daro_parameterization: the stored DARO parameters are w or ln w.
 COMPAT_KEYS = (
     "model.path",
+    "model.lora.rank",
+    "model.lora.alpha",
+    "model.lora.targets",
     "algo.name",
     "algo.k",
     "algo.daro_parameterization",
@@ -66,6 +69,13 @@ COMPAT_KEYS = (
 )
 
 _ABSENT = "<absent>"
+# The value of a compat field absent from a checkpoint's config (written before it existed):
+# its default in configs/base.py.
+COMPAT_DEFAULTS = {
+    "model.lora.rank": 0,
+    "model.lora.alpha": 16.0,
+    "model.lora.targets": "q,k,v,o,gate,up,down",
+}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -306,10 +316,15 @@ def check_compatible(
     ("algo.k"). Other fields (learning rate, steps, logging) may change on resume.
     """
     saved, current = _as_dict(saved_config), _as_dict(current_config)
+
+    def value(config, key):
+        found = _lookup(config, key)
+        return COMPAT_DEFAULTS.get(key, found) if found == _ABSENT else found
+
     diffs = [
-        f"{key}: checkpoint {_lookup(saved, key)!r}, this run {_lookup(current, key)!r}"
+        f"{key}: checkpoint {value(saved, key)!r}, this run {value(current, key)!r}"
         for key in keys
-        if _lookup(saved, key) != _lookup(current, key)
+        if value(saved, key) != value(current, key)
     ]
     if diffs:
         raise IncompatibleCheckpointError(
@@ -318,6 +333,21 @@ def check_compatible(
             + "\nSet these fields back to the checkpoint's values to resume, "
             "or pass a fresh --workdir to start a new run."
         )
+
+
+def check_base(meta: Mapping[str, Any], base: Mapping[str, str]) -> None:
+    """Raises IncompatibleCheckpointError when a LoRA checkpoint's adapters were trained on
+    another base than this run's: meta["base"] and `base` are {"path", "digest"} (the base's
+    model.path and `models.lora.base_digest`)."""
+    saved = meta.get("base")
+    if saved is None or saved["digest"] == base["digest"]:
+        return
+    raise IncompatibleCheckpointError(
+        f"The checkpoint's LoRA adapters were trained on the base {saved['path']} (digest "
+        f"{saved['digest'][:12]}), but this run's base {base['path']} has different weights "
+        f"(digest {base['digest'][:12]}); load the base the adapters were trained on, or pass "
+        "a fresh --workdir."
+    )
 
 
 # Read-only access (evaluation): it never cleans up, so a save in flight of a running

@@ -40,6 +40,7 @@ RULES: Rules = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 _REPLICATED: set[str] = set()  # indivisible dimensions already logged

@@ -93,3 +93,26 @@ def run_processes(script, num_processes: int, devices_each: int, *args, timeout=
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def lora_model(model, rank: int = 4, targets: str = ".*", std: float = 0.05, seed: int = 0):
+    """`model` with LoRA adapters (`from_config.with_adapters`, alpha = 2·rank) whose
+    B is random N(0, std²) instead of zero, so that the adapters change the model."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from daro_jax.models import lora
+    from daro_jax.models.from_config import with_adapters
+
+    section = ConfigDict({"lora": {"rank": rank, "alpha": 2.0 * rank, "targets": targets}})
+    section.lora.dtype = "float32"
+    adapted = with_adapters(model, section, seed)
+    base, adapters = lora.split(adapted.params)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(adapters)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    new = [
+        std * jax.random.normal(key, x.shape, x.dtype) if path[-1].key == "lora_b" else x
+        for (path, x), key in zip(leaves, keys, strict=True)
+    ]
+    params = lora.combine(base, jax.tree_util.tree_unflatten(tree, new))
+    return type(model)(adapted.config, params, adapted.tokenizer, adapted.mesh)

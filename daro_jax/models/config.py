@@ -28,7 +28,9 @@ class ModelConfig:
     (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), kept as
     a tuple so the config is hashable and can be a static jit argument. `remat`: each
     scanned layer under `nn.remat` with the `jax.checkpoint_policies` entry named by
-    `remat_policy` (what its forward keeps for the backward pass).
+    `remat_policy` (what its forward keeps for the backward pass). `lora_rank` > 0: the
+    projections named in `lora_targets` carry LoRA adapters (`models.lora`) scaled by
+    lora_alpha / lora_rank, stored in `lora_dtype`.
     """
 
     model_type: str
@@ -52,6 +54,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
+    lora_dtype: str = "float32"
 
     @property
     def compute_dtype(self):
@@ -60,6 +66,11 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def lora_scale(self) -> float:
+        """s = alpha / r of W + s·B·A."""
+        return self.lora_alpha / self.lora_rank
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -1,9 +1,14 @@
-"""Export a `Model` to an HF checkpoint directory that transformers loads as it is.
+"""Export a `Model` to an HF checkpoint directory that transformers loads as it is, and a
+LoRA policy's adapters alone in PEFT's layout.
 
-Writes config.json (a transformers config class built from our `ModelConfig`),
+`export` writes config.json (a transformers config class built from our `ModelConfig`),
 safetensors shards of at most `max_shard_bytes` (with model.safetensors.index.json when
-there are several) and the tokenizer files. Every process takes part in gathering the
-sharded params; process 0 alone writes.
+there are several) and the tokenizer files; a model with LoRA adapters is written merged,
+W + s·B·A (`lora.merged`). `export_adapters` writes adapter_config.json and
+adapter_model.safetensors (lora_A.weight [r, in], lora_B.weight [out, r] of each targeted
+`model.layers.{i}.<module>`, scaling lora_alpha / r), which `peft.PeftModel.from_pretrained`
+loads on the base model. Every process takes part in gathering the sharded params; process
+0 alone writes.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import transformers
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from daro_jax.models import hf_io
+from daro_jax.models import hf_io, lora
 from daro_jax.models.config import ModelConfig
 
 _CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def hf_config(cfg: ModelConfig, dtype: str | None = None):
@@ -100,7 +107,9 @@ def export(model, directory: str, dtype: str | None = None, max_shard_bytes: int
     dtype: storage dtype of the tensors (default: the params' dtype). Each shard is written
     as soon as its tensors are gathered, so host memory holds one leaf and one shard.
     """
-    cfg = model.config
+    cfg, params = model.config, model.params
+    if cfg.lora_rank:
+        cfg, params = cfg.replace(lora_rank=0, lora_targets=()), lora.merged(params, cfg)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(directory, exist_ok=True)
@@ -116,7 +125,7 @@ def export(model, directory: str, dtype: str | None = None, max_shard_bytes: int
     ]
     last_of_shard = {n: name for name, n in plan.items()}
     shard: dict[str, np.ndarray] = {}
-    for name, array in hf_tensors(model.params, cfg, dtype):
+    for name, array in hf_tensors(params, cfg, dtype):
         shard[name] = array
         if last_of_shard[plan[name]] == name:
             if writer:
@@ -130,4 +139,48 @@ def export(model, directory: str, dtype: str | None = None, max_shard_bytes: int
         with open(os.path.join(directory, hf_io.INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
     multihost_utils.sync_global_devices(f"export {directory}")
+    return directory
+
+
+def peft_tensors(params: dict, cfg: ModelConfig):
+    """Yield (PEFT tensor name, float32 array) of every adapter of `params`, layer by layer:
+    lora_A [r, in] and lora_B [out, r] of HF module `model.layers.{i}.<module>`."""
+    for name in cfg.lora_targets:
+        (group, proj), module = lora.PROJECTIONS[name]
+        leaves = params["layers"][group][proj]
+        a, b = (_host(leaves[n]).astype(np.float32) for n in ("lora_a", "lora_b"))
+        for i in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            yield f"{prefix}.lora_A.weight", a[i].reshape(cfg.lora_rank, -1)
+            yield f"{prefix}.lora_B.weight", b[i].reshape(-1, cfg.lora_rank)
+
+
+def export_adapters(model, directory: str, base_path: str) -> str:
+    """Write the LoRA adapters of `model` into `directory` in PEFT's layout (module
+    docstring), naming `base_path` (an HF checkpoint directory or hub id) as the base;
+    returns `directory`."""
+    cfg = model.config
+    if not cfg.lora_rank:
+        raise ValueError("export_adapters: the model has no LoRA adapters (model.lora.rank=0).")
+    tensors = dict(peft_tensors(model.params, cfg))
+    targets = cfg.lora_targets
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_path,
+            "r": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "target_modules": sorted(lora.PROJECTIONS[n][1].split(".")[-1] for n in targets),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "inference_mode": True,
+        }
+        with open(os.path.join(directory, PEFT_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), {"format": "pt"})
+    multihost_utils.sync_global_devices(f"export_adapters {directory}")
     return directory

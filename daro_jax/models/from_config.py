@@ -9,28 +9,49 @@ import jax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from daro_jax.models import lora
 from daro_jax.models.model import Model, load, param_shardings
+
+
+def lora_rank(section: ConfigDict | Mapping) -> int:
+    """model.lora.rank of a `model` section (0 when it has no lora section: a config saved
+    before LoRA existed)."""
+    return int(ConfigDict(section).get("lora", ConfigDict({"rank": 0})).get("rank", 0))
+
+
+def with_adapters(model: Model, section: ConfigDict, seed: int) -> Model:
+    """`model` with fresh LoRA adapters (`lora.init_adapters` with key(seed)) per
+    `section.lora`, or unchanged when its rank is 0."""
+    if not lora_rank(section):
+        return model
+    cfg = lora.configure(model.config, section.lora)
+    shardings = lora.split(param_shardings(cfg, model.mesh))[1]
+    adapters = lora.init_adapters(cfg, jax.random.key(seed), shardings)
+    return dataclasses.replace(model, config=cfg, params=lora.combine(model.params, adapters))
 
 
 def from_config(
     section: ConfigDict | Mapping, mesh: Mesh, *, seed: int, abstract: bool = False
 ) -> Model:
     """`models.load` of a config's `model` section: path, dtype, param_dtype, init_random
-    (random N(0, 0.02²) params drawn with `seed`) and arch_overrides. `section` is the
-    ConfigDict or the plain dict a checkpoint's meta stores.
+    (random N(0, 0.02²) params drawn with `seed`) and arch_overrides, with LoRA adapters
+    when lora.rank > 0 (`with_adapters`; the base then held in the compute dtype, `dtype`).
+    `section` is the ConfigDict or the plain dict a checkpoint's meta stores.
 
     abstract=True: the params are `jax.ShapeDtypeStruct`s carrying their shardings on
     `mesh` (`jax.eval_shape` of a random init: nothing is read, allocated or compiled;
     the tokenizer and config are read as usual), e.g. the target of a checkpoint restore.
     """
     m = ConfigDict(section)
-    options = dict(param_dtype=m.param_dtype, seed=seed, overrides=m.arch_overrides.to_dict())
+    param_dtype = m.dtype if lora_rank(m) else m.param_dtype
+    options = dict(param_dtype=param_dtype, seed=seed, overrides=m.arch_overrides.to_dict())
     if not abstract:
-        return load(m.path, m.dtype, mesh, random_init=m.init_random, **options)
+        model = load(m.path, m.dtype, mesh, random_init=m.init_random, **options)
+        return with_adapters(model, m, seed)
     loaded = {}
 
     def params():
-        model = load(m.path, m.dtype, mesh, random_init=True, **options)
+        model = with_adapters(load(m.path, m.dtype, mesh, random_init=True, **options), m, seed)
         loaded["shell"] = dataclasses.replace(model, params=None)
         return model.params
 

@@ -122,10 +122,26 @@ def attend(q, k, v, allowed, shared=None, shared_allowed=None) -> jnp.ndarray:
     return out.transpose(0, 2, 1, 3, 4).astype(q.dtype)
 
 
+def lora_a_init(key, shape, dtype):
+    """U(−1/√fan_in, 1/√fan_in) for A [r, *in] (PEFT's default for lora_A)."""
+    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _matmul_t(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """x [rows, in] · wᵀ for w [out, in]."""
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+
+
 class Linear(nn.Module):
     """y = x · Wᵀ + b over the trailing len(in_axes) axes of x; W [*out_shape, *in] (HF's
     [out, in] with each side split into named axes), computed as one 2-D matmul of the
-    [rows, in] view of x and the [out, in] view of W."""
+    [rows, in] view of x and the [out, in] view of W.
+
+    lora_rank r > 0 adds LoRA's low-rank path: y = x · Wᵀ + s · (x · Aᵀ) · Bᵀ + b with
+    A "lora_a" [r, *in] (`lora_a_init`) and B "lora_b" [*out_shape, r] (zeros, so the layer
+    starts as the base layer exactly), in `lora_dtype`, computed in `dtype`; s = lora_scale.
+    """
 
     out_shape: tuple[int, ...]
     out_axes: tuple[str, ...]
@@ -133,20 +149,35 @@ class Linear(nn.Module):
     use_bias: bool
     dtype: Any
     param_dtype: Any
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    lora_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         lead = x.shape[: x.ndim - len(self.in_axes)]
+        in_shape = x.shape[len(lead) :]
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(
                 nn.initializers.normal(INIT_STD), self.out_axes + self.in_axes
             ),
-            self.out_shape + x.shape[len(lead) :],
+            self.out_shape + in_shape,
             self.param_dtype,
         )
         w = kernel.astype(self.dtype).reshape(math.prod(self.out_shape), -1)
-        y = lax.dot_general(x.reshape(-1, w.shape[1]), w, (((1,), (1,)), ((), ())))
+        rows = x.reshape(-1, w.shape[1])
+        y = _matmul_t(rows, w)
+        if self.lora_rank:
+            r = self.lora_rank
+            a_init = nn.with_logical_partitioning(lora_a_init, ("lora_rank",) + self.in_axes)
+            b_init = nn.with_logical_partitioning(
+                nn.initializers.zeros, self.out_axes + ("lora_rank",)
+            )
+            a = self.param("lora_a", a_init, (r,) + in_shape, self.lora_dtype)
+            b = self.param("lora_b", b_init, self.out_shape + (r,), self.lora_dtype)
+            low = _matmul_t(rows, a.astype(self.dtype).reshape(r, -1)) * self.lora_scale
+            y = y + _matmul_t(low.astype(self.dtype), b.astype(self.dtype).reshape(-1, r))
         y = y.reshape(*lead, *self.out_shape)
         if self.use_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes)
@@ -166,8 +197,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.param("scale", init, (x.shape[-1],), self.param_dtype), self.eps)
 
 
-def _linear(cfg: ModelConfig, **kwargs) -> Linear:
-    return Linear(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, **kwargs)
+def _linear(cfg: ModelConfig, name: str, **kwargs) -> Linear:
+    """The projection `name` (q, k, v, o, gate, up, down), with LoRA adapters when `cfg`
+    targets it."""
+    lora = {}
+    if cfg.lora_rank and name in cfg.lora_targets:
+        lora = dict(
+            lora_rank=cfg.lora_rank,
+            lora_scale=cfg.lora_scale,
+            lora_dtype=jnp.dtype(cfg.lora_dtype),
+        )
+    return Linear(
+        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name, **kwargs, **lora
+    )
 
 
 class Attention(nn.Module):

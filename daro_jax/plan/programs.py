@@ -29,8 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from daro_jax import hosts, sharding
 from daro_jax.algo import presets
+from daro_jax.models import lora, packed
 from daro_jax.models import model as model_io
-from daro_jax.models import packed
 from daro_jax.models.config import ModelConfig
 from daro_jax.plan import chips, costs
 from daro_jax.train import packing, rollout, update
@@ -98,7 +98,8 @@ KNOWN_HF_CONFIGS = {
 
 def model_config(config) -> ModelConfig:
     """The decoder config of `config.model`, from config.json without loading weights (the
-    paper's models from KNOWN_HF_CONFIGS, so that their plans work offline)."""
+    paper's models from KNOWN_HF_CONFIGS, so that their plans work offline), with its LoRA
+    adapters (the base then in the compute dtype, as `models.from_config` loads it)."""
     m = config.model
     overrides = m.arch_overrides.to_dict()
     path = m.path
@@ -110,8 +111,9 @@ def model_config(config) -> ModelConfig:
     else:
         local = path == model_io.SMOLLM2_ALIAS or os.path.exists(path)
         hf = model_io._hf_config(model_io._resolve(path) if local else path, overrides)
-    cfg = ModelConfig.from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype)
-    return cfg.replace(remat=bool(m.remat))
+    param_dtype = m.dtype if m.lora.rank else m.param_dtype
+    cfg = ModelConfig.from_hf(hf, dtype=m.dtype, param_dtype=param_dtype)
+    return lora.configure(cfg, m.lora).replace(remat=bool(m.remat))
 
 
 def device_bytes(tree) -> int:
@@ -138,12 +140,15 @@ class StepProgram:
 def step_programs(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, state) -> list:
     """The sampler, the logprob pass (old policy when a step makes several updates, and the
     reference when kl_beta > 0) and the update, as `train.loop.build` builds them, for the
-    longest step of `config` (module docstring)."""
+    longest step of `config` (module docstring). With LoRA the programs take the frozen
+    base (`train.state.abstract_base`) beside the state, as training does."""
     t, s = config.train, config.sampler
     b, k, p, n = t.batch_prompts, spec.k, s.max_prompt_tokens, s.max_new_tokens
     blocks, rows = sharding.prompt_blocks(b // t.minibatches, t.prompt_blocks, mesh), t.block_rows
     updates = train_state.updates_per_step(t)
-    params, params_bytes = state["params"]["model"], device_bytes(state["params"]["model"])
+    base = train_state.abstract_base(cfg, mesh)
+    params = lora.combine(base, state["params"]["model"])
+    params_bytes = device_bytes(params)
     sample = rollout.make_sampler(s, cfg, k, p, cfg.eos_token_ids, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     prompts = _rows((b, p), jnp.int32, mesh)
@@ -167,9 +172,10 @@ def step_programs(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, state)
     batch |= {"group_ids": _rows((per * k,), jnp.int32, mesh)}
     tx = train_state.optimizer(config, state["params"], spec)
     jitted = update.jit_update(mesh, train_state.shardings(state))
-    lower = functools.partial(jitted.lower, state, batch, tx=tx, s=settings)
+    lower = functools.partial(jitted.lower, state, batch, tx=tx, s=settings, base=base)
     dynamic = (packing.chunk_slots(per // blocks, k, rows),)
-    programs.append(StepProgram("update", updates, lower, dynamic, device_bytes(state)))
+    resident = device_bytes(state) + device_bytes(base)
+    programs.append(StepProgram("update", updates, lower, dynamic, resident))
     return programs
 
 

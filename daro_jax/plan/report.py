@@ -248,18 +248,19 @@ def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
     state = train_state.abstract_state(config, cfg, spec, mesh)
     device_bytes = programs.device_bytes
-    params = device_bytes(state["params"]["model"])
+    trained = device_bytes(state["params"]["model"])
+    base = train_state.abstract_base(cfg, mesh)
     resident = {
-        "params": params,
+        "params": trained + device_bytes(base),
         "optimizer state": device_bytes(state["opt"]),
         "DARO weights": device_bytes(state["params"]["daro"]),
-        "reference params": params if spec.kl_beta > 0 else 0,
+        "reference params": trained if spec.kl_beta > 0 else 0,  # LoRA: the base is shared
     }
     step = programs.step_programs(config, cfg, spec, mesh, state)
     total = sum(resident.values())
     t, s = config.train, config.sampler
     per = t.batch_prompts // t.minibatches
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]["model"]))
+    n_params = sum(x.size for x in jax.tree.leaves((base, state["params"]["model"])))
     return Plan(
         title=title or str(config.model.path),
         topology=name,

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from daro_jax import checkpoint, data, evaluation, hosts, metrics, models, rewards, sharding
 from daro_jax.algo import presets
+from daro_jax.models import lora
 from daro_jax.sampling import sampler
 from daro_jax.train import checks, rollout, state, update
 
@@ -45,6 +46,8 @@ class Run:
     mesh: Mesh
     spec: presets.AlgoSpec
     model: models.Model  # config (with remat), tokenizer and mesh; params live in `state`
+    base: dict | None  # LoRA: the frozen base params (the state trains the adapters); else None
+    base_meta: dict | None  # LoRA: the base's path and digest, in every checkpoint's meta
     examples: list[dict]
     iterator: data.PromptIterator
     state: dict
@@ -73,6 +76,7 @@ def build(config) -> Run:
     # Model, then the problems' prompts with its tokenizer.
     model = models.from_config(config.model, mesh, seed=config.seed)
     cfg = model.config.replace(remat=config.model.remat)
+    base, trained = state.frozen(cfg, model.params), state.trained(cfg, model.params)
     examples = data.prepare_train_prompts(
         model.tokenizer, problems, config.data, config.sampler.max_prompt_tokens
     )
@@ -83,8 +87,10 @@ def build(config) -> Run:
     abstract = state.abstract_state(config, cfg, spec, mesh)
     tx = state.optimizer(config, abstract["params"], spec)
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
-    ref_params = jax.tree.map(jnp.copy, model.params) if spec.kl_beta > 0 else None
-    train_state = state.init_state(model.params, spec, tx, abstract)
+    ref_params = None
+    if spec.kl_beta > 0:  # the initial policy; with LoRA the base is shared, not copied
+        ref_params = lora.combine(base, jax.tree.map(jnp.copy, trained))
+    train_state = state.init_state(trained, spec, tx, abstract)
     # The jitted programs: update (state donated), logprob passes, sampler, advantages.
     s = config.sampler
     prompt_len = max(len(e["prompt_ids"]) for e in examples)
@@ -97,6 +103,8 @@ def build(config) -> Run:
         mesh=mesh,
         spec=spec,
         model=dataclasses.replace(model, config=cfg, params=None),
+        base=base,
+        base_meta=None if base is None else state.base_meta(config.model.path, base),
         examples=examples,
         iterator=iterator,
         state=train_state,
@@ -114,6 +122,12 @@ def build(config) -> Run:
     )
 
 
+def policy(run: Run) -> dict:
+    """The current policy's params: the trained params, or with LoRA the base and the
+    adapters together (`lora.combine`: no copy)."""
+    return lora.combine(run.base, run.state["params"]["model"])
+
+
 def collect(run: Run, step: int, pool, timers: dict):
     """Rewards [b, K], rollouts [b, K, ...] of this process's prompts, and the dynamic-
     sampling metrics (`rollout.collect`; the rollout is None when no prompt was kept).
@@ -121,7 +135,7 @@ def collect(run: Run, step: int, pool, timers: dict):
 
     def draw(attempt: int):
         examples, key = next(run.iterator), run.rollout_key(step, attempt)
-        params, tokenizer = run.state["params"]["model"], run.model.tokenizer
+        params, tokenizer = policy(run), run.model.tokenizer
         return rollout.sample_and_score(run.sample, params, examples, key, tokenizer, pool, timers)
 
     process = (jax.process_index(), jax.process_count())
@@ -143,7 +157,7 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
     if s.on_policy:
         batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
     else:
-        batch["old_logp"] = run.logprobs(run.state["params"]["model"], everything, s=s)
+        batch["old_logp"] = run.logprobs(policy(run), everything, s=s)
     if run.ref_params is not None:
         batch["ref_logp"] = run.logprobs(run.ref_params, everything, s=s)
     outs = []
@@ -153,7 +167,7 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
             rows_of = (prompts[:, None] * k + np.arange(k)).reshape(-1)
             minibatch = run.take_rows(batch, jnp.asarray(rows_of))
         minibatch |= update.packed_batch(host, prompts, blocks, rows, mesh)
-        run.state, out = run.update(run.state, minibatch, tx=run.tx, s=s)
+        run.state, out = run.update(run.state, minibatch, tx=run.tx, s=s, base=run.base)
         outs.append(out)
     return jax.device_get(outs), jax.device_get(stats)
 
@@ -210,8 +224,8 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
             for step in bar:
                 last = run_step(run, step, pool)
                 if evaluated := evaluator.due(step + 1):
-                    policy = dataclasses.replace(run.model, params=run.state["params"]["model"])
-                    last |= evaluator.run(policy, step + 1, pool)
+                    current = dataclasses.replace(run.model, params=policy(run))
+                    last |= evaluator.run(current, step + 1, pool)
                 if on_step is not None:
                     on_step(step, last)
                 if evaluated or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
@@ -220,6 +234,7 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
                 stop = checkpoint.any_process_preempted()
                 done = step + 1
                 meta = {"step": done, "data_position": run.iterator.state(), "config": saved}
+                meta |= {} if run.base_meta is None else {"base": run.base_meta}
                 ckpt.save(done, run.state, meta, force=stop or done == t.steps)
                 if stop:
                     logging.warning("SIGTERM: saved step %d, exiting", done)
@@ -233,7 +248,7 @@ def resume(run: Run, ckpt: checkpoint.Checkpointer, config: dict) -> int:
     """Restore `run`'s state and data position from the workdir's latest checkpoint
     (`state.restore`: onto the state's shardings, its config checked against `config`);
     returns the step to start at (0 without a checkpoint)."""
-    restored = state.restore(ckpt, run.state, config)
+    restored = state.restore(ckpt, run.state, config, run.base_meta)
     if restored is None:
         return 0
     run.state, meta = restored

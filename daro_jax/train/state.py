@@ -1,6 +1,10 @@
 """The train state {"params": {"model", "daro"}, "opt"}: its optimizer, its abstract form
 with every leaf's sharding, its jitted init and its restore from a checkpoint.
 
+"model" is what trains: the decoder params, or with LoRA (cfg.lora_rank > 0) the adapters
+alone (`lora.split`); the frozen base is then held apart, in the compute dtype, never in the
+state, the optimizer or the checkpoints (`abstract_base`; `lora.combine` makes the policy).
+
 The abstract state is what the update compiles for (its out_shardings), what a checkpoint
 is restored onto, and what the TPU plan compiles on (`daro_jax.plan.programs`): the model
 params by the decoder's logical axes (`models.param_shardings`), the DARO weights
@@ -15,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import checkpoint, models
 from daro_jax.algo import losses, optim, presets
-from daro_jax.models import decoder
+from daro_jax.models import decoder, lora
 from daro_jax.models.config import ModelConfig
 
 
@@ -36,10 +40,10 @@ def abstract_state(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh: Mesh)
     nothing is allocated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params = {
-        "model": jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0))),
+        "model": trained(cfg, jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))),
         "daro": jax.eval_shape(lambda: losses.init_daro_weights(spec)),
     }
-    shardings = {"model": models.param_shardings(cfg, mesh), "daro": replicated}
+    shardings = {"model": trained(cfg, models.param_shardings(cfg, mesh)), "daro": replicated}
     opt_state = jax.eval_shape(optimizer(config, params, spec).init, params)
     shardings = {
         "params": shardings,
@@ -49,6 +53,29 @@ def abstract_state(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh: Mesh)
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         {"params": params, "opt": opt_state},
         shardings,
+    )
+
+
+def trained(cfg: ModelConfig, tree: dict) -> dict:
+    """The part of a decoder params tree (or a tree of the same structure) that trains: the
+    adapters with LoRA, all of it without."""
+    return lora.split(tree)[1] if cfg.lora_rank else tree
+
+
+def frozen(cfg: ModelConfig, tree: dict) -> dict | None:
+    """The frozen base of a decoder params tree with LoRA; None without."""
+    return lora.split(tree)[0] if cfg.lora_rank else None
+
+
+def abstract_base(cfg: ModelConfig, mesh: Mesh) -> dict | None:
+    """The frozen base as ShapeDtypeStructs with their shardings (None without LoRA)."""
+    if not cfg.lora_rank:
+        return None
+    shapes = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        frozen(cfg, shapes),
+        frozen(cfg, models.param_shardings(cfg, mesh)),
     )
 
 
@@ -68,15 +95,27 @@ def init_state(model_params, spec: presets.AlgoSpec, tx, abstract: dict) -> dict
     return jax.jit(init, donate_argnums=0, out_shardings=shardings(abstract))(model_params)
 
 
-def restore(ckpt: checkpoint.Checkpointer, like: dict, config: dict) -> tuple[dict, dict] | None:
+def restore(
+    ckpt: checkpoint.Checkpointer, like: dict, config: dict, base: dict | None = None
+) -> tuple[dict, dict] | None:
     """(state, meta) of the latest checkpoint of `ckpt`, each array read onto the sharding of
     its counterpart in `like` (this run's state), after `checkpoint.check_compatible` of the
-    checkpoint's config with `config`; None without a checkpoint."""
+    checkpoint's config with `config` and, with LoRA, `checkpoint.check_base` of the base it
+    was trained on (its meta's "base") against this run's `base` (`base_meta`); None
+    without a checkpoint."""
     meta = ckpt.restore_meta()
     if meta is None:
         return None
     checkpoint.check_compatible(meta["config"], config)
+    if base is not None:
+        checkpoint.check_base(meta, base)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
     )
     return ckpt.restore(target)
+
+
+def base_meta(path: str, base: dict) -> dict:
+    """What a LoRA checkpoint's meta records of its base: its model.path and its
+    `lora.base_digest`."""
+    return {"path": path, "digest": lora.base_digest(base)}

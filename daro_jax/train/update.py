@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import hosts, sharding
 from daro_jax.algo import losses, presets
-from daro_jax.models import packed
+from daro_jax.models import lora, packed
 from daro_jax.models.config import ModelConfig
 from daro_jax.train import packing
 
@@ -101,8 +101,10 @@ def batch_logprobs(model_params, batch: dict, s: UpdateSettings) -> jax.Array:
     return lax.fori_loop(0, batch["n_chunks"], body, jnp.zeros((rows, c), jnp.float32))
 
 
-def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettings):
-    """∇ of Σ_chunks microbatch_loss and the metric sums (`losses.microbatch_loss`).
+def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettings, base=None):
+    """∇ of Σ_chunks microbatch_loss and the metric sums (`losses.microbatch_loss`) w.r.t.
+    `params` {"model", "daro"}; the policy is `lora.combine(base, params["model"])` (with
+    LoRA the frozen base and the adapters; the base gets no gradient).
 
     The prompts are forwarded once (`packed.prompt_blocks`, under `jax.vjp`); each chunk's
     gradient w.r.t. the parameters, the prompts' last hidden states and their caches is
@@ -115,13 +117,18 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
 
     def prompts(model_params):
         return packed.prompt_blocks(
-            model_params, s.cfg, batch["prompt_tokens"], batch["prompt_mask"], blocks
+            lora.combine(base, model_params),
+            s.cfg,
+            batch["prompt_tokens"],
+            batch["prompt_mask"],
+            blocks,
         )
 
     (last, cache), pull_back = jax.vjp(prompts, params["model"])
 
     def loss_fn(p, last, cache, chunk):
-        logp, entropy = _chunk_logprobs(p["model"], last, cache, batch["prompt_mask"], chunk, s)
+        policy = lora.combine(base, p["model"])
+        logp, entropy = _chunk_logprobs(policy, last, cache, batch["prompt_mask"], chunk, s)
         inside = to_rows(jnp.ones(logp.shape, jnp.float32), chunk, s.spec.k, g, rows)
         logp, entropy = (to_rows(x, chunk, s.spec.k, g, rows) for x in (logp, entropy))
         part = tb._replace(mask=tb.mask * inside)
@@ -160,8 +167,11 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
 UPDATE_SCALARS = ("loss", "grad_norm", "grad_norm_daro")  # per update; checked finite
 
 
-def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings):
-    """One optimizer update on a minibatch; returns (new state, its outputs).
+def update_step(
+    state: dict, batch: dict, tx: optax.GradientTransformation, s: UpdateSettings, base=None
+):
+    """One optimizer update on a minibatch; returns (new state, its outputs). `base`: the
+    frozen base params with LoRA (read, never updated nor copied), None without.
 
     batch: prompt_tokens, prompt_mask [b, P] and the packed completions chunk_tokens,
     chunk_segments, chunk_offsets [G, S, R, C] with n_chunks (`packing.pack_blocks`);
@@ -183,7 +193,7 @@ def update_step(state: dict, batch: dict, tx: optax.GradientTransformation, s: U
         ref_logp=batch.get("ref_logp"),
         sampler_logp=batch["sampler_logp"],
     )
-    grads, sums = update_gradients(params, batch, tb, s)
+    grads, sums = update_gradients(params, batch, tb, s, base)
     out = {
         "loss": sums["loss"],
         "grad_norm": optax.tree.norm(grads["model"]),

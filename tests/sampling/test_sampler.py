@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import softmax
+from helpers import lora_model, softmax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -105,12 +105,19 @@ def test_greedy_matches_transformers_generate(smollm2_model, one_torch_thread):
 # ---- Tiny random models ----
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 5)])
-def test_logprobs_equal_training_forward_at_temperature(tiny, tiny_prompts, temperature, top_k):
+@pytest.mark.parametrize(
+    "temperature,top_k,adapters",
+    [(1.0, 0, False), (0.7, 0, False), (1.3, 5, False), (0.7, 0, True)],
+)
+def test_logprobs_equal_training_forward_at_temperature(
+    tiny, tiny_prompts, temperature, top_k, adapters
+):
     """At T and with top-k the sampler's logprob is of the renormalised distribution; with
     no truncation it equals the training forward at T, with top-k it is larger by the
-    log-mass of the kept tokens (checked via NumPy on the full logits)."""
+    log-mass of the kept tokens (checked via NumPy on the full logits). With LoRA adapters
+    (B random, so they change the model) the sampler decodes the adapted policy."""
     _, tokens, mask = tiny_prompts
+    tiny = lora_model(tiny) if adapters else tiny
     fn = sampler.make_sampler(
         tiny.config, k=2, max_new_tokens=10, prompt_len=16, temperature=temperature, top_k=top_k
     )
