@@ -22,8 +22,12 @@ padded prompt + completion length; ours: each prompt once per unit of q completi
 the rows its completions are packed into × max_new_tokens).
 
     python -m bench.step [--steps 3] [--warmup 1] [--max-new-tokens 128] [--threads 2]
+        [--lora-rank R] [--vs-lora R]
 
-Last line: `RL step vs TRL GRPOTrainer: X.XXx` (TRL seconds per step ÷ ours).
+Last line: `RL step vs TRL GRPOTrainer: X.XXx` (TRL seconds per step ÷ ours). `--lora-rank R`
+runs our side with LoRA adapters of rank R on every projection. `--vs-lora R` times our
+full fine-tuning against our LoRA of rank R instead of TRL, alternating step by step in one
+process; last line `RL step, full fine-tuning vs LoRA rank R: X.XXx` (full seconds ÷ LoRA).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=8, help="responses per prompt (K)")
     parser.add_argument("--algo", default="", help="our algo.name (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--lora-rank", type=int, default=0, help="our LoRA rank (0 = off)")
+    parser.add_argument(
+        "--vs-lora", type=int, default=0, help="time our full fine-tuning vs LoRA of this rank"
+    )
     parser.add_argument("--skip-trl", action="store_true", help="time our side only")
     parser.add_argument(
         "--skip-ours", action="store_true", help="time TRL only (our trainer still exports)"
@@ -83,6 +91,7 @@ def recipe(args):
     config.train.ppo_epochs = 1
     config.train.minibatches = 1
     config.model.dtype = config.model.param_dtype = "float32"
+    config.model.lora.rank = args.lora_rank
     if args.algo:
         config.algo.name = args.algo
     return config
@@ -155,13 +164,14 @@ class Ours:
         from daro_jax.train import loop
 
         self.args = args
+        self.label = f"ours LoRA r={args.lora_rank}" if args.lora_rank else "ours"
         self.config = config = recipe(args)
         self.clock = CompileClock()
         t0 = time.perf_counter()
         self.loop = loop
         self.run = run = loop.build(config)
         build_s = time.perf_counter() - t0
-        policy = dataclasses.replace(run.model, params=run.state["params"]["model"])
+        policy = dataclasses.replace(run.model, params=loop.policy(run))
         models.export(policy, export_dir)
         order = data.PromptIterator(
             run.examples,
@@ -199,7 +209,7 @@ class Ours:
         release_memory()
         self.steps.append(m)
         print(
-            f"ours step {step}{' (warm-up)' if step < self.args.warmup else ''}: "
+            f"{self.label} step {step}{' (warm-up)' if step < self.args.warmup else ''}: "
             f"{m['time/step_s']:.2f} s = sampler {m['time/sampler_s']:.2f} "
             f"+ reward {m['time/reward_s']:.2f} + update {m['time/update_s']:.2f} "
             f"+ other {other_s(m):.2f}; compile inside {m['compile_s']:.2f} s; "
@@ -373,6 +383,9 @@ def main() -> None:
         f"{load_average()}); {args.warmup} warm-up + {args.steps} timed steps per side",
         flush=True,
     )
+    if args.vs_lora:
+        vs_lora(args)
+        return
     with tempfile.TemporaryDirectory() as export_dir:
         ours = Ours(args, export_dir)
         with ours.pool:
@@ -386,16 +399,7 @@ def main() -> None:
     if args.skip_ours:
         print_trl(args, trl)
         return
-    mine = ours.summary()
-    print(
-        f"ours, s/step (mean of {args.steps}): {mine['step']:.2f} = sampler "
-        f"{mine['sampler']:.2f} ({mine['sampler_tok_s']:.0f} tok/s) + reward {mine['reward']:.2f} "
-        f"+ update {mine['update']:.2f} ({mine['update_tok_s']:.0f} tok/s) + other "
-        f"{mine['other']:.2f}; mean completion {mine['length']:.1f} tokens; "
-        f"{padding_line(mine['positions'])}; warm-up {mine['warmup_step']:.1f} s of which "
-        f"compile {mine['compile_warmup']:.1f} s; compile in timed steps "
-        f"{mine['compile_timed']:.1f} s"
-    )
+    mine = print_ours(args, ours)
     if trl is None:
         return
     print_trl(args, trl)
@@ -405,6 +409,36 @@ def main() -> None:
         f"({mine['compile_timed']:.1f} s: compiled after the warm-up): {trl['step'] / steady:.2f}x"
     )
     print(f"RL step vs TRL GRPOTrainer: {trl['step'] / mine['step']:.2f}x")
+
+
+def vs_lora(args) -> None:
+    """Our full fine-tuning and our LoRA of rank args.vs_lora on the same batches,
+    alternating step by step (module docstring)."""
+    lora_args = argparse.Namespace(**{**vars(args), "lora_rank": args.vs_lora})
+    with tempfile.TemporaryDirectory() as full_dir, tempfile.TemporaryDirectory() as lora_dir:
+        full, lora = Ours(args, full_dir), Ours(lora_args, lora_dir)
+        with full.pool, lora.pool:
+            for step in range(args.warmup + args.steps):
+                full.step(step)
+                lora.step(step)
+    full_s, lora_s = print_ours(args, full)["step"], print_ours(args, lora)["step"]
+    print(f"load average at the end: {load_average()}")
+    print(f"RL step, full fine-tuning vs LoRA rank {args.vs_lora}: {full_s / lora_s:.2f}x")
+
+
+def print_ours(args, ours: Ours) -> dict:
+    """Print and return the summary of our side's timed steps."""
+    mine = ours.summary()
+    print(
+        f"{ours.label}, s/step (mean of {args.steps}): {mine['step']:.2f} = sampler "
+        f"{mine['sampler']:.2f} ({mine['sampler_tok_s']:.0f} tok/s) + reward {mine['reward']:.2f} "
+        f"+ update {mine['update']:.2f} ({mine['update_tok_s']:.0f} tok/s) + other "
+        f"{mine['other']:.2f}; mean completion {mine['length']:.1f} tokens; "
+        f"{padding_line(mine['positions'])}; warm-up {mine['warmup_step']:.1f} s of which "
+        f"compile {mine['compile_warmup']:.1f} s; compile in timed steps "
+        f"{mine['compile_timed']:.1f} s"
+    )
+    return mine
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     nice -n 5 python -m bench.tpu_plan [--only LABEL ...]
 
 One `daro_jax.plan.make_plan` per setup in SETUPS: the three paper recipes on their
-target TPUs, and the 1.5B on a single-host v5e-8 and v6e-8. Each compiles the sampler,
+target TPUs, the 1.5B on a single-host v5e-8 and v6e-8, and LoRA of the 7B and the 8B on
+a single-host v5e-8 and v6e-8. Each compiles the sampler,
 the logprob pass and the update with libtpu on this machine (no TPU), so everything
 except the compile time is a compiler estimate (see daro_jax/plan/report.py), not a measurement.
 Each setup's table row and report are kept in bench/tpu_plan.json; `--only` recompiles the
@@ -27,6 +28,11 @@ SINGLE_HOST = (
     "prompts a step, so the prompts per step are cut until the sampler fits, keeping at "
     "least one prompt per chip in each update."
 )
+LORA = (
+    "LoRA (rank 32, every projection): the base frozen in bf16, only the adapters and the DARO "
+    "weights in the optimizer; mesh fsdp 2 × tensor 4, since the sampler's decode copy of the "
+    "weights is whole along embed on every chip."
+)
 SETUPS = (  # label, recipe, overrides, why the overrides
     ("Qwen2.5-Math-1.5B", "qwen2_5_math_1_5b", {}, ""),
     ("Qwen2.5-Math-7B", "qwen2_5_math_7b", {}, ""),
@@ -42,6 +48,15 @@ SETUPS = (  # label, recipe, overrides, why the overrides
         "qwen2_5_math_1_5b",
         {"tpu.accelerator": "v6e-8", "train.batch_prompts": 32},
         SINGLE_HOST,
+    ),
+    ("Llama-3.1-8B LoRA, v5e-8", "llama8b_lora_v5e8", {}, LORA),
+    ("Llama-3.1-8B LoRA, v6e-8", "llama8b_lora_v5e8", {"tpu.accelerator": "v6e-8"}, LORA),
+    ("Qwen2.5-Math-7B LoRA, v5e-8", "qwen2_5_math_7b_lora_v5e8", {}, LORA),
+    (
+        "Qwen2.5-Math-7B LoRA, v6e-8",
+        "qwen2_5_math_7b_lora_v5e8",
+        {"tpu.accelerator": "v6e-8"},
+        LORA,
     ),
 )
 COLUMNS = (

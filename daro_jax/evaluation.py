@@ -48,6 +48,8 @@ from tqdm import tqdm
 from daro_jax import checkpoint as ckpt
 from daro_jax import data, models, rewards, sharding
 from daro_jax.eval_results import BenchmarkResult, scalars, write_results
+from daro_jax.models import lora
+from daro_jax.models.from_config import lora_rank
 from daro_jax.sampling import completions, sampler
 
 NO_PROMPT_LIMIT = 1 << 30
@@ -347,7 +349,9 @@ def load_policy(config, checkpoint: str | None, mesh, step: int | None = None):
 
     For a workdir, the model is the one described by the config saved with the checkpoint
     (model.path, param_dtype, arch_overrides) in `config.model.dtype`, with the model params
-    of checkpoint `step` (default: the latest), read-only (`checkpoint.restore_part`).
+    of checkpoint `step` (default: the latest), read-only (`checkpoint.restore_part`). With
+    LoRA (the saved model.lora.rank > 0) the base is loaded from model.path, checked against
+    the base the checkpoint names (`checkpoint.check_base`), and the adapters restored on it.
     """
     m = config.model
     if checkpoint is None:
@@ -358,10 +362,18 @@ def load_policy(config, checkpoint: str | None, mesh, step: int | None = None):
         return model, _label(checkpoint), {"model": checkpoint}
     step, meta = ckpt.read_meta(checkpoint, step)
     saved = meta["config"]["model"] | {"dtype": m.dtype}
-    shell = models.from_config(saved, mesh, seed=config.seed, abstract=True)
-    params = ckpt.restore_part(checkpoint, step, {"params": {"model": shell.params}})
+    adapted = lora_rank(saved) > 0
+    shell = models.from_config(saved, mesh, seed=config.seed, abstract=not adapted)
+    base, trained = lora.split(shell.params) if adapted else (None, shell.params)
+    if adapted:
+        ckpt.check_base(meta, lora.base_meta(saved["path"], base))
+        trained = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trained
+        )
+    params = ckpt.restore_part(checkpoint, step, {"params": {"model": trained}})
     info = {"model": saved["path"], "workdir": checkpoint, "step": step}
-    return dataclasses.replace(shell, params=params["params"]["model"]), f"step{step}", info
+    policy = lora.combine(base, params["params"]["model"])
+    return dataclasses.replace(shell, params=policy), f"step{step}", info
 
 
 def _label(path: str) -> str:

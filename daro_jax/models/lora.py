@@ -14,7 +14,7 @@ in PEFT's layout. `base_digest` names a base by a hash of a few of its values (a
 run checks it).
 
 Entry points: `configure`, `targets`, `split`, `combine`, `merged`, `init_adapters`,
-`base_digest`, `PROJECTIONS`.
+`base_digest`, `base_meta`, `PROJECTIONS`.
 """
 
 from __future__ import annotations
@@ -163,3 +163,9 @@ def base_digest(base: dict) -> str:
         sha.update(f"{jax.tree_util.keystr(path)} {w.shape} {w.dtype};".encode())
         sha.update(np.asarray(values).tobytes())
     return sha.hexdigest()
+
+
+def base_meta(path: str, base: dict) -> dict:
+    """What a LoRA checkpoint's meta records of its base: {"path": model.path, "digest":
+    `base_digest`} (`checkpoint.check_base` compares them)."""
+    return {"path": path, "digest": base_digest(base)}

@@ -104,7 +104,7 @@ def build(config) -> Run:
         spec=spec,
         model=dataclasses.replace(model, config=cfg, params=None),
         base=base,
-        base_meta=None if base is None else state.base_meta(config.model.path, base),
+        base_meta=None if base is None else lora.base_meta(config.model.path, base),
         examples=examples,
         iterator=iterator,
         state=train_state,

@@ -101,7 +101,7 @@ def restore(
     """(state, meta) of the latest checkpoint of `ckpt`, each array read onto the sharding of
     its counterpart in `like` (this run's state), after `checkpoint.check_compatible` of the
     checkpoint's config with `config` and, with LoRA, `checkpoint.check_base` of the base it
-    was trained on (its meta's "base") against this run's `base` (`base_meta`); None
+    was trained on (its meta's "base") against this run's `base` (`lora.base_meta`); None
     without a checkpoint."""
     meta = ckpt.restore_meta()
     if meta is None:
@@ -113,9 +113,3 @@ def restore(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
     )
     return ckpt.restore(target)
-
-
-def base_meta(path: str, base: dict) -> dict:
-    """What a LoRA checkpoint's meta records of its base: its model.path and its
-    `lora.base_digest`."""
-    return {"path": path, "digest": lora.base_digest(base)}

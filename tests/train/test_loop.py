@@ -109,9 +109,12 @@ def test_train_hands_periodic_eval_metrics_to_on_step(tmp_path):
     assert seen[1][name] == report["benchmarks"]["generated_heldout"]["mean@1"]
 
 
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rank", [0, 4])
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, rank):
+    """Also with LoRA (rank 4): its checkpoints hold the adapters, DARO weights and
+    optimizer alone, and the resumed run checks the base it restores onto."""
     monkeypatch.setattr(loop.rewards, "RewardPool", lambda *a, **k: _ContextPool(4))
-    config = tiny_config(**{"train.steps": 4, "train.ckpt_every": 2})
+    config = tiny_config(**{"train.steps": 4, "train.ckpt_every": 2, "model.lora.rank": rank})
     full: dict[int, dict] = {}
     loop.train(config, str(tmp_path / "full"), on_step=lambda s, m: full.setdefault(s, m))
 
@@ -133,6 +136,11 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     with checkpoint.Checkpointer(str(tmp_path / "resumed"), keep=3, every=2) as ckpt:
         assert ckpt.latest_step() == 4
         assert ckpt.restore_meta()["step"] == 4
+    if rank:  # the adapters of another base (the random init of another seed): refused
+        config.seed = 1
+        config.train.steps = 5
+        with pytest.raises(checkpoint.IncompatibleCheckpointError, match="trained on the base"):
+            loop.train(config, str(tmp_path / "resumed"))
 
 
 class _ContextPool(PatternPool):
@@ -163,3 +171,32 @@ def test_nonfinite_loss_stops_the_run_without_saving_it(tmp_path, monkeypatch):
         )
     assert meta["step"] == last
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_lora_trains_the_adapters_alone_and_the_base_stays_bit_identical():
+    """With LoRA the state, the gradients and the optimizer hold the adapters (and DARO
+    weights) alone; the frozen base is the same bits after updates; the sampler decodes the
+    adapted policy (its log-probs are the update's) and π_old is π before the first update."""
+    config = tiny_config(
+        **{
+            "model.lora.rank": 4,
+            "train.ppo_epochs": 2,
+            "train.batch_prompts": 8,
+            "optim.lr": 1e-2,
+        }
+    )
+    run = loop.build(config)
+    base = jax.device_get(run.base)
+    outs = [loop.run_step(run, step, PatternPool(config.algo.k)) for step in range(2)]
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(jax.device_get(run.base)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    trained = jax.tree_util.tree_flatten_with_path(params_of(run)["model"])[0]
+    assert {path[-1].key for path, _ in trained} == {"lora_a", "lora_b"}
+    assert all(np.abs(x).max() > 0 for _, x in trained)  # B moved off zero
+    adapter_sizes = sum(x.size for _, x in trained)
+    daro_size = params_of(run)["daro"].size
+    opt_sizes = sum(x.size for x in jax.tree.leaves(run.state["opt"]))
+    assert opt_sizes <= 2 * adapter_sizes + 3 * daro_size + 16  # Adam moments, nothing else
+    for out in outs:
+        assert out["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert out["sampler_logp_gap"] <= 1e-4
