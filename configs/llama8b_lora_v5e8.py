@@ -21,6 +21,8 @@ def get_config():
     c.tpu.zone = "us-west4-a"
     c.mesh.shape = (1, 2, 4)
     c.optim.lr = 1e-5
-    c.train.batch_prompts = 16
+    # 8 prompts × K = 8: the sampler's KV cache (128 KiB a slot over 32 layers) is the
+    # largest part of a v5e chip's 16 GiB; a v6e-8 takes 16 (bench/tpu_plan.md).
+    c.train.batch_prompts = 8
     c.train.minibatches = 2
     return c

@@ -20,6 +20,6 @@ def get_config():
     c.tpu.zone = "us-west4-a"
     c.mesh.shape = (1, 2, 4)
     c.optim.lr = 1e-5
-    c.train.batch_prompts = 16
+    c.train.batch_prompts = 16  # a v6e-8 takes 32 (bench/tpu_plan.md)
     c.train.minibatches = 2
     return c

@@ -139,10 +139,16 @@ def startup_lines(
     m, a, t = config.model, config.algo, config.train
     kinds = sorted({d.device_kind for d in jax.devices()})
     every = f"every {t.ckpt_every} steps and " if t.ckpt_every else ""
+    lora = m.get("lora")
+    params = f"params {m.param_dtype}"
+    if lora is not None and lora.rank:
+        params = (
+            f"base frozen in {m.dtype}, LoRA rank {lora.rank} alpha {lora.alpha:g} on "
+            f"{lora.targets} ({lora.dtype})"
+        )
     return [
         f"model        {m.path}: {n_params / 1e6:.1f} M parameters"
-        f"{' (random init)' if m.init_random else ''}, params {m.param_dtype}, "
-        f"compute {m.dtype}",
+        f"{' (random init)' if m.init_random else ''}, {params}, compute {m.dtype}",
         f"devices      {jax.device_count()} × {', '.join(kinds)} "
         f"in {jax.process_count()} process(es)",
         "mesh         " + " × ".join(f"{name} {size}" for name, size in mesh_shape.items()),
