@@ -14,6 +14,19 @@ has advantage A_i and pass-rate group g_i = k, its prompt's number of correct re
 TIS (`sampler_is_cap`) corrects for the sampler's log-probs differing from the trainer's
 (bf16 kernels, another decode layout); its weight is a constant of the gradient and weights
 the policy gradient only (the KL term regularises the current policy, under no sampler).
+Under top-p / top-k, sampler_logp is of the truncated, renormalised distribution that drew
+the token, so the weight pi_old / pi_sampler also corrects for the truncation (the
+principled importance weight; the behaviour policy is the truncated one).
+
+Sampler metrics, over the tokens (s_full = the sampler's log-prob of the token under its
+untruncated softmax(logits / T), the distribution old_logp is of; = sampler_logp without
+truncation), so that numerical mismatch is reported apart from truncation and drift:
+
+    sampler_logp_gap     mean |old_logp - s_full|
+    sampler_mismatch_kl  mean k3(d) = exp(d) - d - 1, d = old_logp - s_full: the estimator of
+                         KL(pi_sampler || pi_trainer) on tokens the sampler drew (under
+                         truncation: on the tokens it can draw)
+    sampler_truncation   mean sampler_logp - s_full = -log(the kept tokens' mass) >= 0
 
 Every aggregation is a weighted token sum  loss = sum_{i,t} m_{i,t} c_i lt_{i,t}  with one
 coefficient c_i per sequence, computed from the whole minibatch (n_seq = sequences with at
@@ -70,6 +83,8 @@ OPTIONAL_METRICS = {
     "entropy_sum": "entropy",
     "clip_dual": "clip_frac_dual",
     "sampler_gap_sum": "sampler_logp_gap",
+    "mismatch_kl_sum": "sampler_mismatch_kl",
+    "truncation_sum": "sampler_truncation",
     "tis_weight_sum": "tis_weight_mean",
     "tis_capped": "tis_capped_frac",
 }
@@ -129,6 +144,8 @@ class TokenBatch(NamedTuple):
     coef: jax.Array  # [N] loss coefficient c_i of the aggregation
     ref_logp: jax.Array | None  # [N, T] reference-policy logprobs, or None
     sampler_logp: jax.Array | None  # [N, T] the sampler's logprobs, or None
+    # [N, T] the sampler's logprobs under its untruncated distribution, or None (= sampler_logp)
+    sampler_logp_full: jax.Array | None = None
 
 
 def token_batch(
@@ -139,6 +156,7 @@ def token_batch(
     spec: AlgoSpec,
     ref_logp: jax.Array | None = None,
     sampler_logp: jax.Array | None = None,
+    sampler_logp_full: jax.Array | None = None,
 ) -> TokenBatch:
     """The normalisers of the whole minibatch (no model needed): the coefficients c_i of the
     module docstring. Rows with no response token are padding and count nowhere."""
@@ -162,13 +180,28 @@ def token_batch(
         group_tokens = jax.ops.segment_sum(lengths, group_ids, num_segments=spec.num_groups)
         inner = (group_ids > 0) & (group_ids < spec.k)
         coef = jnp.where(inner, 1.0 / jnp.maximum(group_tokens[group_ids], 1.0), 0.0)
+    advantages = advantages.astype(jnp.float32)
     return TokenBatch(
-        old_logp, mask, advantages.astype(jnp.float32), group_ids, coef, ref_logp, sampler_logp
+        old_logp, mask, advantages, group_ids, coef, ref_logp, sampler_logp, sampler_logp_full
     )
 
 
 def _clamp(x: jax.Array, bound: float) -> jax.Array:
     return jnp.clip(x, -bound, bound)
+
+
+def _sampler_sums(old, batch: TokenBatch, m, spec: AlgoSpec) -> dict[str, jax.Array]:
+    """Token sums of the sampler metrics (module docstring) against old_logp `old`."""
+    sampler = batch.sampler_logp.astype(old.dtype)
+    full = sampler if batch.sampler_logp_full is None else batch.sampler_logp_full.astype(old.dtype)
+    d = _clamp(old - full, spec.max_log_ratio)
+    sums = {
+        "sampler_gap_sum": (jnp.abs(d) * m).sum(),
+        "mismatch_kl_sum": ((jnp.exp(d) - d - 1.0) * m).sum(),
+    }
+    if batch.sampler_logp_full is not None:
+        sums["truncation_sum"] = ((sampler - full) * m).sum()
+    return sums
 
 
 def microbatch_loss(
@@ -201,7 +234,7 @@ def microbatch_loss(
     sums: dict[str, jax.Array] = {}
     if batch.sampler_logp is not None:
         sampler = batch.sampler_logp.astype(dtype)
-        sums["sampler_gap_sum"] = (jnp.abs(logp - sampler) * m).sum()
+        sums |= _sampler_sums(old, batch, m, spec)
         if spec.sampler_is_cap is not None:
             is_ratio = jax.lax.stop_gradient(jnp.exp(_clamp(old - sampler, spec.max_log_ratio)))
             is_weight = jnp.minimum(is_ratio, spec.sampler_is_cap)
@@ -255,7 +288,9 @@ def empty_metrics(spec: AlgoSpec, batch: TokenBatch, *, entropy: bool) -> dict[s
     if batch.ref_logp is not None:
         names.append("kl_sum")
     if batch.sampler_logp is not None:
-        names.append("sampler_gap_sum")
+        names += ["sampler_gap_sum", "mismatch_kl_sum"]
+        if batch.sampler_logp_full is not None:
+            names.append("truncation_sum")
         if spec.sampler_is_cap is not None:
             names += ["tis_weight_sum", "tis_capped"]
     if spec.dual_clip is not None:

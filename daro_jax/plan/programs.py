@@ -166,7 +166,8 @@ def step_programs(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, state)
         programs.append(StepProgram("logprob pass", passes, lower, dynamic, params_bytes))
     per = b // t.minibatches
     batch = _packed(per, k, p, n, blocks, rows, mesh)
-    for name in ("loss_mask", "sampler_logp", "old_logp") + ("ref_logp",) * (spec.kl_beta > 0):
+    names = ("loss_mask", "sampler_logp", "sampler_logp_full", "old_logp")
+    for name in names + ("ref_logp",) * (spec.kl_beta > 0):
         batch[name] = _rows((per * k, n), jnp.float32, mesh)
     batch |= {"advantages": _rows((per * k,), jnp.float32, mesh)}
     batch |= {"group_ids": _rows((per * k,), jnp.int32, mesh)}

@@ -42,7 +42,7 @@ def sample_and_decode(
     per_process=False: every process passes the same prompts and gets every row.
 
     Returns NumPy arrays over the b·K rows, prompt-major (row i·K + j is sample j of
-    prompt i): tokens, mask, logprobs [b·K, N], lengths, truncated [b·K] (see
+    prompt i): tokens, mask, logprobs, logprobs_full [b·K, N], lengths, truncated [b·K] (see
     `sampler.Sampler`), and texts, the b·K completions decoded (`decode`).
     """
     if per_process:

@@ -20,7 +20,9 @@ Completion conventions (what the trainer relies on):
 - `lengths[r] = Σ_i mask[r, i]`; `truncated[r]`: no stop token within N tokens;
 - `logprobs[r, i] = log p(tokens[r, i])` under the distribution it was drawn from
   (`selection`: with T = 1 and no top-k/top-p, the training forward's log π_θ); greedy
-  (T = 0) returns the model's log softmax(logits)[argmax].
+  (T = 0) returns the model's log softmax(logits)[argmax]; `logprobs_full[r, i]`: the same
+  token under the untruncated softmax(logits / T), the distribution the trainer scores
+  (equal to `logprobs` without top-p / top-k; padding 0).
 
 Randomness: token i of each row is drawn at that row's entry of uniform(fold_in(rng, i),
 (B·K,)), whatever the stage or the mesh, so a seed gives the same samples up to XLA's
@@ -49,7 +51,7 @@ from daro_jax.models import decoder, kv_cache
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.model import param_shardings
 from daro_jax.sampling import completions
-from daro_jax.sampling.selection import select_tokens, select_with_uniforms
+from daro_jax.sampling.selection import select_both, select_tokens, select_with_uniforms
 
 __all__ = ["select_tokens", "select_with_uniforms"]  # re-exported selection functions
 
@@ -102,7 +104,8 @@ class Sampler:
 
     `sampler(params, prompt_tokens [B, P], prompt_mask [B, P], rng)` returns a dict of
     device arrays over the B·K rows (prompt-major): tokens [B·K, N] int32, mask [B·K, N]
-    int32, logprobs [B·K, N] float32, lengths [B·K] int32, truncated [B·K] bool. Prompts
+    int32, logprobs and logprobs_full [B·K, N] float32, lengths [B·K] int32, truncated
+    [B·K] bool. Prompts
     are left-padded (mask 1 on real tokens, each row with at least one). New params,
     prompts and keys of the same shapes reuse the compiled function; a new B compiles once.
     Stop tokens end a row (none: always N tokens); `min_rows`: the smallest decode stage
@@ -170,13 +173,14 @@ class Sampler:
             return self._decode(params, prompt_tokens, prompt_mask, rng)
 
     def _select(self, logits, rng, step, ids, rows):
-        """Tokens of one step for the rows `ids` of all `rows`: each row's whole logits on
-        one device and the row's uniform of `uniform(fold_in(rng, step), (rows,))`."""
+        """Tokens of one step for the rows `ids` of all `rows`, with their logprobs and full
+        logprobs (`selection.select_both`): each row's whole logits on one device and the
+        row's uniform of `uniform(fold_in(rng, step), (rows,))`."""
         uniforms = None
         if self.temperature != 0:
             uniforms = jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32)
             uniforms = uniforms[ids]
-        return select_with_uniforms(
+        return select_both(
             sharding.constrain(logits, ("batch", None)),
             uniforms,
             temperature=self.temperature,
@@ -192,7 +196,7 @@ class Sampler:
         dparams, cache = kv_cache.start(params, cfg, prompt_kv, prompt_mask, k, n_new)
         stop_ids = jnp.asarray(self.stop_token_ids, jnp.int32)
 
-        def record(state, step, tokens, logp):
+        def record(state, step, tokens, logp, logp_full):
             """Write the step's tokens (padding on rows already stopped) into the buffers."""
             live = ~state["done"]
             tokens = jnp.where(live, tokens, PAD_ID)
@@ -200,6 +204,7 @@ class Sampler:
             return state | {
                 "tokens": column(state["tokens"], tokens),
                 "logprobs": column(state["logprobs"], jnp.where(live, logp, 0.0)),
+                "logprobs_full": column(state["logprobs_full"], jnp.where(live, logp_full, 0.0)),
                 "mask": column(state["mask"], live.astype(jnp.int32)),
                 "done": state["done"] | (live & jnp.isin(tokens, stop_ids)),
                 "last": tokens,
@@ -218,12 +223,12 @@ class Sampler:
                 logits, cache = kv_cache.step(
                     dparams, cfg, state["cache"], state["last"], positions, step - 1
                 )
-                tokens, logp = self._select(logits, rng, step, rows_in["ids"], rows)
-                return record(state, step, tokens, logp) | {"cache": cache, "step": step + 1}
+                drawn = self._select(logits, rng, step, rows_in["ids"], rows)
+                return record(state, step, *drawn) | {"cache": cache, "step": step + 1}
 
             return lax.while_loop(cond, body, state)
 
-        written = ("tokens", "logprobs", "mask", "done")
+        written = ("tokens", "logprobs", "logprobs_full", "mask", "done")
 
         def write_back(out, state, rows_in):
             """The full [B·K, ..] buffers with the stage's rows written at their ids."""
@@ -245,6 +250,7 @@ class Sampler:
         empty = {
             "tokens": jnp.full((rows, n_new), PAD_ID, jnp.int32),
             "logprobs": jnp.zeros((rows, n_new), jnp.float32),
+            "logprobs_full": jnp.zeros((rows, n_new), jnp.float32),
             "mask": jnp.zeros((rows, n_new), jnp.int32),
             "done": jnp.zeros((rows,), bool),
             "last": jnp.zeros((rows,), jnp.int32),
@@ -254,8 +260,8 @@ class Sampler:
             "ids": _by_row(jnp.arange(rows, dtype=jnp.int32)),
             "position": _by_row(jnp.repeat(jnp.sum(prompt_mask, axis=-1), k)),
         }
-        tokens, logp = self._select(logits, rng, 0, rows_in["ids"], rows)
-        state = record(empty, 0, tokens, logp) | {"cache": cache, "step": jnp.int32(1)}
+        drawn = self._select(logits, rng, 0, rows_in["ids"], rows)
+        state = record(empty, 0, *drawn) | {"cache": cache, "step": jnp.int32(1)}
         out = {name: empty[name] for name in written}
         sizes = self.stage_sizes(rows)
         shards = self.row_shards if rows % self.row_shards == 0 else 1  # else: one stage
@@ -269,6 +275,7 @@ class Sampler:
             "tokens": out["tokens"],
             "mask": out["mask"],
             "logprobs": out["logprobs"],
+            "logprobs_full": out["logprobs_full"],
             "lengths": jnp.sum(out["mask"], axis=-1),
             "truncated": ~out["done"],
         }
@@ -287,7 +294,7 @@ def make_sampler(cfg: ModelConfig, **settings) -> Sampler:
 class Rollouts:
     """B·K completions, prompt-major (the K samples of prompt 0 first); NumPy arrays.
 
-    tokens, mask, logprobs [B·K, N]; lengths, truncated [B·K]; texts: the completions
+    tokens, mask, logprobs, logprobs_full [B·K, N]; lengths, truncated [B·K]; texts: the completions
     decoded without special tokens; prompt_tokens, prompt_mask [B·K, P]: each row's prompt,
     left-padded, so concatenate(prompt_tokens, tokens) with concatenate(prompt_mask, mask)
     is the full sequence the trainer scores (positions = cumsum(mask) − 1).
@@ -296,6 +303,7 @@ class Rollouts:
     tokens: np.ndarray
     mask: np.ndarray
     logprobs: np.ndarray
+    logprobs_full: np.ndarray
     lengths: np.ndarray
     truncated: np.ndarray
     texts: list[str]

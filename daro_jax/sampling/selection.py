@@ -2,7 +2,9 @@
 
 `select_with_uniforms(logits [N, V], uniforms [N], temperature, top_p, top_k)` draws one
 token per row at its uniform u ~ U[0, 1) and returns it with its log-probability under the
-distribution it was drawn from; `select_tokens` draws the uniforms from a key. One uniform
+distribution it was drawn from; `select_tokens` draws the uniforms from a key;
+`select_both` also returns the log-probability under the untruncated softmax(logits / T),
+the distribution the trainer scores (they differ under top-p / top-k only). One uniform
 per row instead of V Gumbel variables: threefry for [N, V] numbers costs more than the rest
 of the selection on CPU. T = 0 is greedy (the first argmax).
 """
@@ -92,22 +94,39 @@ def select_with_uniforms(
     top_k: int = 0,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One token per row of `logits` [N, V] by inverse CDF at the row's uniform in
-    `uniforms` [N] ~ U[0, 1); returns (tokens [N] int32, logprobs [N]).
+    `uniforms` [N] ~ U[0, 1); returns (tokens [N] int32, logprobs [N]): the first two
+    outputs of `select_both`."""
+    return select_both(logits, uniforms, temperature=temperature, top_p=top_p, top_k=top_k)[:2]
+
+
+def select_both(
+    logits: jnp.ndarray,
+    uniforms: jnp.ndarray | None,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One token per row of `logits` [N, V] by inverse CDF at the row's uniform in
+    `uniforms` [N] ~ U[0, 1); returns (tokens [N] int32, logprobs [N], full_logprobs [N]).
 
     z = logits / T; top-k keeps z_v ≥ the k-th largest z; top-p then keeps the smallest set
     of highest-probability tokens whose mass reaches top_p (token v is kept when the mass of
     the tokens strictly more likely than it is < top_p; ties at the threshold are kept);
     the token is drawn from softmax(z̃), z̃ = z on kept tokens and −∞ elsewhere, and its
-    logprob is z̃_v − logsumexp(z̃). T = 0 is greedy (`uniforms` unused, may be None): the
-    first argmax of the logits, with logprob under softmax(logits) (see the module
-    docstring).
+    logprob is z̃_v − logsumexp(z̃) (the policy that drew it); full_logprobs is
+    z_v − logsumexp(z), the same token under the untruncated softmax(z) (equal to logprobs
+    without top-p / top-k): logprobs − full_logprobs = −log(mass of the kept tokens) ≥ 0.
+    T = 0 is greedy (`uniforms` unused, may be None): the first argmax of the logits, with
+    logprob under softmax(logits) (see the module docstring) in both outputs.
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0:
         tokens = _first_argmax(logits)
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-        return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
-    z = logits / temperature
+        logp = chosen - jax.nn.logsumexp(logits, axis=-1)
+        return tokens, logp, logp
+    z = full = logits / temperature
     vocab = z.shape[-1]
     ranked = None
     if 0 < top_k < vocab:
@@ -121,4 +140,8 @@ def select_with_uniforms(
         kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
         z = jnp.where(z >= threshold, z, -jnp.inf)
-    return _sample(z, uniforms)
+    tokens, logp = _sample(z, uniforms)
+    if z is full:
+        return tokens, logp, logp
+    chosen = jnp.take_along_axis(full, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logp, chosen - jax.nn.logsumexp(full, axis=-1)

@@ -46,7 +46,8 @@ from daro_jax.sampling import completions, sampler
 
 Draw = Callable[[int], tuple[np.ndarray, dict[str, np.ndarray]]]
 PADDING_ZEROS = ("mask", "lengths", "truncated")  # rollout fields that are 0 on padding rows
-SAMPLED = ("tokens", "mask", "logprobs", "lengths", "truncated")  # the sampler's, per rollout
+# The sampler's outputs, per rollout.
+SAMPLED = ("tokens", "mask", "logprobs", "logprobs_full", "lengths", "truncated")
 
 
 def make_sampler(s, cfg: ModelConfig, k: int, prompt_len: int, stop_token_ids, mesh):
@@ -85,9 +86,9 @@ def sample_and_score(
     "answer"): K samples per prompt (`completions.sample_and_decode`, this process's rows
     of the global batch) and their rewards from `pool` (a `rewards.RewardPool`).
 
-    Returns rewards [b, K] and the rollout: tokens, mask, logprobs [b, K, N], lengths,
-    truncated [b, K] and prompt_tokens, prompt_mask [b, P]; adds the seconds spent to
-    timers["sampler_s"] and timers["reward_s"].
+    Returns rewards [b, K] and the rollout: tokens, mask, logprobs, logprobs_full
+    [b, K, N], lengths, truncated [b, K] and prompt_tokens, prompt_mask [b, P]; adds the
+    seconds spent to timers["sampler_s"] and timers["reward_s"].
     """
     prompts = sampler.left_pad([e["prompt_ids"] for e in examples], sample.prompt_len)
     t0 = time.perf_counter()

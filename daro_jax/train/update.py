@@ -175,8 +175,9 @@ def update_step(
 
     batch: prompt_tokens, prompt_mask [b, P] and the packed completions chunk_tokens,
     chunk_segments, chunk_offsets [G, S, R, C] with n_chunks (`packing.pack_blocks`);
-    loss_mask, old_logp, sampler_logp [b·K, C]; advantages, group_ids [b·K]; optional
-    ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j of prompt i).
+    loss_mask, old_logp, sampler_logp, sampler_logp_full [b·K, C]; advantages, group_ids
+    [b·K]; optional ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j
+    of prompt i).
 
     Outputs: loss; grad_norm and grad_norm_daro, the global norms of the model's and of the
     DARO weights' gradients; "sums", the metric sums of `losses.microbatch_loss` (they add
@@ -192,6 +193,7 @@ def update_step(
         s.spec,
         ref_logp=batch.get("ref_logp"),
         sampler_logp=batch["sampler_logp"],
+        sampler_logp_full=batch["sampler_logp_full"],
     )
     grads, sums = update_gradients(params, batch, tb, s, base)
     out = {
@@ -245,15 +247,17 @@ PACKED_FROM = ("tokens", "lengths", "prompt_tokens", "prompt_mask")  # `packed_b
 
 
 def step_inputs(rollouts: dict, advantages, group_ids, mesh: Mesh) -> tuple[dict, dict]:
-    """The inputs of a step's updates from this process's rollouts (tokens, mask, logprobs
-    [b, K, N], lengths [b, K], prompt_tokens, prompt_mask [b, P]): the global per-row arrays
-    over the B·K rows, loss_mask and sampler_logp [B·K, N] with `advantages` and `group_ids`
+    """The inputs of a step's updates from this process's rollouts (tokens, mask, logprobs,
+    logprobs_full [b, K, N], lengths [b, K], prompt_tokens, prompt_mask [b, P]): the global
+    per-row arrays over the B·K rows, loss_mask, sampler_logp and sampler_logp_full
+    [B·K, N] with `advantages` and `group_ids`
     [B·K]; and the PACKED_FROM rollouts of every process on the host (`hosts.allgather`: a
     minibatch's blocks may hold another process's prompts)."""
     b, k, n = rollouts["tokens"].shape
     rows = {
         "loss_mask": hosts.to_global(rollouts["mask"].reshape(b * k, n).astype(np.float32), mesh),
         "sampler_logp": hosts.to_global(rollouts["logprobs"].reshape(b * k, n), mesh),
+        "sampler_logp_full": hosts.to_global(rollouts["logprobs_full"].reshape(b * k, n), mesh),
         "advantages": advantages,
         "group_ids": group_ids,
     }

@@ -20,6 +20,7 @@ from algo_reference import (
 
 from configs import base
 from daro_jax.algo import advantages, losses, optim
+from daro_jax.sampling import selection
 
 # ---------------------------------------------------------------------------------------
 # NumPy reference of the losses, written from the formulas (the advantages': algo_reference).
@@ -301,8 +302,11 @@ def test_metrics():
     np.testing.assert_allclose(m["kl"], np.mean(np.exp(d) - d - 1), rtol=1e-5)
     entropy = -0.5 * case["old"].reshape(-1, T)[mask > 0]
     np.testing.assert_allclose(m["entropy"], entropy.mean(), rtol=1e-6)
-    gap = np.abs(case["logp"] - case["sampler"]).reshape(-1, T)[mask > 0]
-    np.testing.assert_allclose(m["sampler_logp_gap"], gap.mean(), rtol=1e-5)
+    # The sampler against the policy that sampled (old), not the current one (issue 25).
+    d = (case["old"] - case["sampler"]).reshape(-1, T)[mask > 0]
+    np.testing.assert_allclose(m["sampler_logp_gap"], np.abs(d).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["sampler_mismatch_kl"], np.mean(np.exp(d) - d - 1), rtol=1e-5)
+    assert "sampler_truncation" not in m  # no full log-probs given: no truncation to report
     assert "tis_weight_mean" not in m  # TIS off
     k = (case["rewards"] >= 0.5).sum(1)
     np.testing.assert_allclose(m["group_prompts"], np.bincount(k, minlength=K + 1), rtol=1e-6)
@@ -582,3 +586,68 @@ def test_missing_reference_logprobs_raise():
             jnp.ones(2, jnp.int32),
             make_spec("dapo", sampler_is_cap=2.0),
         )
+
+
+def test_tis_under_top_p_weighs_by_the_truncated_policy_and_reports_mismatch_apart():
+    """At top-p 0.9 the sampler's log-prob of a token is of the nucleus distribution
+    π_trunc that drew it, its full log-prob of softmax(z) π_full (NumPy, from the logits).
+    TIS weighs each token by min(π_old / π_trunc, C): the truncated policy is the
+    behaviour policy. sampler_logp_gap and sampler_mismatch_kl see only the trainer's
+    numerical mismatch (π_old against π_full, not the truncation, not the drift of the
+    current policy), sampler_truncation the nucleus' −log mass."""
+    rng = np.random.default_rng(3)
+    rows, t, vocab, temperature, top_p, cap = 8, 8, 40, 0.8, 0.9, 1.5
+    logits = rng.normal(0.0, 2.0, (rows * t, vocab)).astype(np.float32)
+    uniforms = rng.uniform(0.0, 1.0, rows * t).astype(np.float32)
+    tokens, logp_trunc, logp_full = jax.jit(
+        functools.partial(selection.select_both, temperature=temperature, top_p=top_p)
+    )(jnp.asarray(logits), jnp.asarray(uniforms))
+    z = logits.astype(np.float64) / temperature
+    p_full = np.exp(z - z.max(1, keepdims=True))
+    p_full /= p_full.sum(1, keepdims=True)
+    order = np.argsort(-p_full, axis=1)
+    ranked = np.take_along_axis(p_full, order, 1)
+    keep = np.zeros(p_full.shape, bool)
+    np.put_along_axis(keep, order, np.cumsum(ranked, 1) - ranked < top_p, 1)
+    p_trunc = np.where(keep, p_full, 0.0) / np.where(keep, p_full, 0.0).sum(1, keepdims=True)
+    tok = np.asarray(tokens)
+    at = np.arange(rows * t), tok
+    assert keep[at].all() and (keep.sum(1) < vocab).all()  # drawn from a proper nucleus
+    np.testing.assert_allclose(logp_trunc, np.log(p_trunc[at]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logp_full, np.log(p_full[at]), rtol=1e-5, atol=1e-5)
+    # The trainer: π_full up to a bf16-sized numerical mismatch; the current policy drifted.
+    old = np.log(p_full[at]) + rng.normal(0.0, 0.02, rows * t)
+    logp = old + rng.normal(0.0, 0.3, rows * t)
+    spec = make_spec("dapo", sampler_is_cap=cap)
+    adv = rng.normal(0.0, 1.0, rows)
+    as_rows = lambda x: jnp.asarray(np.reshape(x, (rows, t)), jnp.float32)  # noqa: E731
+    batch = losses.token_batch(
+        as_rows(old),
+        jnp.ones((rows, t)),
+        jnp.asarray(adv, jnp.float32),
+        jnp.full((rows,), 2, jnp.int32),
+        spec,
+        sampler_logp=as_rows(logp_trunc),
+        sampler_logp_full=as_rows(logp_full),
+    )
+    theta = jnp.asarray(theta_for(spec), jnp.float32)
+    loss, sums = losses.microbatch_loss(theta, as_rows(logp), batch, spec)
+    m = losses.finalize_metrics(sums, theta, spec)
+    weight = np.minimum(np.exp(old) / p_trunc[at], cap)
+    assert weight.max() < 1.0  # π_old ≈ π_full ≤ π_trunc: the weight carries the truncation
+    np.testing.assert_allclose(m["tis_weight_mean"], weight.mean(), rtol=1e-5)
+    ell, _ = np_token_loss(
+        np.reshape(logp, (rows, t)),
+        np.reshape(old, (rows, t)),
+        None,
+        adv,
+        spec,
+        np.log(p_trunc[at]).reshape(rows, t),
+    )
+    assert_close(float(loss), ell.mean())
+    d = old - np.log(p_full[at])
+    np.testing.assert_allclose(m["sampler_logp_gap"], np.abs(d).mean(), rtol=1e-4)
+    np.testing.assert_allclose(m["sampler_mismatch_kl"], np.mean(np.exp(d) - d - 1), rtol=1e-3)
+    kept_mass = np.where(keep, p_full, 0.0).sum(1)
+    np.testing.assert_allclose(m["sampler_truncation"], np.mean(-np.log(kept_mass)), rtol=1e-4)
+    assert m["sampler_logp_gap"] < 0.05 < m["sampler_truncation"]  # mismatch apart from truncation

@@ -136,6 +136,34 @@ def test_logprobs_equal_training_forward_at_temperature(
     assert np.abs(out["logprobs"] - ref)[out["mask"] > 0].max() <= 1e-4
 
 
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (1.0, 5), (1.0, 0)])
+def test_full_logprobs_equal_training_forward_under_truncation(tiny, tiny_prompts, top_p, top_k):
+    """logprobs_full is the sampled token under the untruncated softmax(logits / T): the
+    training forward's log-prob at T, under top-p / top-k too; logprobs (the truncated
+    policy's) exceed it by the kept tokens' −log mass, and equal it without truncation."""
+    _, tokens, mask = tiny_prompts
+    fn = sampler.make_sampler(
+        tiny.config,
+        k=2,
+        max_new_tokens=8,
+        prompt_len=16,
+        temperature=0.8,
+        top_p=top_p,
+        top_k=top_k,
+    )
+    out = jax.device_get(fn(tiny.params, tokens, mask, jax.random.key(3)))
+    live = out["mask"] > 0
+    ptok, pmask = np.repeat(tokens, 2, 0), np.repeat(mask, 2, 0)
+    ref = training_logprobs(tiny, ptok, pmask, out["tokens"], out["mask"], 0.8)
+    assert np.abs(out["logprobs_full"] - ref)[live].max() <= 1e-4
+    assert np.all(out["logprobs_full"][~live] == 0)
+    gap = (out["logprobs"] - out["logprobs_full"])[live]
+    if top_p < 1 or top_k:
+        assert gap.min() >= -1e-5 and gap.max() > 1e-3
+    else:
+        assert np.all(gap == 0)
+
+
 def test_stop_tokens_and_mixed_prompt_lengths(tiny, tiny_prompts):
     """Rows end at their first stop token (kept, mask 1) and are padding after it; each
     prompt of a mixed-length batch gets the same completion as when generated alone."""
