@@ -84,6 +84,9 @@ def get_config():
     c.optim.grad_clip = 1.0
     c.optim.weight_lr_multiplier = 1000.0  # DARO weights' lr = multiplier × lr
     c.optim.frozen = ()  # regexes over slash-joined param paths; matches get no update
+    c.optim.decay_biases_and_norms = True  # False: no weight decay on biases, norms (TRL's)
+    # True: a minibatch whose model gradient is exactly zero moves neither the model nor Adam.
+    c.optim.skip_zero_grad_updates = False
 
     # Rollouts.
     c.sampler = config_dict.ConfigDict()

@@ -3,7 +3,13 @@
 The train state is one pytree  {"model": params, "daro": weights [K-1]}  (see
 daro_jax/algo/presets.py for the DARO parameterisation). One `optax.multi_transform` updates it:
 
-    model (not frozen)  clip_by_global_norm(grad_clip) -> AdamW(lr_t, b1, b2, weight_decay)
+    model (not frozen)  clip_by_global_norm(grad_clip) -> AdamW(lr_t, b1, b2, weight_decay),
+                        weight decay on every leaf, or (decay_biases_and_norms=False, TRL's
+                        default) not on biases and norm scales (`decays`); with
+                        skip_zero_grad_updates, a minibatch whose trainable model gradient
+                        is exactly zero (DARO with every mu in {0, 1}, dynamic-sampling
+                        padding) moves nothing: no Adam step, no momentum, no weight decay,
+                        the Adam state (count included) unchanged (`skip_zero_gradients`)
     model (frozen)      set_to_zero: no update and no optimizer state; frozen = the
                         slash-joined path inside state["model"], a decoder params tree (e.g.
                         "embed/embedding", "layers/attn/q/kernel"; `models.decoder`), fully
@@ -86,6 +92,41 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+NO_DECAY = re.compile(r"(.*/)?(bias|[^/]*norm/scale)")  # biases and RMSNorm scales
+
+
+def decays(state) -> dict:
+    """True on the leaves of `state` weight decay applies to under
+    decay_biases_and_norms=False: every leaf but biases and norm scales (slash-joined path
+    `NO_DECAY`, e.g. "layers/attn/q/bias", "layers/attn_norm/scale", "final_norm/scale")."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NO_DECAY.fullmatch(_path_name(path)) is None, state
+    )
+
+
+def skip_zero_gradients(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner`, except that gradients all exactly zero give zero updates and leave its state
+    unchanged (the same state structure, so checkpoints are interchangeable)."""
+
+    def update(grads, state, params=None):
+        leaves = jax.tree.leaves(grads)
+        zero = jnp.all(jnp.stack([jnp.all(g == 0) for g in leaves])) if leaves else True
+        updates, new_state = inner.update(grads, state, params)
+        updates = jax.tree.map(lambda u: jnp.where(zero, jnp.zeros_like(u), u), updates)
+        new_state = jax.tree.map(lambda n, o: jnp.where(zero, o, n), new_state, state)
+        return updates, new_state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def trained_norm(grads: dict, frozen: tuple[str, ...]) -> jax.Array:
+    """Global norm of the model gradients `grads["model"]` over the trained leaves only (not
+    matched by a `frozen` regex): the norm `clip_by_global_norm` clips."""
+    labels = jax.tree.leaves(param_labels(grads, frozen)["model"])
+    leaves = jax.tree.leaves(grads["model"])
+    return optax.tree.norm([g for g, label in zip(leaves, labels, strict=True) if label == "model"])
 
 
 def param_labels(state: dict, frozen: tuple[str, ...]) -> dict:
@@ -184,8 +225,11 @@ def make_optimizer(
     _check(clip >= 0.0, "grad_clip", clip, "need >= 0 (0 turns clipping off)")
     _check(mult > 0.0, "weight_lr_multiplier", mult, "need > 0")
     schedule = learning_rate_schedule(optim_cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=ADAM_EPS, weight_decay=wd)
+    mask = None if optim_cfg.decay_biases_and_norms else decays
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=ADAM_EPS, weight_decay=wd, mask=mask)
     model_tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    if optim_cfg.skip_zero_grad_updates:
+        model_tx = skip_zero_gradients(model_tx)
     daro_tx = lazy_adam_projected(
         lambda step: mult * schedule(step), b1, b2, losses.daro_param_bounds(spec)
     )

@@ -157,7 +157,10 @@ def step_programs(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, state)
     # No row stops early: the first decode stage runs all N − 1 steps, the others none.
     stages = (n - 1,) + (0,) * (len(sample.stage_sizes(b * k)) - 1)
     programs = [StepProgram("sampler", 1, lower, stages, params_bytes)]
-    settings = update.UpdateSettings(cfg, spec, float(s.temperature), on_policy=updates == 1)
+    frozen = tuple(config.optim.frozen)
+    settings = update.UpdateSettings(
+        cfg, spec, float(s.temperature), on_policy=updates == 1, frozen=frozen
+    )
     passes = (updates > 1) + (spec.kl_beta > 0)
     if passes:
         packed = _packed(b, k, p, n, blocks, rows, mesh)

@@ -96,7 +96,11 @@ def build(config) -> Run:
     prompt_len = max(len(e["prompt_ids"]) for e in examples)
     stop_ids = sampler.default_stop_token_ids(model.tokenizer, cfg)
     settings = update.UpdateSettings(
-        cfg, spec, float(s.temperature), on_policy=state.updates_per_step(t) == 1
+        cfg,
+        spec,
+        float(s.temperature),
+        on_policy=state.updates_per_step(t) == 1,
+        frozen=tuple(config.optim.frozen),
     )
     return Run(
         config=config,

@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import hosts, sharding
-from daro_jax.algo import losses, presets
+from daro_jax.algo import losses, optim, presets
 from daro_jax.models import lora, packed
 from daro_jax.models.config import ModelConfig
 from daro_jax.train import packing
@@ -50,6 +50,7 @@ class UpdateSettings:
     spec: presets.AlgoSpec
     temperature: float
     on_policy: bool
+    frozen: tuple[str, ...] = ()  # config.optim.frozen: grad_norm leaves these out
 
 
 CHUNK_INPUTS = packed.CHUNK_INPUTS
@@ -179,8 +180,9 @@ def update_step(
     [b·K]; optional ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j
     of prompt i).
 
-    Outputs: loss; grad_norm and grad_norm_daro, the global norms of the model's and of the
-    DARO weights' gradients; "sums", the metric sums of `losses.microbatch_loss` (they add
+    Outputs: loss; grad_norm and grad_norm_daro, the global norms of the model's trained
+    leaves' gradients (not the frozen ones: the norm the optimizer clips) and of the DARO
+    weights' gradients; "sums", the metric sums of `losses.microbatch_loss` (they add
     over minibatches); "daro", the DARO parameters the update used; finite. If the loss or
     either gradient norm is not finite, the state is returned unchanged and finite is 0.
     """
@@ -198,7 +200,7 @@ def update_step(
     grads, sums = update_gradients(params, batch, tb, s, base)
     out = {
         "loss": sums["loss"],
-        "grad_norm": optax.tree.norm(grads["model"]),
+        "grad_norm": optim.trained_norm(grads, s.frozen),
         "grad_norm_daro": optax.tree.norm(grads["daro"]),
         "sums": sums,
         "daro": params["daro"],

@@ -214,3 +214,72 @@ def test_bad_optim_config_raises(overrides, match):
 def test_bad_total_steps_raises():
     with pytest.raises(ValueError, match="total_steps=0"):
         optim.learning_rate_schedule(optim_cfg(), 0)
+
+
+def test_weight_decay_mask_spares_biases_and_norm_scales():
+    """decay_biases_and_norms=False (TRL's default): AdamW's first step is
+    -lr (g / (|g| + eps) + wd p) on kernels and embeddings and -lr g / (|g| + eps) on biases
+    and norm scales (NumPy); the default decays every leaf, as optax.adamw does."""
+    spec = algo_spec()
+    rng = np.random.default_rng(4)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    params = {
+        "embed": {"embedding": normal(7, 5)},
+        "layers": {
+            "attn": {"q": {"kernel": normal(2, 5, 3), "bias": normal(2, 3)}},
+            "attn_norm": {"scale": normal(2, 5)},
+        },
+        "final_norm": {"scale": normal(5)},
+    }
+    state = optim.init_train_state(params, spec)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), state)
+    spared = ("layers/attn/q/bias", "layers/attn_norm/scale", "final_norm/scale")
+    flags = optim.decays(state)["model"]
+    named = {optim._path_name(p): f for p, f in jax.tree_util.tree_leaves_with_path(flags)}
+    assert named == {name: name not in spared for name in named} and len(named) == 5
+    lr, wd = 1e-3, 0.1
+    for mask_on in (True, False):
+        cfg = optim_cfg(lr=lr, weight_decay=wd, grad_clip=0.0, decay_biases_and_norms=not mask_on)
+        tx = optim.make_optimizer(cfg, state, total_steps=10, spec=spec)
+        updates, _ = jax.jit(tx.update)(grads, tx.init(state), state)
+        leaves = jax.tree_util.tree_leaves_with_path(updates["model"])
+        for (path, u), g, p in zip(
+            leaves, jax.tree.leaves(grads["model"]), jax.tree.leaves(params), strict=True
+        ):
+            g, p = np.asarray(g), np.asarray(p)
+            decayed = not (mask_on and optim._path_name(path) in spared)
+            expected = -lr * (g / (np.abs(g) + 1e-8) + wd * p * decayed)
+            np.testing.assert_allclose(u, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_zero_gradient_minibatch_moves_nothing_with_skip_zero_grad_updates():
+    """A minibatch whose gradient is exactly zero (DARO with every mu in {0, 1}): plain AdamW
+    still moves the model (momentum, weight decay); with skip_zero_grad_updates the model
+    and its Adam state stay as they are, and the next real update is the one a run without
+    the zero minibatch makes."""
+    spec = algo_spec()
+    state, grads = random_state(spec)
+    zero = jax.tree.map(jnp.zeros_like, grads)
+
+    def run(skip, schedule):
+        tx = optim.make_optimizer(optim_cfg(skip_zero_grad_updates=skip), state, 10, spec)
+        opt, params, seen = tx.init(state), state, []
+        for g in schedule:
+            updates, opt = jax.jit(tx.update)(g, opt, params)
+            params = optax.apply_updates(params, updates)
+            seen.append((params, opt))
+        return seen
+
+    (p1, o1), (p2, o2), (p3, _) = run(True, [grads, zero, grads])
+    for a, b in zip(
+        jax.tree.leaves((p1, o1.inner_states["model"])),
+        jax.tree.leaves((p2, o2.inner_states["model"])),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    (_, _), (ref, _) = run(False, [grads, grads])
+    for a, b in zip(jax.tree.leaves(p3["model"]), jax.tree.leaves(ref["model"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    (q1, _), (q2, _) = run(False, [grads, zero])
+    pairs = zip(jax.tree.leaves(q1["model"]), jax.tree.leaves(q2["model"]), strict=True)
+    assert all(np.all(a != b) for a, b in pairs)  # every model weight moved without a gradient

@@ -4,13 +4,15 @@ minibatch schedule of a step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from helpers import load_config_file
 
 from daro_jax import models
-from daro_jax.algo import losses, presets
+from daro_jax.algo import losses, optim, presets
 from daro_jax.models import decoder, packed
 from daro_jax.train import packing, update
 
@@ -131,6 +133,49 @@ def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, row
     assert float(sums["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(sums["clip_low"] + sums["clip_high"]) > 0  # the clipped branch is exercised
     _assert_grads_close(grads, ref_grads)
+
+
+def test_grad_norm_counts_the_trained_leaves_only(tiny_hf_dirs):
+    """With optim.frozen set, update_step's grad_norm is the global norm of the trained
+    leaves' gradients (the norm clip_by_global_norm clips), not of every parameter's; the
+    frozen leaf does not move."""
+    params, batch, s, mask, _ = _packed_case(tiny_hf_dirs, rows=3, seed=5)
+    rng = np.random.default_rng(5)
+    n = mask.shape[0]
+    old = (rng.normal(-2.0, 0.5, mask.shape) * mask).astype(np.float32)
+    batch = batch | {
+        "loss_mask": mask.astype(np.float32),
+        "old_logp": old,
+        "sampler_logp": old,
+        "sampler_logp_full": old,
+        "advantages": rng.normal(0, 1, n).astype(np.float32),
+        "group_ids": np.repeat(rng.integers(1, s.spec.k, n // s.spec.k), s.spec.k),
+    }
+    frozen = (".*embed/embedding",)
+    s = dataclasses.replace(s, frozen=frozen)
+    cfg = load_config_file("configs/tiny.py").optim
+    cfg.frozen = frozen
+    train = optim.init_train_state(params, s.spec)
+    tx = optim.make_optimizer(cfg, train, total_steps=10, spec=s.spec)
+    state = {"params": train, "opt": tx.init(train)}
+    tb = losses.token_batch(
+        old, mask, batch["advantages"], batch["group_ids"], s.spec, sampler_logp=old
+    )
+    grads, _ = jax.jit(update.update_gradients, static_argnames="s")(train, batch, tb, s=s)
+    squares = {
+        jax.tree_util.keystr(path): float(np.sum(np.square(np.asarray(g, np.float64))))
+        for path, g in jax.tree_util.tree_leaves_with_path(grads["model"])
+    }
+    trained = np.sqrt(sum(v for k, v in squares.items() if "embedding" not in k))
+    everything = np.sqrt(sum(squares.values()))
+    assert everything > 1.01 * trained  # the frozen leaf's gradient is not negligible
+    step = jax.jit(update.update_step, static_argnames=("tx", "s"))
+    new, out = step(state, batch, tx=tx, s=s)
+    assert float(out["grad_norm"]) == pytest.approx(trained, rel=1e-5)
+    embedding = lambda p: [  # noqa: E731
+        g for path, g in jax.tree_util.tree_leaves_with_path(p) if "embedding" in str(path)
+    ]
+    np.testing.assert_array_equal(embedding(new["params"]), embedding(train))
 
 
 def test_minibatch_prompts_split_each_epoch_into_sorted_minibatches():
