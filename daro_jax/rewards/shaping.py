@@ -9,8 +9,10 @@ in [-penalty, 0] (`overlong_penalty`) is added to it. Our rewards are r = (R + 1
 
 so DAPO's penalty of up to 1 on a reward range of 2 is up to 1/2 on our range of 1. Advantages
 normalised by the group's std (or centred only, up to the factor 2 of the range) are then
-those of DAPO's convention: a right answer at the length limit keeps a positive advantage
-when its group has wrong answers, instead of tying with them.
+those of DAPO's convention: a right answer at the length limit (reward 1/2) ranks above its
+group's wrong answers (0) instead of tying with them, and below the short right ones. It
+does not always keep a positive advantage: with 6 short right answers, 1 right at the
+limit and 1 wrong (K = 8, std ddof 1), its advantage is -0.84 (DAPO's own behaviour).
 """
 
 DAPO_TO_OURS = 0.5  # our reward range (1) over DAPO's (2): r = (R + 1) / 2

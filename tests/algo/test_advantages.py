@@ -98,6 +98,22 @@ def test_overlong_shaping_in_the_0_1_scale(ddof):
     np.testing.assert_array_equal(g.group_ids[0], [2, 2, 2, 2])  # groups from correctness
 
 
+def test_overlong_shaping_keeps_the_order_not_the_sign():
+    """K = 8: 6 short right answers, 1 right exactly at the length limit, 1 wrong. Shaped
+    rewards 1 (x6), 0.5, 0: the answer at the limit ranks above the wrong one but its
+    advantage is -0.84 (std ddof 1), as under DAPO's own ±1 rewards: a right answer at
+    the limit keeps a positive advantage only when few of its group are right."""
+    spec = make_spec("dapo", k=8, std_eps=0.0)  # L_max = 12, L_cache = 4
+    rewards = np.array([[1.0] * 7 + [0.0]])
+    lengths = np.array([[3, 4, 5, 6, 7, 8, T, 5]])
+    g = group_advantages(jnp.asarray(rewards), jnp.asarray(lengths), spec)
+    np.testing.assert_allclose(g.rewards[0, 6:], [0.5, 0.0], atol=1e-7)
+    expected = dapo_convention_advantages(rewards, lengths, 1.0, 1)
+    np.testing.assert_allclose(g.advantages, expected, rtol=1e-5)
+    np.testing.assert_allclose(g.advantages[0, 6], -0.840, atol=5e-4)
+    assert g.advantages[0, 7] < g.advantages[0, 6] < 0 < g.advantages[0, 0]
+
+
 def test_overlong_shaping_partial_penalties():
     spec = make_spec("dapo", overlong_penalty=0.5, std_eps=0.0)  # L_max = 12, L_cache = 4
     lengths = np.array([[1, 8, 9, 10], [11, 12, 13, 4]])
