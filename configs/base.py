@@ -10,6 +10,17 @@ from ml_collections import config_dict
 placeholder = config_dict.placeholder
 
 
+# The DARO paper's training set, "OpenR1-45k": the public ≈ 46k subset of OpenR1-Math-220k
+# (LUFFY's selection: R1 traces that math-verify accepts, at most 8192 tokens; README
+# "Recipes"). Its problems are the last chat message of "prompt", its answers
+# reward_model.ground_truth. The paper recipes train on it.
+PAPER_SUBSET = {
+    "source": "Elliott/Openr1-Math-46k-8192",
+    "problem_key": "prompt.-1.content",
+    "answer_key": "reward_model.ground_truth",
+}
+
+
 def get_config():
     c = config_dict.ConfigDict()
     c.seed = 0
@@ -106,8 +117,8 @@ def get_config():
     c.data = config_dict.ConfigDict()
     c.data.source = "generated"  # "generated", a local jsonl/json/parquet path, or a hub id
     c.data.split = "train"
-    c.data.problem_key = "problem"
-    c.data.answer_key = "answer"
+    c.data.problem_key = "problem"  # a column, or a nested path: "prompt.-1.content"
+    c.data.answer_key = "answer"  # e.g. "reward_model.ground_truth" (data/sources.py)
     c.data.generated_kind = "arithmetic"
     c.data.generated_difficulty = 1
     c.data.generated_size = 10000  # generated training problems per epoch

@@ -16,7 +16,7 @@ def get_config():
     c.optim.lr = 1e-6
     c.sampler.max_prompt_tokens = 1024
     c.sampler.max_new_tokens = 3072
-    c.data.source = "open-r1/OpenR1-Math-220k"
+    c.data.update(base.PAPER_SUBSET)  # the paper's ≈ 45k problems (README "Recipes")
     c.train.batch_prompts = 128
     c.train.minibatches = 4
     c.train.ckpt_every = 25

@@ -15,7 +15,7 @@ def get_config():
     c.optim.lr = 1e-6
     c.sampler.max_prompt_tokens = 1024
     c.sampler.max_new_tokens = 3072  # Qwen2.5-Math has a 4k context
-    c.data.source = "open-r1/OpenR1-Math-220k"  # or a local parquet/jsonl of ~45k problems
+    c.data.update(base.PAPER_SUBSET)  # the paper's ≈ 45k problems (README "Recipes")
     c.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
     c.data.instruction = ""
     c.train.batch_prompts = 128

@@ -1,6 +1,10 @@
 """Training problems from local .jsonl / .json / .parquet files, a local folder or a Hugging
 Face hub id (through `datasets`, imported only then), with a problem/answer column mapping.
 
+A column key may name a value nested inside a column: "reward_model.ground_truth" (a key of
+a struct / dict column), "prompt.-1.content" (the last element of a list column, then a
+key); `cell` reads it.
+
 Malformed rows are skipped with a WARNING naming the source, their count and their first
 line numbers (row numbers outside .jsonl files); when they are more than `max_bad_fraction`
 of the rows, `load_train_set` refuses the source with that message instead.
@@ -46,10 +50,36 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
+def column_of(key: str, present: Sequence[str] = ()) -> str:
+    """The column a key reads: the key itself when it is a column of `present`, else the
+    part before its first "." (a nested key)."""
+    return key if key in present else key.split(".", 1)[0]
+
+
+def cell(row: dict, key: str) -> Any:
+    """row[key], or the value a nested key names (module docstring): each part after the
+    column is a dict key, or an integer index (negative from the end) into a list; None
+    when a part is missing."""
+    if key in row:
+        return row[key]
+    value, *path = key.split(".")
+    value = row.get(value)
+    for part in path:
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit():
+            index = int(part)
+            value = value[index] if -len(value) <= index < len(value) else None
+        else:
+            return None
+    return value
+
+
 def check_columns(origin: object, present: Sequence[str], problem_key: str, answer_key: str):
-    """Raise ValueError naming the missing column and the columns present, if one is missing."""
+    """Raise ValueError naming the missing column and the columns present, if one is missing
+    (a nested key needs its column, `column_of`)."""
     for field, key in (("problem_key", problem_key), ("answer_key", answer_key)):
-        if key not in present:
+        if column_of(key, present) not in present:
             raise ValueError(
                 f"{origin}: no column {key!r} (the {field} of the column mapping); "
                 f"columns present: {sorted(present)}"
@@ -69,8 +99,9 @@ def read_file(path: Path, columns: tuple[str, str] | None = None) -> tuple[list,
         import pyarrow.parquet as pq
 
         if columns is not None:
-            check_columns(path, pq.read_schema(path).names, *columns)
-            columns = list(dict.fromkeys(columns))
+            present = pq.read_schema(path).names
+            check_columns(path, present, *columns)
+            columns = list(dict.fromkeys(column_of(key, present) for key in columns))
         return _numbered(pq.read_table(path, columns=columns).to_pylist())
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -119,8 +150,11 @@ def _load_hf(source: str, split: str, subset: str | None, columns: tuple[str, st
             f"dataset that `datasets.load_dataset` could load (split={split!r}, "
             f"subset={subset!r}): {err}"
         ) from err
-    check_columns(source, table.column_names, *columns)
-    return table.select_columns(list(dict.fromkeys(columns))).to_list()
+    present = table.column_names
+    check_columns(source, present, *columns)
+    return table.select_columns(
+        list(dict.fromkeys(column_of(k, present) for k in columns))
+    ).to_list()
 
 
 def _read_rows(
@@ -161,7 +195,7 @@ def rows_to_examples(
     for i, row in enumerate(rows):
         problem = answer = None
         if isinstance(row, dict):
-            problem, answer = _as_text(row.get(problem_key)), _as_text(row.get(answer_key))
+            problem, answer = _as_text(cell(row, problem_key)), _as_text(cell(row, answer_key))
             if answer is not None and answer_from_boxed:
                 answer = last_boxed(answer)
                 answer = answer.strip() if answer and answer.strip() else None

@@ -189,6 +189,30 @@ def test_column_mapping_mismatch_names_column_and_columns_present(tmp_path):
         data.load_examples(str(tmp_path / "t.parquet"))
 
 
+def test_nested_column_keys_read_the_paper_subset_layout(tmp_path):
+    """The layout of the public ≈ 46k OpenR1 subset (chat messages in "prompt", the answer
+    in "reward_model"): problem_key "prompt.-1.content" (the last message's text),
+    answer_key "reward_model.ground_truth", from .jsonl and .parquet; a row whose path is
+    missing is malformed; an absent column is named."""
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": "1+1?"}],
+            "reward_model": {"ground_truth": "2", "style": "rule"},
+        },
+        {"prompt": [], "reward_model": {"ground_truth": "3", "style": "rule"}},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"style": "rule"}},
+    ]
+    keys = {"problem_key": "prompt.-1.content", "answer_key": "reward_model.ground_truth"}
+    want = ([{"problem": "1+1?", "answer": "2"}], [2, 3])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "n.parquet")
+    assert data.load_examples(str(tmp_path / "n.parquet"), **keys) == want
+    assert data.load_examples(str(_write_jsonl(tmp_path / "n.jsonl", rows)), **keys) == want
+    assert data.sources.cell(rows[0], "prompt.0.role") == "system"
+    assert data.sources.cell(rows[0], "prompt.2.content") is None
+    with pytest.raises(ValueError, match=r"no column 'messages.-1.content'.*\['prompt'"):
+        data.load_examples(str(tmp_path / "n.parquet"), problem_key="messages.-1.content")
+
+
 def test_missing_path_is_one_clear_error(tmp_path):
     for source in (str(tmp_path / "nope.jsonl"), "/no/such/dir", "./train.parquet"):
         with pytest.raises(FileNotFoundError, match="does not exist"):
