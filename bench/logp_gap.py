@@ -13,6 +13,8 @@ untruncated softmax(logits / T), the distribution the trainer scores; d = traine
     mean |d|, max |d|     the per-token gap (`sampler_logp_gap` in training)
     mismatch KL           mean of exp(d) − d − 1, k3 estimator of KL(sampler ‖ trainer)
                           (`sampler_mismatch_kl`)
+    truncation            mean −log of the mass top-p kept (`sampler_truncation`; 0 at
+                          top-p 1)
     TIS weight            π_trainer / π_sampler with the sampler's truncated log-prob (the
                           weight `algo.sampler_is_cap` caps): mean, std, 1st–99th
                           percentile, min–max
@@ -22,10 +24,11 @@ what bf16 itself changes, which a sampler and a trainer sharing one graph need n
 
     nice -n 5 python -m bench.logp_gap [--prompts 8 --k 8 --max-new-tokens 96 --top-p 1.0]
 
-The last line sets our bf16 mean |Δ log p| per token beside the 0.01–0.04 reported for
-vLLM/SGLang samplers against FSDP/Megatron trainers (the range as stated in issue 25; the
-mismatch itself is documented by Yao et al. 2025, "Your Efficient RL Framework Secretly
-Brings You Off-Policy RL Training", fengyao.notion.site/off-policy-rl): their ratio.
+The last line sets our mean |Δ log p| per token, per compute dtype, beside the 0.01–0.04
+reported for vLLM/SGLang samplers against FSDP/Megatron trainers (the range as stated in
+issue 25, not checked against a source here; the mismatch itself is documented by Yao et
+al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training",
+fengyao.notion.site/off-policy-rl): the ratio ours ÷ reported.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def gap_stats(trainer: np.ndarray, drawn: dict) -> dict[str, float]:
         "mean_abs": float(np.abs(d).mean()),
         "max_abs": float(np.abs(d).max()),
         "kl": float(np.mean(np.exp(d) - d - 1.0)),
+        "truncation": float(np.mean(drawn["logprobs"] - drawn["logprobs_full"], where=live)),
         "tis_mean": float(weight.mean()),
         "tis_std": float(weight.std()),
         "tis_p1": float(np.percentile(weight, 1)),
@@ -149,24 +153,24 @@ def main() -> None:
     )
     print(
         "| compared | tokens | mean abs d | max abs d | mismatch KL (k3) "
-        "| TIS weight mean ± std | TIS p1–p99 | TIS min–max |"
+        "| truncation | TIS weight mean ± std | TIS p1–p99 | TIS min–max |"
     )
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 9)
     for name, r in results.items():
         label = name if " " in name else f"{name}: sampler vs trainer"
         print(
             f"| {label} | {r['tokens']} | {r['mean_abs']:.2e} | {r['max_abs']:.2e} | "
-            f"{r['kl']:.2e} | {r['tis_mean']:.6f} ± {r['tis_std']:.2e} | "
+            f"{r['kl']:.2e} | {r['truncation']:.2e} | {r['tis_mean']:.6f} ± {r['tis_std']:.2e} | "
             f"{r['tis_p1']:.6f}–{r['tis_p99']:.6f} | {r['tis_min']:.6f}–{r['tis_max']:.6f} |"
         )
-    dtype = "bfloat16" if "bfloat16" in results else next(iter(results))
-    ours = results[dtype]["mean_abs"]
-    ratio = (
-        f"{REPORTED[0] / ours:.0f}–{REPORTED[1] / ours:.0f}x smaller" if ours else "exactly equal"
+    ours = {name: r["mean_abs"] for name, r in results.items() if " " not in name}
+    shown = ", ".join(
+        f"{name} {gap:.2e} ({gap / REPORTED[1]:.2g}–{gap / REPORTED[0]:.2g}x)"
+        for name, gap in ours.items()
     )
     print(
-        f"mean |Δ log p| per token, {dtype} sampler vs trainer: ours {ours:.2e} vs "
-        f"{REPORTED[0]}–{REPORTED[1]} reported for vLLM/SGLang vs trainer: {ratio}"
+        f"mean |Δ log p| per token, sampler vs trainer, ours ÷ the {REPORTED[0]}–{REPORTED[1]} "
+        f"reported for vLLM/SGLang vs trainer: {shown}"
     )
 
 
