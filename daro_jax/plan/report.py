@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -317,6 +318,8 @@ def main() -> None:
         "topology", None, "libtpu topology, e.g. v5p:2x4x4 (default: config.tpu.accelerator's)."
     )
     json_flag = flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
+    for flag in (config_flag, topology_flag, json_flag):  # --help lists the main module's flags
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
 
     def run(argv):
         if len(argv) > 1:
