@@ -17,6 +17,9 @@ def get_config():
     c.algo.k = 8
     c.algo.overlong_cache = 16
     c.optim.lr = 1e-5
+    # LoRA (--config.model.lora.rank=8): scale alpha / rank = 16, so that at this lr the
+    # adapters move W about as fast as full fine-tuning does (Adam moves B and A by ~lr).
+    c.model.lora.alpha = 128.0
     c.optim.warmup_steps = 2
     c.sampler.max_new_tokens = 48
     c.sampler.max_prompt_tokens = 128

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import PatternPool, tiny_config
 
-from daro_jax import checkpoint
+from daro_jax import checkpoint, evaluation, sharding
 from daro_jax.algo import losses
 from daro_jax.train import loop
 
@@ -114,7 +114,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ran
     """Also with LoRA (rank 4): its checkpoints hold the adapters, DARO weights and
     optimizer alone, and the resumed run checks the base it restores onto."""
     monkeypatch.setattr(loop.rewards, "RewardPool", lambda *a, **k: _ContextPool(4))
-    config = tiny_config(**{"train.steps": 4, "train.ckpt_every": 2, "model.lora.rank": rank})
+    lora = {"model.lora.rank": rank, "model.lora.alpha": 8.0}
+    config = tiny_config(**{"train.steps": 4, "train.ckpt_every": 2, **lora})
     full: dict[int, dict] = {}
     loop.train(config, str(tmp_path / "full"), on_step=lambda s, m: full.setdefault(s, m))
 
@@ -136,11 +137,17 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ran
     with checkpoint.Checkpointer(str(tmp_path / "resumed"), keep=3, every=2) as ckpt:
         assert ckpt.latest_step() == 4
         assert ckpt.restore_meta()["step"] == 4
-    if rank:  # the adapters of another base (the random init of another seed): refused
-        config.seed = 1
+    if rank:  # evaluation restores the trained adapters on the base
+        mesh = sharding.make_mesh(config.mesh.shape)
+        policy, label, _ = evaluation.load_policy(config, str(tmp_path / "resumed"), mesh)
+        b = policy.params["layers"]["attn"]["q"]["lora_b"]
+        assert label == "step4" and np.abs(np.asarray(b)).max() > 0
+        config.seed = 1  # the adapters on another base (the random init of another seed)
         config.train.steps = 5
         with pytest.raises(checkpoint.IncompatibleCheckpointError, match="trained on the base"):
             loop.train(config, str(tmp_path / "resumed"))
+        with pytest.raises(checkpoint.IncompatibleCheckpointError, match="trained on the base"):
+            evaluation.load_policy(config, str(tmp_path / "resumed"), mesh)
 
 
 class _ContextPool(PatternPool):
@@ -180,6 +187,7 @@ def test_lora_trains_the_adapters_alone_and_the_base_stays_bit_identical():
     config = tiny_config(
         **{
             "model.lora.rank": 4,
+            "model.lora.alpha": 8.0,
             "train.ppo_epochs": 2,
             "train.batch_prompts": 8,
             "optim.lr": 1e-2,
