@@ -62,12 +62,17 @@ def get_config():
 
     # Algorithm: preset name and its knobs (placeholders take the preset's value).
     c.algo = config_dict.ConfigDict()
-    c.algo.name = "daro"  # grpo | dr_grpo | lipo | dapo | daro
+    c.algo.name = "daro"  # grpo | dr_grpo | lipo | dapo | daro | gspo | cispo
     c.algo.k = 8  # responses per prompt
     c.algo.clip_low = placeholder(float)
     c.algo.clip_high = placeholder(float)
     c.algo.dual_clip = placeholder(float)  # c > 1 bounds the loss of negative advantages
     c.algo.kl_beta = placeholder(float)
+    c.algo.kl_estimator = "k3"  # k1 | k2 | k3 | low_var_kl (k3 clamped to [-10, 10], verl's)
+    c.algo.kl_placement = "loss"  # loss: beta * kl per token | reward: r - beta * sum_t kl
+    c.algo.entropy_coef = 0.0  # entropy bonus: -coef * H per token in the loss; 0 = off
+    c.algo.policy_loss = placeholder(str)  # clip (PPO's surrogate) | cispo (clipped IS weight)
+    c.algo.ratio_level = placeholder(str)  # token | sequence (GSPO: (π/π_old)^(1/|y|))
     c.algo.std_eps = 1e-6
     c.algo.std_ddof = 1  # advantage std: 1 = unbiased (verl, TRL), 0 = population
     c.algo.max_log_ratio = 20.0  # |log ρ| clamp for numerical safety
@@ -78,11 +83,14 @@ def get_config():
     c.algo.overlong_shaping = placeholder(bool)
     c.algo.overlong_cache = 256  # DAPO L_cache: soft penalty in the last L_cache tokens
     c.algo.overlong_penalty = 1.0  # DAPO's, on rewards ±1: up to 0.5 off our 0/1 rewards
+    # DARO's learned group weights on any base loss; None: on for aggregation group_token_mean.
+    c.algo.daro_weights = placeholder(bool)
     c.algo.daro_parameterization = "direct"  # direct (w, the paper's) | log (ln w)
     c.algo.daro_log_weight_bounds = (-10.0, 10.0)
     c.algo.daro_learn_weights = True  # False: w = 1 frozen (per-group token-mean ablation)
     c.algo.daro_log_term = True  # False: no -ln w term (ablation)
     c.algo.sampler_is_cap = placeholder(float)  # TIS cap C >= 1 on π_old / π_sampler; None: off
+    c.algo.mask_truncated = False  # overlong filtering: truncated completions carry no loss
 
     # Optimiser.
     c.optim = config_dict.ConfigDict()

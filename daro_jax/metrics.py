@@ -249,8 +249,9 @@ def daro_weights(prefix: str, daro_params, spec) -> dict[str, float]:
 
 def rollout_metrics(stats: Mapping, lengths: np.ndarray, truncated: np.ndarray) -> dict:
     """The step's reward, accuracy and lengths (`stats` of `advantages.group_advantages`
-    over the global batch); length_mean and truncated_frac over this process's rollouts
-    with a completion (padding rows of dynamic sampling have length 0)."""
+    over the global batch, and kl_penalty with the KL in the reward); length_mean and
+    truncated_frac over this process's rollouts with a completion (padding rows of dynamic
+    sampling have length 0)."""
     real = lengths > 0
     return {
         "reward": float(stats["reward"]),
@@ -259,7 +260,7 @@ def rollout_metrics(stats: Mapping, lengths: np.ndarray, truncated: np.ndarray) 
         "length_correct": float(stats["length_correct"]),
         "length_incorrect": float(stats["length_incorrect"]),
         "truncated_frac": float(truncated[real].mean()) if real.any() else 0.0,
-    }
+    } | {name: float(stats[name]) for name in ("kl_penalty",) if name in stats}
 
 
 def throughput(

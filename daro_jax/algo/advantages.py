@@ -15,7 +15,9 @@ batch's valid prompts for batch_std; eps = std_eps:
 With overlong shaping the advantages use DAPO's soft length penalty mapped onto our 0/1
 rewards (daro_jax.rewards.shaping.shape_rewards: r + R_length / 2, L_max = max_response_len,
 L_cache = overlong_cache); groups are always formed from the verifier's correctness, so
-pass the unshaped verifier rewards.
+pass the unshaped verifier rewards. With the KL in the reward (kl_placement "reward") each
+response's reward also loses its penalty beta sum_t kl (`losses.kl_reward_penalty`) before
+the advantages.
 """
 
 from __future__ import annotations
@@ -35,17 +37,21 @@ class Groups(NamedTuple):
     advantages: jax.Array  # [B, K] float32
     group_ids: jax.Array  # [B, K] int32: k = #correct of the row's prompt
     pass_rate: jax.Array  # [B] mu = k / K
-    rewards: jax.Array  # [B, K] rewards the advantages use (after overlong shaping)
+    rewards: jax.Array  # [B, K] rewards the advantages use (after overlong shaping, KL penalty)
     stats: dict[str, jax.Array]  # rollout metrics, see `group_advantages`
 
 
-def group_advantages(rewards: jax.Array, lengths: jax.Array, spec: AlgoSpec) -> Groups:
+def group_advantages(
+    rewards: jax.Array, lengths: jax.Array, spec: AlgoSpec, penalty: jax.Array | None = None
+) -> Groups:
     """Pass-rate groups and advantages of a batch of B prompts x K responses.
 
-    rewards: [B, K] verifier rewards (0/1; not yet shaped); lengths: [B, K] response tokens.
-    A prompt whose K lengths are all 0 is padding: it is left out of the batch std and of the
-    stats. stats: "reward" (mean shaped reward), "accuracy", "group_prompts" [K+1] (prompts per
-    k), "length_correct", "length_incorrect" (mean response length).
+    rewards: [B, K] verifier rewards (0/1; not yet shaped); lengths: [B, K] response tokens;
+    penalty: [B, K] subtracted from the (shaped) rewards before the advantages (the KL in
+    the reward), or None. A prompt whose K lengths are all 0 is padding: it is left out of
+    the batch std and of the stats. stats: "reward" (mean shaped reward, without the
+    penalty), "accuracy", "group_prompts" [K+1] (prompts per k), "length_correct",
+    "length_incorrect" (mean response length), and "kl_penalty" (its mean) with a penalty.
     """
     if rewards.ndim != 2 or rewards.shape[1] != spec.k:
         raise ValueError(f"rewards must be [B, K={spec.k}], got shape {rewards.shape}.")
@@ -61,10 +67,16 @@ def group_advantages(rewards: jax.Array, lengths: jax.Array, spec: AlgoSpec) -> 
             spec.overlong_cache,
             spec.overlong_penalty,
         )
-    mean_q = rewards.mean(axis=1, keepdims=True)
-    centred = rewards - mean_q
     valid = (lengths > 0).any(axis=1)
     vmask = jnp.broadcast_to(valid[:, None], rewards.shape).astype(jnp.float32)
+    n_resp = jnp.maximum(vmask.sum(), 1.0)
+    stats = {"reward": (rewards * vmask).sum() / n_resp}
+    if penalty is not None:
+        penalty = penalty.astype(jnp.float32)
+        stats["kl_penalty"] = (penalty * vmask).sum() / n_resp
+        rewards = rewards - penalty
+    mean_q = rewards.mean(axis=1, keepdims=True)
+    centred = rewards - mean_q
     if spec.advantage == "group_mean":
         adv = centred
     else:
@@ -80,9 +92,7 @@ def group_advantages(rewards: jax.Array, lengths: jax.Array, spec: AlgoSpec) -> 
     lengths = lengths.astype(jnp.float32)
     right = correct.astype(jnp.float32) * vmask
     wrong = (1.0 - correct.astype(jnp.float32)) * vmask
-    n_resp = jnp.maximum(vmask.sum(), 1.0)
-    stats = {
-        "reward": (rewards * vmask).sum() / n_resp,
+    stats |= {
         "accuracy": right.sum() / n_resp,
         "group_prompts": jnp.bincount(k, weights=valid.astype(jnp.float32), length=spec.k + 1),
         "length_correct": (lengths * right).sum() / jnp.maximum(right.sum(), 1.0),

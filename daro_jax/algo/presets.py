@@ -1,9 +1,10 @@
-"""The five algorithms as presets of one loss, and their validated settings (`AlgoSpec`).
+"""The seven algorithms as presets of one loss, and their validated settings (`AlgoSpec`).
 
-GRPO, Dr. GRPO, LIPO, DAPO and DARO differ only in the knobs below; `daro_jax.algo.losses` holds
-the formulas they select. `resolve(config.algo)` fills every knob that config.algo leaves as
-None from the preset named by `algo.name`; a knob set in the config (or on the command
-line) wins. The README's "Algorithms" section sets each preset beside its paper.
+GRPO, Dr. GRPO, LIPO, DAPO, DARO, GSPO and CISPO differ only in the knobs below;
+`daro_jax.algo.losses` holds the formulas they select. `resolve(config.algo)` fills every
+knob that config.algo leaves as None from the preset named by `algo.name`; a knob set in
+the config (or on the command line) wins. The README's "Algorithms" section sets each
+preset beside its paper.
 
 Knobs outside the presets, with their defaults in configs/base.py:
 
@@ -25,6 +26,17 @@ Knobs outside the presets, with their defaults in configs/base.py:
   sampling, the first included (daro_jax/train/rollout.py).
 - `overlong_penalty`: DAPO's largest length penalty in DAPO's reward units (rewards -1 and
   +1); daro_jax/rewards/shaping.py maps it onto our 0/1 rewards (half of it is added).
+- `daro_weights`: DARO's learned group weights on top of any base loss: the base's
+  aggregation is applied inside each pass-rate group and the groups are summed as
+  sum_g (w_g L_g - ln w_g) (daro_jax/algo/losses.py). None: on exactly for the
+  aggregation "group_token_mean" (the `daro` preset's, token_mean inside each group).
+- `mask_truncated`: overlong filtering (DAPO's option, TRL's mask_truncated_completions):
+  completions cut at max_new_tokens carry no loss and count in no normaliser.
+- `kl_estimator`: the KL estimate against the reference policy, "k1", "k2", "k3" (the
+  default, GRPO's) or "low_var_kl" (k3 clamped to [-10, 10], verl's); `kl_placement`:
+  "loss" (a term beta * kl per token) or "reward" (each response's reward minus beta times
+  its summed kl under the sampling policy, before the advantages).
+- `entropy_coef`: an entropy bonus, -coef * H per token in the loss (0: off).
 """
 
 from __future__ import annotations
@@ -38,6 +50,11 @@ import numpy as np
 AGGREGATIONS = ("seq_mean", "token_sum_const", "token_mean", "group_token_mean")
 ADVANTAGES = ("group_std", "group_mean", "batch_std")
 PARAMETERIZATIONS = ("log", "direct")
+POLICY_LOSSES = ("clip", "cispo")  # PPO's clipped surrogate; CISPO's clipped IS weight
+RATIO_LEVELS = ("token", "sequence")  # per-token ratio; GSPO's length-normalised sequence ratio
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+KL_PLACEMENTS = ("loss", "reward")
+TOKEN_LEVEL = dict(policy_loss="clip", ratio_level="token")  # the five PPO-clip presets
 
 # Each preset fills the knobs left as placeholders (None) in config.algo.
 # Shared setting of the paper: K = 8, model lr 1e-6, DARO weight lr 1e-3 (configs/base.py).
@@ -51,6 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         advantage="group_std",
         dynamic_sampling=False,
         overlong_shaping=False,
+        **TOKEN_LEVEL,
     ),
     "dr_grpo": dict(  # No std, no length normalisation, no KL.
         clip_low=0.2,
@@ -61,6 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         advantage="group_mean",
         dynamic_sampling=False,
         overlong_shaping=False,
+        **TOKEN_LEVEL,
     ),
     "lipo": dict(  # Lite PPO: group-mean baseline, batch-level std, token-mean.
         clip_low=0.2,
@@ -71,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         advantage="batch_std",
         dynamic_sampling=False,
         overlong_shaping=False,
+        **TOKEN_LEVEL,
     ),
     "dapo": dict(  # Clip-higher, dynamic sampling, token-mean, overlong shaping, no KL.
         clip_low=0.2,
@@ -81,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         advantage="group_std",
         dynamic_sampling=True,
         overlong_shaping=True,
+        **TOKEN_LEVEL,
     ),
     "daro": dict(  # Token-mean inside each pass-rate group, learnable group weights.
         clip_low=0.2,
@@ -91,6 +112,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         advantage="group_std",
         dynamic_sampling=False,
         overlong_shaping=False,
+        **TOKEN_LEVEL,
+    ),
+    "gspo": dict(  # Sequence-level ratio (pi / pi_old)^(1/|y|), the paper's tiny clip range.
+        clip_low=3e-4,
+        clip_high=4e-4,
+        dual_clip=None,
+        kl_beta=0.0,
+        aggregation="seq_mean",
+        advantage="group_std",
+        dynamic_sampling=False,
+        overlong_shaping=False,
+        policy_loss="clip",
+        ratio_level="sequence",
+    ),
+    "cispo": dict(  # Clipped, stop-gradient IS weight; no lower bound (1 - eps_low = 0).
+        clip_low=1.0,
+        clip_high=0.28,
+        dual_clip=None,
+        kl_beta=0.0,
+        aggregation="token_mean",
+        advantage="group_std",
+        dynamic_sampling=False,
+        overlong_shaping=False,
+        policy_loss="cispo",
+        ratio_level="token",
     ),
 }
 
@@ -107,6 +153,11 @@ class AlgoSpec:
     clip_high: float
     dual_clip: float | None  # None: off
     kl_beta: float  # 0: no KL term in the loss (KL is still a metric when ref_logp is given)
+    kl_estimator: str
+    kl_placement: str
+    entropy_coef: float  # 0: no entropy bonus
+    policy_loss: str
+    ratio_level: str
     std_eps: float
     std_ddof: int
     max_log_ratio: float
@@ -117,16 +168,26 @@ class AlgoSpec:
     overlong_shaping: bool
     overlong_cache: int
     overlong_penalty: float
+    daro_weights: bool
     daro_parameterization: str
     daro_log_weight_bounds: tuple[float, float]
     daro_learn_weights: bool
     daro_log_term: bool
     sampler_is_cap: float | None  # None: off
+    mask_truncated: bool
     max_response_len: int
 
     @property
     def uses_daro_weights(self) -> bool:
-        return self.aggregation == "group_token_mean"
+        return self.daro_weights
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_beta > 0.0 and self.kl_placement == "loss"
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.kl_beta > 0.0 and self.kl_placement == "reward"
 
     @property
     def num_groups(self) -> int:
@@ -159,7 +220,9 @@ def resolve(algo_cfg: Mapping[str, Any], *, max_response_len: int) -> AlgoSpec:
     if missing:
         raise ValueError(f"config.algo lacks {missing} (see configs/base.py for defaults).")
     values["daro_log_weight_bounds"] = tuple(float(b) for b in values["daro_log_weight_bounds"])
-    for field in ("clip_low", "clip_high", "kl_beta", "std_eps", "max_log_ratio"):
+    if values["daro_weights"] is None:
+        values["daro_weights"] = values["aggregation"] == "group_token_mean"
+    for field in ("clip_low", "clip_high", "kl_beta", "std_eps", "max_log_ratio", "entropy_coef"):
         values[field] = float(values[field])
     for field in ("dual_clip", "sampler_is_cap"):
         if values[field] is not None:
@@ -172,24 +235,31 @@ def resolve(algo_cfg: Mapping[str, Any], *, max_response_len: int) -> AlgoSpec:
 def _validate(s: AlgoSpec) -> None:
     if not isinstance(s.k, int) or s.k < 2:
         raise _fail("k", s.k, "need an integer K >= 2 responses per prompt")
-    if not 0.0 <= s.clip_low < 1.0:
-        raise _fail("clip_low", s.clip_low, "need 0 <= eps_low < 1")
-    if s.clip_high < s.clip_low:
-        raise _fail("clip_high", s.clip_high, f"need eps_high >= clip_low={s.clip_low}")
+    _validate_choices(s)
+    if s.policy_loss == "cispo":
+        if not 0.0 <= s.clip_low <= 1.0:
+            raise _fail("clip_low", s.clip_low, "need 0 <= eps_low <= 1 (1: no lower bound)")
+        if s.clip_high < 0.0:
+            raise _fail("clip_high", s.clip_high, "need eps_high >= 0")
+        if s.dual_clip is not None:
+            raise _fail("dual_clip", s.dual_clip, "CISPO has no dual clip: set it to None")
+    else:
+        if not 0.0 <= s.clip_low < 1.0:
+            raise _fail("clip_low", s.clip_low, "need 0 <= eps_low < 1")
+        if s.clip_high < s.clip_low:
+            raise _fail("clip_high", s.clip_high, f"need eps_high >= clip_low={s.clip_low}")
     if s.dual_clip is not None and s.dual_clip <= 1.0:
         raise _fail("dual_clip", s.dual_clip, "need c > 1, or None to turn it off")
     if s.kl_beta < 0.0:
         raise _fail("kl_beta", s.kl_beta, "need beta >= 0 (0 turns the KL term off)")
+    if s.entropy_coef < 0.0:
+        raise _fail("entropy_coef", s.entropy_coef, "need a bonus coefficient >= 0 (0: off)")
     if s.std_eps < 0.0:
         raise _fail("std_eps", s.std_eps, "need eps >= 0")
     if s.std_ddof not in (0, 1):
         raise _fail("std_ddof", s.std_ddof, "need 0 (population std) or 1 (unbiased std)")
     if s.max_log_ratio <= 0.0:
         raise _fail("max_log_ratio", s.max_log_ratio, "need a positive clamp")
-    if s.aggregation not in AGGREGATIONS:
-        raise _fail("aggregation", s.aggregation, f"choose one of {AGGREGATIONS}")
-    if s.advantage not in ADVANTAGES:
-        raise _fail("advantage", s.advantage, f"choose one of {ADVANTAGES}")
     if not isinstance(s.dynamic_sampling_max_tries, int) or s.dynamic_sampling_max_tries < 1:
         raise _fail(
             "dynamic_sampling_max_tries",
@@ -213,6 +283,22 @@ def _validate(s: AlgoSpec) -> None:
             raise _fail("overlong_penalty", s.overlong_penalty, "need >= 0")
 
 
+def _validate_choices(s: AlgoSpec) -> None:
+    for field, allowed in (
+        ("aggregation", AGGREGATIONS),
+        ("advantage", ADVANTAGES),
+        ("policy_loss", POLICY_LOSSES),
+        ("ratio_level", RATIO_LEVELS),
+        ("kl_estimator", KL_ESTIMATORS),
+        ("kl_placement", KL_PLACEMENTS),
+    ):
+        if getattr(s, field) not in allowed:
+            raise _fail(field, getattr(s, field), f"choose one of {allowed}")
+    for field in ("daro_weights", "mask_truncated"):
+        if not isinstance(getattr(s, field), bool):
+            raise _fail(field, getattr(s, field), "need True or False")
+
+
 def _validate_daro(s: AlgoSpec) -> None:
     if s.daro_parameterization not in PARAMETERIZATIONS:
         raise _fail(
@@ -230,8 +316,11 @@ def _validate_daro(s: AlgoSpec) -> None:
         if not isinstance(value, bool):
             raise _fail(field, value, "need True or False")
         if not value and not s.uses_daro_weights:
-            raise _fail(
-                field,
-                value,
-                f"a DARO ablation needs aggregation='group_token_mean', not {s.aggregation!r}",
-            )
+            raise _fail(field, value, "a DARO ablation needs the DARO weights (daro_weights=True)")
+    if s.aggregation == "group_token_mean" and not s.daro_weights:
+        raise _fail(
+            "daro_weights",
+            s.daro_weights,
+            "aggregation='group_token_mean' is token_mean inside DARO's groups: use "
+            "aggregation='token_mean' without the weights",
+        )

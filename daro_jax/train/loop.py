@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from daro_jax import checkpoint, data, evaluation, hosts, metrics, models, rewards, sharding
-from daro_jax.algo import presets
+from daro_jax.algo import losses, presets
 from daro_jax.models import lora
 from daro_jax.sampling import sampler
 from daro_jax.train import checks, rollout, state, update
@@ -59,6 +59,7 @@ class Run:
     update: Callable
     logprobs: Callable
     advantages: Callable
+    kl_penalty: Callable  # the KL in the reward (`losses.kl_reward_penalty`)
     rollout_key: Callable
     take_rows: Callable
     n_params: int
@@ -120,6 +121,7 @@ def build(config) -> Run:
         update=update.jit_update(mesh, state.shardings(abstract)),
         logprobs=update.jit_logprobs(mesh),
         advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
+        kl_penalty=jax.jit(functools.partial(losses.kl_reward_penalty, spec=spec)),
         rollout_key=rollout.jit_rollout_key(config.seed, mesh),
         take_rows=jax.jit(update.take_rows),
         n_params=n_params,
@@ -150,20 +152,26 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
     """Advantages, the logprob passes and the step's ppo_epochs × minibatches updates over
     whole prompts (`run.state` replaced); returns the updates' outputs and the advantages'
     stats, on the host."""
-    t, k, mesh = run.config.train, run.spec.k, run.mesh
-    advantages, group_ids, stats = run.advantages(
-        hosts.to_global(scores, mesh, "rewards"), hosts.to_global(drawn["lengths"], mesh)
-    )
-    batch, host = update.step_inputs(drawn, advantages, group_ids, mesh)
+    t, k, mesh, spec = run.config.train, run.spec.k, run.mesh, run.spec
+    batch, host = update.step_inputs(drawn, mesh, spec)
     s, blocks, rows = run.settings, run.blocks, t.block_rows
-    if not s.on_policy or run.ref_params is not None:
+    old_pass = not s.on_policy or spec.kl_in_reward  # the KL in the reward is under π_old
+    if old_pass or run.ref_params is not None:
         everything = update.packed_batch(host, np.arange(t.batch_prompts), blocks, rows, mesh)
-    if s.on_policy:
-        batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
-    else:
+    if old_pass:
         batch["old_logp"] = run.logprobs(policy(run), everything, s=s)
+    else:
+        batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
     if run.ref_params is not None:
         batch["ref_logp"] = run.logprobs(run.ref_params, everything, s=s)
+    penalty = None
+    if spec.kl_in_reward:
+        mask = drawn["mask"].reshape(-1, drawn["mask"].shape[-1]).astype(np.float32)
+        mask = hosts.to_global(mask, mesh)
+        penalty = run.kl_penalty(batch["old_logp"], batch["ref_logp"], mask)
+    batch["advantages"], batch["group_ids"], stats = run.advantages(
+        hosts.to_global(scores, mesh, "rewards"), hosts.to_global(drawn["lengths"], mesh), penalty
+    )
     outs = []
     for prompts in update.minibatch_prompts(run.config.seed, step, t):
         minibatch = dict(batch)

@@ -211,7 +211,10 @@ def collect(
     return rewards[rows], {name: x[rows] for name, x in rollout.items()}, metrics
 
 
-def flat_advantages(rewards: Any, lengths: Any, spec: AlgoSpec):
-    """Advantages and group ids flattened to rollout rows [B·K], and the rollout stats."""
-    groups = advantages.group_advantages(rewards, lengths, spec)
+def flat_advantages(rewards: Any, lengths: Any, penalty: Any, spec: AlgoSpec):
+    """Advantages and group ids flattened to rollout rows [B·K], and the rollout stats;
+    `penalty` [B·K] (the KL in the reward) or None."""
+    if penalty is not None:
+        penalty = penalty.reshape(rewards.shape)
+    groups = advantages.group_advantages(rewards, lengths, spec, penalty)
     return groups.advantages.reshape(-1), groups.group_ids.reshape(-1), groups.stats

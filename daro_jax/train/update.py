@@ -16,7 +16,8 @@ the importance ratio is exactly 1 and no old-policy pass runs (`UpdateSettings.o
 
 Entry points: `jit_update` (`update_step`, the state donated), `jit_logprobs`
 (`batch_logprobs`: old-policy and reference passes), `step_inputs` (a step's rollouts as
-the per-row arrays of its updates, and every process's rollouts on the host),
+the per-row arrays of its updates, overlong filtering applied, and every process's
+rollouts on the host),
 `minibatch_prompts` (the prompts of each update of a step), `packed_batch` (the host's
 rollouts of some prompts as the global packed arrays these take).
 """
@@ -135,7 +136,7 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
         part = tb._replace(mask=tb.mask * inside)
         if s.on_policy:
             part = part._replace(old_logp=lax.stop_gradient(logp))
-        return losses.microbatch_loss(p["daro"], logp, part, s.spec, lax.stop_gradient(entropy))
+        return losses.microbatch_loss(p["daro"], logp, part, s.spec, entropy)
 
     grad_fn = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
 
@@ -248,20 +249,20 @@ def jit_logprobs(mesh: Mesh) -> Callable:
 PACKED_FROM = ("tokens", "lengths", "prompt_tokens", "prompt_mask")  # `packed_batch`'s rollouts
 
 
-def step_inputs(rollouts: dict, advantages, group_ids, mesh: Mesh) -> tuple[dict, dict]:
+def step_inputs(rollouts: dict, mesh: Mesh, spec: presets.AlgoSpec) -> tuple[dict, dict]:
     """The inputs of a step's updates from this process's rollouts (tokens, mask, logprobs,
-    logprobs_full [b, K, N], lengths [b, K], prompt_tokens, prompt_mask [b, P]): the global
-    per-row arrays over the B·K rows, loss_mask, sampler_logp and sampler_logp_full
-    [B·K, N] with `advantages` and `group_ids`
-    [B·K]; and the PACKED_FROM rollouts of every process on the host (`hosts.allgather`: a
-    minibatch's blocks may hold another process's prompts)."""
+    logprobs_full [b, K, N], lengths, truncated [b, K], prompt_tokens, prompt_mask [b, P]):
+    the global per-row arrays over the B·K rows, loss_mask (`losses.loss_mask`: overlong
+    filtering), sampler_logp and sampler_logp_full [B·K, N]; and the PACKED_FROM rollouts
+    of every process on the host (`hosts.allgather`: a minibatch's blocks may hold another
+    process's prompts). The advantages and group ids are added after the logprob passes
+    (the KL in the reward needs them)."""
     b, k, n = rollouts["tokens"].shape
+    mask = losses.loss_mask(rollouts["mask"].astype(np.float32), rollouts["truncated"], spec)
     rows = {
-        "loss_mask": hosts.to_global(rollouts["mask"].reshape(b * k, n).astype(np.float32), mesh),
+        "loss_mask": hosts.to_global(mask.reshape(b * k, n), mesh),
         "sampler_logp": hosts.to_global(rollouts["logprobs"].reshape(b * k, n), mesh),
         "sampler_logp_full": hosts.to_global(rollouts["logprobs_full"].reshape(b * k, n), mesh),
-        "advantages": advantages,
-        "group_ids": group_ids,
     }
     return rows, hosts.allgather({name: rollouts[name] for name in PACKED_FROM})
 

@@ -10,6 +10,7 @@ from daro_jax.algo import presets
 K = 4
 T = 12
 PRESET_NAMES = ("grpo", "dr_grpo", "lipo", "dapo", "daro")
+NEW_PRESETS = ("gspo", "cispo")
 DARO_DIRECT_KL = dict(daro_parameterization="direct", kl_beta=0.05, dual_clip=2.0)
 
 

@@ -10,12 +10,14 @@ import optax
 import pytest
 from algo_reference import (
     DARO_DIRECT_KL,
+    NEW_PRESETS,
     PRESET_NAMES,
     K,
     T,
     make_case,
     make_spec,
     np_advantages,
+    np_shaped,
 )
 
 from configs import base
@@ -26,18 +28,45 @@ from daro_jax.sampling import selection
 # NumPy reference of the losses, written from the formulas (the advantages': algo_reference).
 
 
-def np_token_loss(logp, old, ref, adv, s, sampler=None):
-    """Per-token loss l and dl/dlogp; logp, old, ref, sampler: [N, T]; adv: [N]."""
+def np_kl(logp, ref, s):
+    """The KL estimate (s.kl_estimator) per token and its derivative d kl / d logp."""
+    d_raw = ref - logp
+    d = np.clip(d_raw, -s.max_log_ratio, s.max_log_ratio)
+    dd = -1.0 * (np.abs(d_raw) < s.max_log_ratio)  # d d / d logp
+    if s.kl_estimator == "k1":
+        return -d, -dd
+    if s.kl_estimator == "k2":
+        return 0.5 * d**2, d * dd
+    k3, dk3 = np.exp(d) - d - 1.0, (np.exp(d) - 1.0) * dd
+    if s.kl_estimator == "low_var_kl":  # verl: k3 clamped to [-10, 10]
+        return np.clip(k3, -10.0, 10.0), dk3 * (np.abs(k3) < 10.0)
+    return k3, dk3
+
+
+def np_token_loss(logp, old, ref, adv, s, sampler=None, mask=None, entropy=None):
+    """Per-token loss l and dl/dlogp; logp, old, ref, sampler, mask, entropy: [N, T]; adv:
+    [N]. GSPO (ratio_level "sequence"): every token of response i carries the response's
+    objective f_i = -min(s_i A, clip(s_i) A), s_i = exp(mean_t (logp - old)), and
+    dl = |y_i| df_i/dlogp_{i,t} = df_i/d ln s_i, so that the aggregation's 1 / |y_i| gives
+    the gradient of the sequence objective. CISPO: the objective sg(r^) A log pi has
+    d/dlogp = r^ A, and its value is written -r^ A (losses.py)."""
     a = adv[:, None]
     raw = logp - old
+    if s.ratio_level == "sequence":
+        lens = np.maximum(mask.sum(1, keepdims=True), 1.0)
+        raw = np.broadcast_to((raw * mask).sum(1, keepdims=True) / lens, raw.shape)
     inside = np.abs(raw) < s.max_log_ratio
     rho = np.exp(np.clip(raw, -s.max_log_ratio, s.max_log_ratio))
     drho = rho * inside
     lo, hi = 1.0 - s.clip_low, 1.0 + s.clip_high
-    unclipped, clipped = rho * a, np.clip(rho, lo, hi) * a
-    obj = np.minimum(unclipped, clipped)
-    dobj = np.where(unclipped <= clipped, a * drho, a * drho * ((rho > lo) & (rho < hi)))
-    pg, dpg = -obj, -dobj
+    if s.policy_loss == "cispo":
+        pg = -np.clip(rho, lo, hi) * a
+        dpg = pg.copy()  # d/dlogp of -sg(r^) A logp
+    else:
+        unclipped, clipped = rho * a, np.clip(rho, lo, hi) * a
+        obj = np.minimum(unclipped, clipped)
+        dobj = np.where(unclipped <= clipped, a * drho, a * drho * ((rho > lo) & (rho < hi)))
+        pg, dpg = -obj, -dobj
     if s.dual_clip is not None:
         cap = (a < 0) & (pg > -s.dual_clip * a)
         pg = np.where(cap, -s.dual_clip * a, pg)
@@ -45,57 +74,73 @@ def np_token_loss(logp, old, ref, adv, s, sampler=None):
     if s.sampler_is_cap is not None:  # TIS: a constant weight on the policy-gradient term
         weight = np.minimum(np.exp(old - sampler), s.sampler_is_cap)
         pg, dpg = weight * pg, weight * dpg
-    if s.kl_beta > 0:
-        d_raw = ref - logp
-        d = np.clip(d_raw, -s.max_log_ratio, s.max_log_ratio)
-        kl = np.exp(d) - d - 1.0
-        dkl = -(np.exp(d) - 1.0) * (np.abs(d_raw) < s.max_log_ratio)
+    if s.kl_beta > 0 and s.kl_placement == "loss":
+        kl, dkl = np_kl(logp, ref, s)
         pg, dpg = pg + s.kl_beta * kl, dpg + s.kl_beta * dkl
+    if s.entropy_coef > 0:
+        pg = pg - s.entropy_coef * entropy
     return pg, dpg
 
 
-def np_loss(case, s, theta):
-    """Loss, d loss / d logp [N, T] and d loss / d theta [K-1] of one whole minibatch."""
+def np_aggregate(ell, dell, mask, rows, s):
+    """The aggregation of s over the rows `rows` only (n, T, len counted over them): the
+    loss and its gradient [N, T] (0 outside `rows`)."""
+    lens = mask.sum(1)
+    rows = rows & (lens > 0)
+    n_seq, tokens = rows.sum(), mask[rows].sum()
+    grad = np.zeros_like(ell)
+    if n_seq == 0:
+        return 0.0, grad
+    if s.aggregation == "seq_mean":
+        scale = 1.0 / (np.maximum(lens, 1.0) * n_seq)
+    elif s.aggregation == "token_sum_const":
+        scale = np.full(lens.shape, 1.0 / (n_seq * s.max_response_len))
+    else:  # token_mean; group_token_mean is token_mean inside each group
+        scale = np.full(lens.shape, 1.0 / tokens)
+    scale = np.where(rows, scale, 0.0)[:, None]
+    return (ell * mask * scale).sum(), dell * mask * scale
+
+
+def np_loss(case, s, theta, keep=None):
+    """Loss, d loss / d logp [N, T] and d loss / d theta [K-1] of one whole minibatch; rows
+    where `keep` [N] is False carry no loss (overlong filtering), the advantages still
+    come from every response."""
     rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
     adv = rows(np_advantages(case["rewards"], case["lengths"], s))
     groups = rows(np.repeat((case["rewards"] >= 0.5).sum(1)[:, None], K, axis=1))
     mask, logp = rows(case["mask"]), rows(case["logp"])
+    if keep is not None:
+        mask = mask * keep[:, None]
     ell, dell = np_token_loss(
-        logp, rows(case["old"]), rows(case["ref"]), adv, s, rows(case["sampler"])
+        logp,
+        rows(case["old"]),
+        rows(case["ref"]),
+        adv,
+        s,
+        rows(case["sampler"]),
+        mask,
+        -0.5 * rows(case["old"]),  # the entropy code_arrays passes
     )
-    lens = mask.sum(1)
-    n_seq = (lens > 0).sum()
-    grad = np.zeros_like(logp)
     dtheta = np.zeros(K - 1)
-    if s.aggregation == "seq_mean":
-        loss = 0.0
-        for i in np.flatnonzero(lens > 0):
-            loss += (ell[i] * mask[i]).sum() / lens[i] / n_seq
-            grad[i] = dell[i] * mask[i] / lens[i] / n_seq
-    elif s.aggregation == "token_sum_const":
-        loss = (ell * mask).sum() / (n_seq * s.max_response_len)
-        grad = dell * mask / (n_seq * s.max_response_len)
-    elif s.aggregation == "token_mean":
-        loss = (ell * mask).sum() / mask.sum()
-        grad = dell * mask / mask.sum()
-    else:
-        log_param = s.daro_parameterization == "log"
-        loss = 0.0
-        for g in range(1, K):
-            sel = groups == g
-            t_g = mask[sel].sum()
-            if t_g == 0:
-                continue
-            w = np.exp(theta[g - 1]) if log_param else theta[g - 1]
-            if not s.daro_learn_weights:  # frozen at 1: no gradient reaches theta
-                w = 1.0
-            l_g = (ell[sel] * mask[sel]).sum() / t_g
-            log_term = np.log(w) if s.daro_log_term else 0.0
-            loss += w * l_g - log_term
-            grad[sel] = w * dell[sel] * mask[sel] / t_g
-            dw = l_g - (1.0 / w if s.daro_log_term else 0.0)  # dL/dw
-            if s.daro_learn_weights:
-                dtheta[g - 1] = w * dw if log_param else dw  # dw/dtheta = w for ln w
+    if not s.daro_weights:
+        loss, grad = np_aggregate(ell, dell, mask, np.ones(len(mask), bool), s)
+        return loss, grad, dtheta
+    log_param = s.daro_parameterization == "log"
+    loss, grad = 0.0, np.zeros_like(logp)
+    for g in range(1, K):
+        sel = groups == g
+        if mask[sel].sum() == 0:
+            continue
+        l_g, grad_g = np_aggregate(ell, dell, mask, sel, s)
+        w = np.exp(theta[g - 1]) if log_param else theta[g - 1]
+        if not s.daro_learn_weights:  # frozen at 1: no gradient reaches theta
+            w = 1.0
+        log_term = np.log(w) if s.daro_log_term else 0.0
+        loss += w * l_g - log_term
+        grad += w * grad_g
+        dw = l_g - (1.0 / w if s.daro_log_term else 0.0)  # dL/dw
+        if s.daro_learn_weights:
+            dtheta[g - 1] = w * dw if log_param else dw  # dw/dtheta = w for ln w
     return loss, grad, dtheta
 
 
@@ -108,18 +153,16 @@ SPLITS = (1, 2, 4)  # micro-batches per minibatch in the invariance test
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
+def code_batch(arrays, spec, **logps):
+    """losses.token_batch of `arrays` (code_arrays) with their advantages and groups."""
+    groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
+    adv, ids = groups.advantages.reshape(-1), groups.group_ids.reshape(-1)
+    return losses.token_batch(arrays["old"], arrays["mask"], adv, ids, spec, **logps)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "splits"), compiler_options=FAST_COMPILE)
 def _code_loss(arrays, logp, theta, perm, spec, splits):
-    groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
-    batch = losses.token_batch(
-        arrays["old"],
-        arrays["mask"],
-        groups.advantages.reshape(-1),
-        groups.group_ids.reshape(-1),
-        spec,
-        ref_logp=arrays["ref"],
-        sampler_logp=arrays["sampler"],
-    )
+    batch = code_batch(arrays, spec, ref_logp=arrays["ref"], sampler_logp=arrays["sampler"])
     entropy = arrays["entropy"]
 
     def total(logp, theta, micro_rows):
@@ -271,15 +314,20 @@ def test_unified_view(name, log_ratio_std):
     assert_close(g_logp, expected_grad)
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
-def test_microbatch_invariance(name):
-    spec = make_spec(name)
-    runs = run_code_splits(make_case(seed=PRESET_NAMES.index(name)), spec, theta_for(spec))
+def assert_microbatch_invariant(case, spec):
+    """Loss, gradients and metrics summed over 2 and 4 micro-batches of shuffled rows equal
+    those of the whole minibatch."""
+    runs = run_code_splits(case, spec, theta_for(spec))
     for n_micro in SPLITS[1:]:
         for a, b in zip(runs[1][:3], runs[n_micro][:3], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         for key, value in runs[1][3].items():
             np.testing.assert_allclose(value, runs[n_micro][3][key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_microbatch_invariance(name):
+    assert_microbatch_invariant(make_case(seed=PRESET_NAMES.index(name)), make_spec(name))
 
 
 def test_metrics():
@@ -431,7 +479,7 @@ def _batch_metrics(arrays, theta, spec, n_mini):
     return losses.finalize_metrics(sums, theta, spec)
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("name", PRESET_NAMES + NEW_PRESETS)
 def test_group_metrics_over_four_minibatches_equal_one_minibatch(name):
     """The per-group metrics (and the token means) of a batch split into 4 minibatches of
     shuffled prompts, accumulated over the minibatches, equal those of 1 minibatch."""
@@ -569,6 +617,233 @@ def test_model_gradient_is_weighted_sum_of_group_gradients():
 
 
 # ---------------------------------------------------------------------------------------
+# GSPO, CISPO, DARO's weights on any base loss, overlong filtering, KL options, entropy bonus.
+
+DARO_BASES = ("grpo", "dr_grpo", "dapo", "gspo", "cispo")
+
+
+def assert_matches_reference(case, spec, theta, keep=None):
+    """Loss and both gradients of the code equal the NumPy reference; returns the code's."""
+    loss, g_logp, g_theta, m = run_code(case, spec, theta)
+    ref_loss, ref_grad, ref_theta = np_loss(case, spec, theta, keep)
+    assert_close(loss, ref_loss)
+    assert_close(g_logp, ref_grad.reshape(g_logp.shape))
+    assert_close(g_theta, ref_theta)
+    return loss, g_logp, g_theta, m
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+@pytest.mark.parametrize("log_ratio_std", [0.0, 0.3])  # on-policy, and off-policy ratios
+def test_gspo_and_cispo_presets_match_numpy_reference(name, log_ratio_std):
+    spec = make_spec(name)
+    case = make_case(seed=41, log_ratio_std=log_ratio_std)
+    theta = theta_for(spec)
+    _, g_logp, g_theta, _ = assert_matches_reference(case, spec, theta)
+    np.testing.assert_array_equal(g_theta, 0.0)  # no DARO weights
+    adv = np_advantages(case["rewards"], case["lengths"], spec).reshape(-1)
+    mask = case["mask"].reshape(-1, T) > 0
+    moving = np.abs(g_logp).max(axis=1) > 0
+    if name == "cispo" or log_ratio_std == 0.0:  # every token of A != 0 keeps a gradient
+        assert np.all(np.abs(g_logp)[mask & (adv[:, None] != 0)] > 0)
+    else:  # GSPO's clip range (3e-4, 4e-4) stops some responses whole, not others
+        assert moving.any() and not moving[adv != 0].all()
+
+
+def test_gspo_is_the_sequence_level_objective():
+    """GSPO (arXiv 2507.18071, eq. 5-7), written directly: s_i = (pi / pi_old)^(1/|y_i|),
+    loss = -(1/n) sum_i min(s_i A_i, clip(s_i, 1 - 3e-4, 1 + 4e-4) A_i), and the gradient
+    d loss / d logp_{i,t} = -(1/n) A_i s_i / |y_i| where the unclipped term is the min."""
+    spec = make_spec("gspo")
+    assert (spec.clip_low, spec.clip_high, spec.aggregation) == (3e-4, 4e-4, "seq_mean")
+    case = make_case(seed=43, log_ratio_std=0.01)  # s_i near 1: both branches occur
+    loss, g_logp, _, m = run_code(case, spec, theta_for(spec))
+    mask = case["mask"].reshape(-1, T)
+    lens = mask.sum(1)
+    adv = np_advantages(case["rewards"], case["lengths"], spec).reshape(-1)
+    s_i = np.exp(((case["logp"] - case["old"]).reshape(-1, T) * mask).sum(1) / lens)
+    clipped = np.clip(s_i, 1 - 3e-4, 1 + 4e-4)
+    n = len(lens)
+    np.testing.assert_allclose(loss, -np.minimum(s_i * adv, clipped * adv).sum() / n, rtol=1e-5)
+    active = (s_i * adv <= clipped * adv) | ((s_i > 1 - 3e-4) & (s_i < 1 + 4e-4))
+    grad = -(adv * s_i * active / (lens * n))[:, None] * mask
+    assert_close(g_logp, grad)
+    assert 0 < active[adv != 0].mean() < 1
+    token_clipped = (m["clip_frac_low"] + m["clip_frac_high"]) * mask.sum()
+    np.testing.assert_allclose(token_clipped, (~active * lens).sum(), rtol=1e-5)
+
+
+def test_cispo_keeps_every_gradient_and_equals_dapo_on_policy():
+    """CISPO (arXiv 2506.13585, eq. 4): the gradient of token t is -clip(r, 0, 1.28) A / T
+    for every token, clipped or not (PPO's clip zeroes some); at ratio 1 it is DAPO's
+    token-mean gradient -A / T, and its value -A / T summed."""
+    cispo, dapo = make_spec("cispo"), make_spec("dapo", overlong_shaping=False)
+    assert (cispo.clip_low, cispo.clip_high, cispo.aggregation) == (1.0, 0.28, "token_mean")
+    wide = make_case(seed=45, log_ratio_std=0.8)
+    theta = theta_for(cispo)
+    mask = wide["mask"].reshape(-1, T) > 0
+    adv = np.repeat(np_advantages(wide["rewards"], wide["lengths"], cispo).reshape(-1, 1), T, 1)
+    ratio = np.exp(wide["logp"] - wide["old"]).reshape(-1, T)
+    g_cispo = run_code(wide, cispo, theta)[1]
+    expected = np.where(mask, -np.clip(ratio, 0.0, 1.28) * adv / mask.sum(), 0.0)
+    assert_close(g_cispo, expected)
+    g_dapo = run_code(wide, dapo, theta)[1]
+    live = mask & (adv != 0)
+    assert np.all(g_cispo[live] != 0) and np.mean(g_dapo[live] == 0) > 0.1
+    flat = make_case(seed=45, log_ratio_std=0.0)
+    (l_c, g_c, _, _), (l_d, g_d, _, _) = (run_code(flat, s, theta) for s in (cispo, dapo))
+    assert_close(g_c, g_d)
+    np.testing.assert_allclose(l_c, l_d, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("base", DARO_BASES)
+def test_daro_weights_on_any_base_match_numpy_reference(base):
+    """sum_g (w_g L_g - ln w_g) with L_g the base's own aggregation inside group g."""
+    spec = make_spec(base, daro_weights=True)
+    assert spec.uses_daro_weights and spec.aggregation == make_spec(base).aggregation
+    case = make_case(seed=47, log_ratio_std=0.3)
+    _, _, g_theta, m = assert_matches_reference(case, spec, theta_for(spec))
+    assert np.all(g_theta != 0)
+    np.testing.assert_array_equal(np.asarray(m["group_weight"])[[0, K]], 0.0)
+
+
+def test_daro_preset_is_dapo_with_daro_weights():
+    """Today's daro preset is one combination: DAPO's clip and token mean, DARO's weights,
+    without DAPO's overlong shaping; group_token_mean = token_mean with the weights."""
+    case = make_case(seed=49, log_ratio_std=0.3)
+    daro = make_spec("daro")
+    theta = theta_for(daro)
+    expected = run_code(case, daro, theta)
+    for spec in (
+        make_spec("dapo", daro_weights=True, overlong_shaping=False),
+        make_spec("daro", aggregation="token_mean", daro_weights=True),
+    ):
+        for a, b in zip(run_code(case, spec, theta)[:3], expected[:3], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+MICRO_SETTINGS = [
+    ("gspo", {}),
+    ("cispo", dict(kl_beta=0.05, kl_estimator="low_var_kl", entropy_coef=0.01)),
+    ("grpo", dict(daro_weights=True)),
+    ("gspo", dict(daro_weights=True, kl_beta=0.05, kl_estimator="k2")),
+    ("cispo", dict(daro_weights=True, entropy_coef=0.01)),
+    ("dr_grpo", dict(daro_weights=True, daro_parameterization="log")),
+]
+
+
+@pytest.mark.parametrize("name,overrides", MICRO_SETTINGS)
+def test_microbatch_invariance_of_the_new_losses(name, overrides):
+    spec = make_spec(name, **overrides)
+    assert_microbatch_invariant(make_case(seed=51, log_ratio_std=0.3), spec)
+
+
+@pytest.mark.parametrize("name", ["grpo", "daro"])  # seq-mean; DARO's groups
+def test_overlong_filtering_matches_numpy_reference(name):
+    """mask_truncated: truncated completions carry no loss and count in no normaliser (n,
+    T, T_g), while their rewards still shape their prompt's advantages."""
+    case = make_case(seed=53, log_ratio_std=0.3)
+    truncated = np.random.default_rng(5).random(case["lengths"].shape) < 0.3
+    spec, plain = make_spec(name, mask_truncated=True), make_spec(name)
+    theta = theta_for(spec)
+    filtered = dict(case, mask=losses.loss_mask(case["mask"], truncated, spec))
+    np.testing.assert_array_equal(losses.loss_mask(case["mask"], truncated, plain), case["mask"])
+    loss, g_logp, _, m = assert_matches_reference(filtered, spec, theta, ~truncated.reshape(-1))
+    np.testing.assert_array_equal(g_logp[truncated.reshape(-1)], 0.0)
+    assert m["tokens"] == case["mask"][~truncated].sum()
+    assert abs(loss - run_code(case, plain, theta)[0]) > 1e-4
+
+
+def kl_case(seed):
+    """A case whose reference is far from the policy on some tokens (k3 > 10 there)."""
+    case = make_case(seed=seed, log_ratio_std=0.3)
+    rng = np.random.default_rng(seed)
+    case["ref"] = case["logp"] + rng.normal(0.0, 2.0, case["logp"].shape)
+    return case
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "low_var_kl"])
+def test_kl_estimators_in_the_loss_match_numpy_reference(estimator):
+    spec = make_spec("grpo", kl_estimator=estimator, kl_beta=0.1)
+    case = kl_case(seed=55)
+    _, _, _, m = assert_matches_reference(case, spec, theta_for(spec))
+    mask = case["mask"].reshape(-1, T) > 0
+    kl, _ = np_kl(case["logp"].reshape(-1, T), case["ref"].reshape(-1, T), spec)
+    np.testing.assert_allclose(m["kl"], kl[mask].mean(), rtol=1e-5)
+    d = (case["ref"] - case["logp"]).reshape(-1, T)[mask]
+    k3 = np.exp(d) - d - 1
+    assert np.mean(k3 > 10) > 0.01  # the low-variance clamp binds on some tokens
+    closed = {"k1": -d, "k2": d**2 / 2, "k3": k3, "low_var_kl": np.minimum(k3, 10.0)}
+    np.testing.assert_allclose(kl[mask], closed[estimator], rtol=1e-12)
+
+
+@functools.partial(jax.jit, static_argnames="spec", compiler_options=FAST_COMPILE)
+def _kl_in_reward(arrays, spec):
+    penalty = losses.kl_reward_penalty(arrays["old"], arrays["ref"], arrays["mask"], spec)
+    groups = advantages.group_advantages(
+        arrays["rewards"], arrays["lengths"], spec, penalty.reshape(arrays["rewards"].shape)
+    )
+    return penalty, groups
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo"])  # with DAPO's overlong shaping too
+def test_kl_in_the_reward_matches_numpy_reference(name):
+    """kl_placement reward: each response's reward loses beta sum_t kl(old, ref) before the
+    advantages (k1, verl's default in the reward); the groups still come from correctness,
+    and the loss has no KL term (that of kl_beta = 0) while the KL metric stays."""
+    spec = make_spec(name, kl_beta=0.05, kl_placement="reward", kl_estimator="k1")
+    case = kl_case(seed=57)
+    penalty, groups = _kl_in_reward(code_arrays(case), spec)
+    mask, old, ref = (case[x].reshape(-1, T) for x in ("mask", "old", "ref"))
+    expected = 0.05 * ((old - ref) * mask).sum(1)
+    np.testing.assert_allclose(penalty, expected, rtol=1e-5, atol=1e-6)
+    shaped = np_shaped(case["rewards"], case["lengths"], spec) if spec.overlong_shaping else None
+    base = case["rewards"] if shaped is None else shaped
+    centred = base - expected.reshape(base.shape)
+    centred = centred - centred.mean(1, keepdims=True)
+    std = (base - expected.reshape(base.shape)).std(1, ddof=spec.std_ddof, keepdims=True)
+    np.testing.assert_allclose(groups.advantages, centred / (std + spec.std_eps), rtol=1e-4)
+    k = (case["rewards"] >= 0.5).sum(1)
+    np.testing.assert_array_equal(groups.group_ids[:, 0], k)
+    np.testing.assert_allclose(groups.stats["kl_penalty"], expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(groups.stats["reward"], base.mean(), rtol=1e-6)
+    no_kl = make_spec(name, kl_beta=0.0)
+    theta = theta_for(spec)
+    (loss, grad, _, m), (loss0, grad0, _, _) = (run_code(case, s, theta) for s in (spec, no_kl))
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad0, rtol=1e-6, atol=1e-9)
+    assert "kl" in m
+
+
+@functools.partial(jax.jit, static_argnames="spec", compiler_options=FAST_COMPILE)
+def _entropy_grad(arrays, theta, spec):
+    batch = code_batch(arrays, spec)
+    return jax.grad(lambda h: losses.microbatch_loss(theta, arrays["logp"], batch, spec, h)[0])(
+        arrays["entropy"]
+    )
+
+
+@pytest.mark.parametrize("name", ["dapo", "daro"])
+def test_entropy_bonus_matches_numpy_reference(name):
+    """entropy_coef c: l = pg - c H per token, so d loss / d H_{i,t} = -c c_i (times w_g
+    under DARO): the bonus's gradient reaches the model through the entropy."""
+    spec = make_spec(name, entropy_coef=0.02)
+    case = make_case(seed=59, log_ratio_std=0.3)
+    theta = theta_for(spec)
+    loss = assert_matches_reference(case, spec, theta)[0]
+    assert abs(loss - run_code(case, make_spec(name), theta)[0]) > 1e-4
+    d_entropy = np.asarray(_entropy_grad(code_arrays(case), jnp.asarray(theta, jnp.float32), spec))
+    mask = case["mask"].reshape(-1, T)
+    if name == "dapo":
+        expected = -0.02 * mask / mask.sum()
+    else:  # per group: -c w_g / T_g
+        groups = np.repeat((case["rewards"] >= 0.5).sum(1), K)
+        tok = np.bincount(groups, weights=mask.sum(1), minlength=K + 1)
+        w = np.concatenate([[0.0], theta, [0.0]])
+        expected = -0.02 * (w[groups] / np.maximum(tok[groups], 1))[:, None] * mask
+    assert_close(d_entropy, expected)
+
+
+# ---------------------------------------------------------------------------------------
 
 
 def test_missing_reference_logprobs_raise():
@@ -577,6 +852,9 @@ def test_missing_reference_logprobs_raise():
         jnp.zeros((2, T)), jnp.ones((2, T)), jnp.ones(2), jnp.ones(2, jnp.int32), spec
     )
     with pytest.raises(ValueError, match="kl_beta"):
+        losses.microbatch_loss(jnp.zeros(K - 1), jnp.zeros((2, T)), batch, spec)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        spec = make_spec("dapo", entropy_coef=0.01)
         losses.microbatch_loss(jnp.zeros(K - 1), jnp.zeros((2, T)), batch, spec)
     with pytest.raises(ValueError, match="sampler_is_cap"):
         losses.token_batch(

@@ -15,6 +15,11 @@ def test_presets_and_command_line_overrides():
     assert make_spec("dr_grpo").advantage == "group_mean"
     assert make_spec("lipo").advantage == "batch_std"
     assert make_spec("grpo", clip_high=0.3).clip_high == 0.3
+    gspo, cispo = make_spec("gspo"), make_spec("cispo")
+    assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)
+    assert (cispo.policy_loss, cispo.clip_low, cispo.clip_high) == ("cispo", 1.0, 0.28)
+    assert make_spec("daro").uses_daro_weights and not make_spec("dapo").uses_daro_weights
+    assert make_spec("cispo", daro_weights=True).uses_daro_weights
     spec = make_spec("daro")
     assert hash(spec) == hash(make_spec("daro"))
     assert jax.jit(lambda x, s: x * s.k, static_argnums=1)(1.0, spec) == K
@@ -40,6 +45,14 @@ def test_presets_and_command_line_overrides():
         (dict(sampler_is_cap=0.5), "sampler_is_cap"),
         (dict(name="dapo", daro_learn_weights=False), "daro_learn_weights"),
         (dict(name="grpo", daro_log_term=False), "daro_log_term"),
+        (dict(policy_loss="ppo"), "policy_loss"),
+        (dict(ratio_level="group"), "ratio_level"),
+        (dict(kl_estimator="k4"), "kl_estimator"),
+        (dict(kl_placement="advantage"), "kl_placement"),
+        (dict(entropy_coef=-0.1), "entropy_coef"),
+        (dict(name="cispo", dual_clip=3.0), "dual_clip"),
+        (dict(name="cispo", clip_low=1.5), "clip_low"),
+        (dict(daro_weights=False), "daro_weights"),
     ],
 )
 def test_bad_algo_config_raises(overrides, field):

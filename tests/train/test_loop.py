@@ -56,6 +56,36 @@ def test_three_steps_of_each_loop_path(algo):
     assert compiled[0] == compiled[1] == compiled[2]
 
 
+@pytest.mark.parametrize(
+    "algo",
+    [
+        {"name": "gspo", "daro_weights": True, "kl_beta": 0.05, "kl_placement": "reward"},
+        {"name": "cispo", "daro_weights": True, "mask_truncated": True, "entropy_coef": 0.01},
+    ],
+)
+def test_two_steps_of_the_new_losses_and_options(algo):
+    """GSPO and CISPO with DARO's weights on top, the KL in the reward (its old-policy
+    pass and penalty), overlong filtering and the entropy bonus run through the loop: the
+    reward penalty is 0 while the policy is the reference and not after an update; with
+    filtering, the tokens trained on are the untruncated ones (tiny's 8-token limit)."""
+    config = tiny_config(**{"train.batch_prompts": 6, **{f"algo.{n}": v for n, v in algo.items()}})
+    run = loop.build(config)
+    before = params_of(run)
+    outs = [loop.run_step(run, step, PatternPool(config.algo.k)) for step in range(2)]
+    after = params_of(run)
+    assert all(np.isfinite(out["loss"]) for out in outs)
+    w0, w1 = (np.asarray(losses.daro_weights(p["daro"], run.spec)) for p in (before, after))
+    if run.spec.kl_in_reward:
+        assert outs[0]["kl_penalty"] == 0.0 and outs[1]["kl_penalty"] != 0.0
+        assert np.all(w1 != w0)  # groups k = 1, 2, 3 are present in every step
+    if run.spec.mask_truncated:  # the random model rarely stops: most completions filtered
+        rows = config.train.batch_prompts * config.algo.k
+        for out in outs:
+            assert out["truncated_frac"] > 0
+            kept = out["length_mean"] - config.sampler.max_new_tokens * out["truncated_frac"]
+            assert out["tokens"] == pytest.approx(kept * rows, abs=1e-3)
+
+
 def test_old_policy_pass_agrees_with_the_update_forward():
     """Two updates per step (ppo_epochs = 2): π_old comes from the separate logprob pass
     over the whole batch (`update.jit_logprobs`, its own packing), π from the update's

@@ -107,12 +107,13 @@ def _assert_grads_close(grads, ref_grads):
         assert float(np.abs(np.asarray(g) - np.asarray(r)).max()) <= 1e-4 * scale, path
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, rows):
-    """The update's gradient — chunks in a loop, prompts pulled back once through jax.vjp —
-    equals jax.grad of the DARO loss of one plain forward over every sequence, for the
-    model and the DARO weights, off-policy (clipped ratios) and with padding rollouts."""
-    params, batch, s, mask, plain = _packed_case(tiny_hf_dirs, rows, seed=10 + rows, padding=True)
+def _check_update_gradients(tiny_hf_dirs, rows, seed, **algo):
+    """The update's gradient equals jax.grad of the loss (algo: config.algo overrides of
+    configs/tiny.py) of one plain forward, off-policy and with padding rollouts."""
+    params, batch, s, mask, plain = _packed_case(tiny_hf_dirs, rows, seed=seed, padding=True)
+    if algo:
+        cfg = dict(load_config_file("configs/tiny.py").algo) | algo
+        s = dataclasses.replace(s, spec=presets.resolve(cfg, max_response_len=6))
     rng = np.random.default_rng(rows)
     n, c = mask.shape
     ref_logp = np.asarray(plain(params)[0])
@@ -127,7 +128,8 @@ def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, row
     grads, sums = jax.jit(update.update_gradients, static_argnames="s")(full, batch, tb, s=s)
 
     def plain_loss(p):
-        return losses.microbatch_loss(p["daro"], plain(p["model"])[0], tb, s.spec)[0]
+        logp, entropy = plain(p["model"])
+        return losses.microbatch_loss(p["daro"], logp, tb, s.spec, entropy)[0]
 
     loss, ref_grads = jax.jit(jax.value_and_grad(plain_loss))(full)
     assert float(sums["loss"]) == pytest.approx(float(loss), rel=1e-5)
@@ -176,6 +178,28 @@ def test_grad_norm_counts_the_trained_leaves_only(tiny_hf_dirs):
         g for path, g in jax.tree_util.tree_leaves_with_path(p) if "embedding" in str(path)
     ]
     np.testing.assert_array_equal(embedding(new["params"]), embedding(train))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_update_gradients_equal_the_gradient_of_the_plain_loss(tiny_hf_dirs, rows):
+    """The update's gradient — chunks in a loop, prompts pulled back once through jax.vjp —
+    equals jax.grad of the DARO loss of one plain forward over every sequence, for the
+    model and the DARO weights, off-policy (clipped ratios) and with padding rollouts."""
+    _check_update_gradients(tiny_hf_dirs, rows, seed=10 + rows)
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [
+        dict(name="gspo", daro_weights=True),
+        dict(name="cispo", entropy_coef=0.05),
+    ],
+)
+def test_update_gradients_of_gspo_cispo_and_the_entropy_bonus(tiny_hf_dirs, algo):
+    """GSPO's sequence ratio needs each completion whole in one micro-batch (packing never
+    splits one; 3 packed rows per chunk), and the entropy bonus differentiates through the
+    entropy of the packed forward: still the gradient of one plain forward's loss."""
+    _check_update_gradients(tiny_hf_dirs, rows=3, seed=20, **algo)
 
 
 def test_minibatch_prompts_split_each_epoch_into_sorted_minibatches():
