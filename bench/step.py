@@ -182,7 +182,7 @@ class Ours:
         )
         self.batches = [next(order) for _ in range(config.train.steps)]
         self.positions: list[tuple[int, int]] = []
-        update = run.update
+        update = run.programs.update
 
         def counted_update(state, batch, **kw):
             prompts = np.asarray(batch["prompt_mask"])
@@ -193,12 +193,12 @@ class Ours:
             self.positions.append((computed, int(real)))
             return update(state, batch, **kw)
 
-        run.update = counted_update
+        run.programs = dataclasses.replace(run.programs, update=counted_update)
         r = config.reward
         self.pool = rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback)
         self.steps: list[dict] = []
         print(
-            f"ours: algo {run.spec.name}, prompt length P = {run.sample.prompt_len} "
+            f"ours: algo {run.spec.name}, prompt length P = {run.programs.sample.prompt_len} "
             f"(left-padded), run built in {build_s:.1f} s (compile {self.clock.pop():.1f} s)",
             flush=True,
         )

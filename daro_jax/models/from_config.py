@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from daro_jax.models import lora
-from daro_jax.models.model import Model, load, param_shardings
+from daro_jax.models.model import Model, load, param_shardings, read_architecture
 
 
 def lora_rank(section: ConfigDict | Mapping) -> int:
@@ -63,3 +63,15 @@ def from_config(
         param_shardings(shell.config, mesh),
     )
     return dataclasses.replace(shell, params=target)
+
+
+def architecture(section: ConfigDict | Mapping, layers: int = 0):
+    """(ModelConfig, tokenizer or None) of a config's `model` section as `from_config`
+    makes it (its dtypes, arch_overrides and LoRA adapters), without reading weights
+    (`model.read_architecture`: the paper models from `models.known`, with no tokenizer);
+    cut to its first `layers` layers when given (the mesh search)."""
+    m = ConfigDict(section)
+    param_dtype = m.dtype if lora_rank(m) else m.param_dtype
+    overrides = m.arch_overrides.to_dict() | ({"num_hidden_layers": layers} if layers else {})
+    cfg, tokenizer = read_architecture(m.path, m.dtype, param_dtype, overrides)
+    return (lora.configure(cfg, m.lora) if lora_rank(m) else cfg), tokenizer

@@ -25,7 +25,7 @@ import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from daro_jax import sharding
-from daro_jax.models import decoder, gguf_io, hf_io
+from daro_jax.models import decoder, gguf_io, hf_io, known
 from daro_jax.models.config import ModelConfig
 
 SMOLLM2_ALIAS = "smollm2-gguf"
@@ -116,7 +116,12 @@ def _read_hf_config(location: str, stamp: tuple):
 
 
 def _hf_config(location: str, overrides: Mapping[str, Any]):
-    hf = copy.deepcopy(_read_hf_config(location, _stamp(location)))
+    return _overridden(_read_hf_config(location, _stamp(location)), overrides, location)
+
+
+def _overridden(hf, overrides: Mapping[str, Any], location: str):
+    """A copy of the transformers config `hf` with its fields replaced by `overrides`."""
+    hf = copy.deepcopy(hf)
     for key, value in overrides.items():
         if not hasattr(hf, key):
             raise ValueError(
@@ -189,6 +194,25 @@ def load(
             hf_io.check_tensors(source, cfg, location)
             params = hf_io.load_params(source, cfg, shardings)
     return Model(cfg, params, _tokenizer(location, _stamp(location)), mesh)
+
+
+def read_architecture(
+    path: str, dtype: str, param_dtype: str | None, overrides: Mapping[str, Any]
+) -> tuple[ModelConfig, Any]:
+    """The `ModelConfig` of `path` (see the module docstring) with `overrides`, and its
+    tokenizer, without reading weights: a paper model (`known.HF_CONFIGS`) whose hub id is
+    not a local path from that table, with no tokenizer (None), so that it needs neither
+    files nor network; another hub id from its config and tokenizer files only."""
+    if path in known.HF_CONFIGS and not os.path.exists(path):
+        hf = transformers.AutoConfig.for_model(**known.HF_CONFIGS[path])
+        hf, tokenizer = _overridden(hf, overrides, path), None
+    elif path == SMOLLM2_ALIAS or os.path.exists(path):
+        location = _resolve(path)
+        hf, tokenizer = _hf_config(location, overrides), _tokenizer(location, _stamp(location))
+    else:
+        hf = _overridden(transformers.AutoConfig.from_pretrained(path), overrides, path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype), tokenizer
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"))

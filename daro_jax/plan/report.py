@@ -45,7 +45,6 @@ from daro_jax.models.config import ModelConfig
 from daro_jax.plan import chips, programs
 from daro_jax.plan.chips import Chip, roofline
 from daro_jax.plan.programs import Compiled
-from daro_jax.train import state as train_state
 
 GIB = 1 << 30
 RESERVE = 0.10  # share of HBM left to the runtime's buffers and fragmentation
@@ -245,23 +244,21 @@ def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan
     name = topology_name or config.plan.topology or chips.topology(config.tpu.accelerator)
     devices = chips.tpu_devices(name)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
-    cfg = programs.model_config(config)
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
-    state = train_state.abstract_state(config, cfg, spec, mesh)
+    built = programs.build(config, mesh, spec)
     device_bytes = programs.device_bytes
-    trained = device_bytes(state["params"]["model"])
-    base = train_state.abstract_base(cfg, mesh)
+    trained = device_bytes(built.abstract["params"]["model"])
     resident = {
-        "params": trained + device_bytes(base),
-        "optimizer state": device_bytes(state["opt"]),
-        "DARO weights": device_bytes(state["params"]["daro"]),
+        "params": trained + device_bytes(built.base),
+        "optimizer state": device_bytes(built.abstract["opt"]),
+        "DARO weights": device_bytes(built.abstract["params"]["daro"]),
         "reference params": trained if spec.kl_beta > 0 else 0,  # LoRA: the base is shared
     }
-    step = programs.step_programs(config, cfg, spec, mesh, state)
+    step = programs.step_programs(config, built, mesh)
     total = sum(resident.values())
     t, s = config.train, config.sampler
     per = t.batch_prompts // t.minibatches
-    n_params = sum(x.size for x in jax.tree.leaves((base, state["params"]["model"])))
+    n_params = sum(x.size for x in jax.tree.leaves((built.base, built.abstract["params"]["model"])))
     return Plan(
         title=title or str(config.model.path),
         topology=name,
@@ -272,7 +269,7 @@ def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan
         programs=tuple(programs.compile_program(p, total) for p in step),
         n_params=n_params,
         update_tokens=per * s.max_prompt_tokens + per * spec.k * s.max_new_tokens,
-        decode_floor=decode_floor(config, cfg, spec, mesh, n_params),
+        decode_floor=decode_floor(config, built.cfg, spec, mesh, n_params),
         knobs=knobs(config),
     )
 

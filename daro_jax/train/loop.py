@@ -34,8 +34,7 @@ from tqdm import tqdm
 from daro_jax import checkpoint, data, evaluation, hosts, metrics, models, rewards, sharding
 from daro_jax.algo import losses, presets
 from daro_jax.models import lora
-from daro_jax.sampling import sampler
-from daro_jax.train import checks, rollout, state, update
+from daro_jax.train import checks, jitted, rollout, state, update
 
 
 @dataclasses.dataclass
@@ -52,16 +51,10 @@ class Run:
     iterator: data.PromptIterator
     state: dict
     ref_params: dict | None
-    tx: object
-    settings: update.UpdateSettings
-    blocks: int
-    sample: sampler.Sampler
-    update: Callable
-    logprobs: Callable
+    programs: jitted.StepPrograms  # sampler, logprob pass, update and their settings
     advantages: Callable
     kl_penalty: Callable  # the KL in the reward (`losses.kl_reward_penalty`)
     rollout_key: Callable
-    take_rows: Callable
     n_params: int
 
 
@@ -76,33 +69,25 @@ def build(config) -> Run:
     problems = data.load_train_set_of(config.data, config.seed)
     # Model, then the problems' prompts with its tokenizer.
     model = models.from_config(config.model, mesh, seed=config.seed)
-    cfg = model.config.replace(remat=config.model.remat)
-    base, trained = state.frozen(cfg, model.params), state.trained(cfg, model.params)
     examples = data.prepare_train_prompts(
         model.tokenizer, problems, config.data, config.sampler.max_prompt_tokens
     )
     iterator = data.PromptIterator(
         examples, t.batch_prompts, config.seed, jax.process_index(), jax.process_count()
     )
-    # Abstract state and its shardings; the jitted init places the state on them.
-    abstract = state.abstract_state(config, cfg, spec, mesh)
-    tx = state.optimizer(config, abstract["params"], spec)
+    # The step's jitted programs (`jitted.build`, which the plan compiles too): abstract state
+    # and its shardings, update (state donated), logprob passes, sampler; the jitted init
+    # places the state on the abstract state's shardings.
+    prompt_len = max(len(e["prompt_ids"]) for e in examples)
+    stop_ids = jitted.stop_token_ids(config.model.path, model.config, model.tokenizer)
+    programs = jitted.build(config, model.config, spec, mesh, prompt_len, stop_ids)
+    cfg = programs.cfg
+    base, trained = state.frozen(cfg, model.params), state.trained(cfg, model.params)
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
     ref_params = None
     if spec.kl_beta > 0:  # the initial policy; with LoRA the base is shared, not copied
         ref_params = lora.combine(base, jax.tree.map(jnp.copy, trained))
-    train_state = state.init_state(trained, spec, tx, abstract)
-    # The jitted programs: update (state donated), logprob passes, sampler, advantages.
-    s = config.sampler
-    prompt_len = max(len(e["prompt_ids"]) for e in examples)
-    stop_ids = sampler.default_stop_token_ids(model.tokenizer, cfg)
-    settings = update.UpdateSettings(
-        cfg,
-        spec,
-        float(s.temperature),
-        on_policy=state.updates_per_step(t) == 1,
-        frozen=tuple(config.optim.frozen),
-    )
+    train_state = state.init_state(trained, spec, programs.tx, programs.abstract)
     return Run(
         config=config,
         mesh=mesh,
@@ -114,16 +99,10 @@ def build(config) -> Run:
         iterator=iterator,
         state=train_state,
         ref_params=ref_params,
-        tx=tx,
-        settings=settings,
-        blocks=sharding.prompt_blocks(t.batch_prompts // t.minibatches, t.prompt_blocks, mesh),
-        sample=rollout.make_sampler(s, cfg, spec.k, prompt_len, stop_ids, mesh),
-        update=update.jit_update(mesh, state.shardings(abstract)),
-        logprobs=update.jit_logprobs(mesh),
+        programs=programs,
         advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
         kl_penalty=jax.jit(functools.partial(losses.kl_reward_penalty, spec=spec)),
         rollout_key=rollout.jit_rollout_key(config.seed, mesh),
-        take_rows=jax.jit(update.take_rows),
         n_params=n_params,
     )
 
@@ -141,8 +120,8 @@ def collect(run: Run, step: int, pool, timers: dict):
 
     def draw(attempt: int):
         examples, key = next(run.iterator), run.rollout_key(step, attempt)
-        params, tokenizer = policy(run), run.model.tokenizer
-        return rollout.sample_and_score(run.sample, params, examples, key, tokenizer, pool, timers)
+        params, tokenizer, sample = policy(run), run.model.tokenizer, run.programs.sample
+        return rollout.sample_and_score(sample, params, examples, key, tokenizer, pool, timers)
 
     process = (jax.process_index(), jax.process_count())
     return rollout.collect(draw, run.spec, run.config.train.batch_prompts, process)
@@ -154,21 +133,20 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
     stats, on the host."""
     t, k, mesh, spec = run.config.train, run.spec.k, run.mesh, run.spec
     batch, host = update.step_inputs(drawn, mesh, spec)
-    s, blocks, rows = run.settings, run.blocks, t.block_rows
-    old_pass = not s.on_policy or spec.kl_in_reward  # the KL in the reward is under π_old
-    if old_pass or run.ref_params is not None:
+    p = run.programs
+    s, blocks, rows = p.settings, p.blocks, p.block_rows
+    if p.passes:
         everything = update.packed_batch(host, np.arange(t.batch_prompts), blocks, rows, mesh)
-    if old_pass:
-        batch["old_logp"] = run.logprobs(policy(run), everything, s=s)
-    else:
-        batch["old_logp"] = jnp.zeros_like(batch["sampler_logp"])
-    if run.ref_params is not None:
-        batch["ref_logp"] = run.logprobs(run.ref_params, everything, s=s)
+    if jitted.OLD not in p.passes:
+        batch[jitted.OLD] = jnp.zeros_like(batch["sampler_logp"])
+    for name in p.passes:
+        params = run.ref_params if name == jitted.REF else policy(run)
+        batch[name] = p.logprobs(params, everything, s=s)
     penalty = None
     if spec.kl_in_reward:
         mask = drawn["mask"].reshape(-1, drawn["mask"].shape[-1]).astype(np.float32)
         mask = hosts.to_global(mask, mesh)
-        penalty = run.kl_penalty(batch["old_logp"], batch["ref_logp"], mask)
+        penalty = run.kl_penalty(batch[jitted.OLD], batch[jitted.REF], mask)
     batch["advantages"], batch["group_ids"], stats = run.advantages(
         hosts.to_global(scores, mesh, "rewards"), hosts.to_global(drawn["lengths"], mesh), penalty
     )
@@ -177,9 +155,9 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
         minibatch = dict(batch)
         if t.minibatches > 1:
             rows_of = (prompts[:, None] * k + np.arange(k)).reshape(-1)
-            minibatch = run.take_rows(batch, jnp.asarray(rows_of))
+            minibatch = p.take_rows(batch, jnp.asarray(rows_of))
         minibatch |= update.packed_batch(host, prompts, blocks, rows, mesh)
-        run.state, out = run.update(run.state, minibatch, tx=run.tx, s=s, base=run.base)
+        run.state, out = p.update(run.state, minibatch, tx=p.tx, s=s, base=run.base)
         outs.append(out)
     return jax.device_get(outs), jax.device_get(stats)
 

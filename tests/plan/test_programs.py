@@ -10,8 +10,8 @@ import math
 import jax
 from helpers import load_config_file
 
+from daro_jax import models
 from daro_jax.models import decoder
-from daro_jax.plan import programs
 from daro_jax.train import packing
 
 PAPER_RECIPES = {  # recipe → published parameter count of its model
@@ -59,7 +59,7 @@ def test_loop_trip_counts_and_model_flops(tiny):
     assert chunks.trips == packing.chunk_slots(b // blocks, k, t.block_rows)
     layers = [part for part in sampler.parts if not part.dynamic][1:]
     assert [part.trips for part in layers] == [2]  # the prefill's scan over the 2 layers
-    cfg = programs.model_config(config)
+    cfg, _ = models.architecture(config.model)
     head = 2 * cfg.hidden_size * cfg.vocab_size
     weights = p.n_params - cfg.hidden_size * cfg.vocab_size * (2 - cfg.tie_word_embeddings)
     decoded = b * k * (n - 1)
@@ -71,6 +71,6 @@ def test_loop_trip_counts_and_model_flops(tiny):
 
 def test_paper_models_match_their_published_parameter_counts():
     for name, published in PAPER_RECIPES.items():
-        cfg = programs.model_config(load_config_file(f"configs/{name}.py"))
+        cfg, _ = models.architecture(load_config_file(f"configs/{name}.py").model)
         shapes = jax.tree.leaves(decoder.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
         assert sum(math.prod(s) for s in shapes) == published, name

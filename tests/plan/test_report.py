@@ -27,7 +27,7 @@ def test_tiny_step_compiles_for_the_topology(tiny):
 def test_step_time_and_mfu_are_roofline_estimates(tiny):
     _, p = tiny
     phases = p.step_seconds()
-    assert list(phases) == ["prefill", "decode", "logprob pass", "update"]
+    assert list(phases) == ["prefill", "decode", "logprob pass", "update", "host"]
     assert phases["logprob pass"] == 0.0 and min(phases["prefill"], phases["decode"]) > 0
     update = p.program("update")
     assert phases["update"] == pytest.approx(update.runs * update.seconds(p.chip))

@@ -38,7 +38,7 @@ def test_three_steps_of_each_loop_path(algo):
     compiled = []
     for step in range(3):
         out = loop.run_step(run, step, pool)
-        compiled.append(run.update._cache_size())
+        compiled.append(run.programs.update._cache_size())
         assert np.isfinite(out["loss"]), out
         prompts = [out[f"group/prompts/{g}of4"] for g in range(5)]
         if algo == "dapo":  # dynamic sampling keeps only 0 < k < K: 4 of every 5 prompts
