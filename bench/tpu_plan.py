@@ -65,6 +65,16 @@ SETUPS = (  # label, recipe, overrides, why the overrides
         LORA,
     ),
 )
+PHASES = ("prefill", "decode", "logprob pass", "update", "host")
+# Issue 24's first table (bench/tpu_plan.md at 499a4d2): update MFU, decode vs its HBM
+# roofline (then counting every cache slot), tokens/s/chip and the step, all without host time.
+BEFORE = {
+    "Qwen2.5-Math-1.5B": ("15.7%", "42%", "1785", "115 s"),
+    "Qwen2.5-Math-7B": ("45.8%", "67%", "1935", "106 s"),
+    "Llama-3.1-8B": ("38.1%", "79%", "1288", "80 s"),
+    "Qwen2.5-Math-1.5B, v5e-8": ("15.8%", "53%", "988", "52 s"),
+    "Qwen2.5-Math-1.5B, v6e-8": ("7.9%", "54%", "2691", "38 s"),
+}
 COLUMNS = (
     "setup",
     "TPU (topology)",
@@ -75,6 +85,7 @@ COLUMNS = (
     "decode",
     "logprob pass",
     "update",
+    "host (CPU, measured)",
     "update MFU",
     "decode share of step",
     "decode vs its HBM roofline",
@@ -82,11 +93,14 @@ COLUMNS = (
 )
 ANCHORS = """\
 Published anchors (measurements on GPUs; nothing comparable has been published for RL
-training on TPU): NeMo RL reports Llama-3.1-8B GRPO on 16 H100s at 1,562 tokens/s/GPU, and
-prime-rl's trainer runs at 11–14 % MFU on H100. The estimates above assume every
-completion runs to max_new_tokens, no overlap of collectives with compute and no host
-time (rewards, packing); tokens/s/chip counts the step's prompt and completion tokens,
-B·(P + K·N), over the estimated step time and the chips."""
+training on TPU): NeMo RL reports Llama-3.1-8B GRPO on 16 H100s at 1,581 tokens/s/GPU
+on-policy, and prime-rl's trainer runs at 11–14 % MFU on H100. The estimates above assume
+every completion runs to max_new_tokens and no overlap of collectives with compute. The
+host column is measured, not estimated: one host's share of decoding, scoring and packing
+the step's completions on this project's 2-core CPU machine (daro_jax/plan/host.py,
+bench/host_time.py), which a TPU host's many cores would cut. tokens/s/chip counts the
+step's prompt and completion tokens, B·(P + K·N), over the step (host included) and the
+chips."""
 
 
 def load_recipe(name: str, overrides: dict):
@@ -115,7 +129,7 @@ def row(label: str, p, config) -> list[str]:
         f"{peak.peak / 2**30:.1f} / {p.chip.hbm_gib:g} GiB ({peak.name})"
         + ("" if p.fits else " **does not fit**"),
         f"{step:.0f} s",
-        *(f"{phases[name]:.1f} s" for name in ("prefill", "decode", "logprob pass", "update")),
+        *(f"{phases[name]:.1f} s" for name in PHASES),
         f"{p.update_mfu():.1%}",
         f"{p.decode_share():.0%}",
         f"{p.decode_roofline_share():.0%}",
@@ -123,10 +137,22 @@ def row(label: str, p, config) -> list[str]:
     ]
 
 
+def figures(p, config) -> dict[str, str]:
+    """The before/after table's figures of a plan: update MFU, decode vs its HBM roofline,
+    tokens/s/chip and the step (host included)."""
+    row_ = row("", p, config)
+    named = dict(zip(COLUMNS, row_, strict=True))
+    keys = ("update MFU", "decode vs its HBM roofline", "tokens/s/chip", "step (est.)")
+    return {k: named[k] for k in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="labels of SETUPS to recompile (default: all)")
     parser.add_argument("--out", default="bench/tpu_plan.md")
+    parser.add_argument(
+        "--search", action="store_true", help="also run each setup's mesh search (slow)"
+    )
     args = parser.parse_args()
     from daro_jax import plan
 
@@ -146,8 +172,15 @@ def main() -> None:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
+        found = ""
+        if args.search:
+            from daro_jax.plan import search
+
+            found = search.format_table(search.search(config), p.topology)
         kept[label] = {
             "row": row_,
+            "figures": figures(p, config) if p.compiled else {},
+            "search": found or kept.get(label, {}).get("search", ""),
             "why": why,
             "report": p.format(),
             "date": str(datetime.date.today()),
@@ -164,11 +197,19 @@ def write(results: dict, out: str) -> None:
     done = [label for label, *_ in SETUPS if label in results]
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(results[label]["row"]) + " |" for label in done]
+    change = [
+        "| setup | update MFU | decode vs HBM roofline | tokens/s/chip | step |",
+        "|---|---|---|---|---|",
+    ]
+    for label in done:
+        after = results[label].get("figures") or {}
+        pairs = zip(BEFORE.get(label, ("–",) * 4), after.values() or ("–",) * 4, strict=True)
+        change.append(f"| {label} | " + " | ".join(f"{b} → {a}" for b, a in pairs) + " |")
     details = []
     for label in done:
-        why = results[label]["why"]
-        details += [f"### {label}", "", *([why, ""] if why else []), "```"]
-        details += [results[label]["report"], "```", ""]
+        why, found = results[label]["why"], results[label].get("search", "")
+        details += [f"### {label}", "", *([why, ""] if why else [])]
+        details += [*([found, ""] if found else []), "```", results[label]["report"], "```", ""]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     commits = sorted({results[label]["commit"] for label in done})
     dates = sorted({results[label]["date"] for label in done})
@@ -182,6 +223,11 @@ def write(results: dict, out: str) -> None:
         "measurements; the compile time is this machine's, shared with other jobs.",
         "",
         *table,
+        "",
+        "Before (issue 24's first table, bench/tpu_plan.md at 499a4d2: no host time, the decode "
+        "roofline counting every cache slot) → after (this table; host time included):",
+        "",
+        *change,
         "",
         ANCHORS,
         "",

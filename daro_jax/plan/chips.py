@@ -3,7 +3,8 @@
 `topology("v5p-64")` → "v5p:2x4x4", the libtpu name of the chips an accelerator type
 names; `tpu_devices(name)` their devices, which `jax.jit(...).lower(...).compile()`
 compiles for on a machine without a TPU; `roofline(cost, chip)` the time a program part
-takes at the chip's peak FLOP/s, HBM and ICI bandwidth (`CHIPS`, with their sources).
+takes at the chip's peak FLOP/s, HBM and ICI bandwidth (`CHIPS`, with their sources; and
+`GPUS`, the NVIDIA chips the GPU check compares with).
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ CHIPS = {
     "v5p": Chip(95, 459e12, 2765e9, 600e9, 2, 3),
     "v5e": Chip(16, 197e12, 819e9, 200e9, 1, 2),
     "v6e": Chip(32, 918e12, 1638e9, 400e9, 1, 2),
+}
+# The GPUs of `bench.device_check` (no torus: not a TPU topology). Sources: nvidia.com H100
+# and H200 SXM datasheets: bf16 dense 989 TFLOP/s, HBM 80 GB at 3.35 TB/s (H100) and 141 GB
+# at 4.8 TB/s (H200), NVLink 900 GB/s both ways.
+GPUS = {
+    "h100": Chip(80e9 / 2**30, 989e12, 3.35e12, 450e9, 1, 0),
+    "h200": Chip(141e9 / 2**30, 989e12, 4.8e12, 450e9, 1, 0),
 }
 ALIASES = {"v5litepod": "v5e"}
 

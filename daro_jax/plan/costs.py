@@ -231,11 +231,12 @@ def _reentered(text: str, entry: str, target: str) -> str:
     return "\n".join(lines)
 
 
-def xla_cost(text: str) -> Cost:
+def xla_cost(text: str, platform: str = "cpu") -> Cost:
     """XLA's cost analysis of an HLO module text and its collectives' bytes (module
-    docstring), every loop body counted once."""
+    docstring), every loop body counted once; by the cost analysis of `platform`'s client
+    (a GPU program's library calls, such as cuBLAS matmuls, are only known to the GPU's)."""
     entry, module = parse_module(text)
-    client = jax.devices("cpu")[0].client
+    client = jax.devices(platform)[0].client
     costs = _jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(text))
     seen, todo, ici = set(), [entry], 0.0
     while todo:
@@ -258,15 +259,16 @@ def _collective_bytes(inst: Instruction, insts: dict[str, Instruction]) -> float
     return factor * max(size for s in shapes for size in [0, *array_bytes(s)])
 
 
-def program_parts(text: str, dynamic_trips: Sequence[int]) -> list[Part]:
+def program_parts(text: str, dynamic_trips: Sequence[int], platform: str = "cpu") -> list[Part]:
     """The parts (`Part`) of a compiled program's HLO text: "outside loops" and each
     top-level loop. Its loops of DYNAMIC trip count, in the order the program runs them,
-    run `dynamic_trips` times each; such a loop inside another one is a ValueError."""
+    run `dynamic_trips` times each; such a loop inside another one is a ValueError. Costed
+    by `platform`'s cost analysis (`xla_cost`)."""
     entry, module = parse_module(text)
 
     @functools.cache
     def once(name: str) -> Cost:  # computation `name` as ENTRY, loops counted once
-        return xla_cost(_reentered(text, entry, name))
+        return xla_cost(_reentered(text, entry, name), platform)
 
     def loops(name: str) -> list[tuple[Instruction, dict[str, Instruction]]]:
         """The while loops computation `name` runs, directly or through a call."""

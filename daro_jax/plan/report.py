@@ -1,7 +1,10 @@
 """The TPU plan: one RL step of a recipe compiled ahead of time for its TPU topology.
 
     python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=v5p:2x4x4]
-        [--json=FILE]
+        [--json=FILE] [--search]
+
+`--search` compiles the candidate meshes, remat and micro-batch sizes instead and prints
+them ranked, the best last (`daro_jax.plan.search`).
 
 No TPU is needed: libtpu (jax[tpu]) describes the chips of `config.tpu.accelerator`
 (`topology`; `--topology` or `config.plan.topology` overrides it) and compiles for them.
@@ -25,8 +28,10 @@ loop): max(FLOPs / peak, HBM bytes / HBM bandwidth, ICI bytes / ICI bandwidth) f
 logprob passes + updates; the update's MFU = 6 · params · tokens / (time · chips · peak);
 the decode loop's share of the HBM roofline = the bytes a decode step must read
 (`decode_floor`) / HBM bandwidth, over its estimated time. All of these are compiler
-estimates, not measurements: no overlap, no launch overheads, no host time (rewards,
-packing), collectives at the chips' full ICI bandwidth.
+estimates, not measurements: no overlap, no launch overheads, collectives at the chips'
+full ICI bandwidth. The step adds one line that is measured, not estimated: the host's
+share (decoding, scoring and packing one host's completions; `plan.host`), measured on
+this project's CPU machine.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 from daro_jax import sharding
 from daro_jax.algo import presets
 from daro_jax.models.config import ModelConfig
-from daro_jax.plan import chips, programs
+from daro_jax.plan import chips, host, programs
 from daro_jax.plan.chips import Chip, roofline
 from daro_jax.plan.programs import Compiled
 
@@ -65,6 +70,7 @@ class Plan:
     update_tokens: int  # tokens of one update: b·P + b·K·N
     decode_floor: int  # bytes per device one decode step reads at the least (`decode_floor`)
     knobs: dict[str, str]  # program → the setting that shrinks it
+    host_seconds: float = 0.0  # one host's measured CPU seconds a step (`plan.host`)
 
     @property
     def peak_program(self) -> Compiled:
@@ -87,13 +93,15 @@ class Plan:
         return next((c for c in self.programs if c.name == name), None)
 
     def step_seconds(self) -> dict[str, float]:
-        """Estimated seconds of one step by phase: prefill, decode, logprob pass, update."""
+        """Seconds of one step by phase: prefill, decode, logprob pass, update (compiler
+        estimates) and host (measured on a CPU, `plan.host`: the chips wait for it)."""
         sampler, passes, update = (self.program(n) for n in ("sampler", "logprob pass", "update"))
         return {
             "prefill": sampler.seconds(self.chip, dynamic=False),
             "decode": sampler.seconds(self.chip, dynamic=True),
             "logprob pass": passes.runs * passes.seconds(self.chip) if passes else 0.0,
             "update": update.runs * update.seconds(self.chip),
+            "host": self.host_seconds,
         }
 
     def update_mfu(self) -> float:
@@ -171,6 +179,8 @@ class Plan:
             lines += [
                 f"step: {sum(phases.values()):.2f} s = "
                 + " + ".join(f"{name} {s:.2f}" for name, s in phases.items()),
+                f"host: {self.host_seconds:.2f} s, measured on a CPU, not estimated "
+                f"({host.where()})",
                 f"update MFU {self.update_mfu():.1%}; decode loop {self.decode_share():.0%} of "
                 f"the step, at {self.decode_roofline_share():.0%} of its HBM roofline (a step "
                 f"must read {_gib(self.decode_floor)})",
@@ -238,14 +248,20 @@ def decode_floor(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, n_param
     return n_params * item // mesh.shape["tensor"] + cache // shards
 
 
-def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan:
+def topology(config, name: str | None = None) -> str:
+    """`name`, else config.plan.topology, else the topology of config.tpu.accelerator."""
+    return name or config.plan.topology or chips.topology(config.tpu.accelerator)
+
+
+def make_plan(config, topology_name: str | None = None, title: str = "", layers: int = 0) -> Plan:
     """Compile one RL step of `config` for `topology_name` (default: config.plan.topology,
-    else the topology of config.tpu.accelerator)."""
-    name = topology_name or config.plan.topology or chips.topology(config.tpu.accelerator)
+    else the topology of config.tpu.accelerator); of the model's first `layers` layers
+    only when given (`search`)."""
+    name = topology(config, topology_name)
     devices = chips.tpu_devices(name)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
-    built = programs.build(config, mesh, spec)
+    built = programs.build(config, mesh, spec, layers=layers)
     device_bytes = programs.device_bytes
     trained = device_bytes(built.abstract["params"]["model"])
     resident = {
@@ -271,6 +287,9 @@ def make_plan(config, topology_name: str | None = None, title: str = "") -> Plan
         update_tokens=per * s.max_prompt_tokens + per * spec.k * s.max_new_tokens,
         decode_floor=decode_floor(config, built.cfg, spec, mesh, n_params),
         knobs=knobs(config),
+        host_seconds=host.seconds(
+            t.batch_prompts * spec.k, s.max_new_tokens, name.split(":")[0], len(devices)
+        ),
     )
 
 
@@ -299,7 +318,8 @@ def check(config) -> Plan:
 
 def main() -> None:
     """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=NAME]
-    [--json=FILE]`: print the plan; exit status 1 when it does not fit. Flags are defined
+    [--json=FILE] [--search]`: print the plan (exit status 1 when it does not fit), or the
+    mesh search's table (exit status 1 when no candidate fits). Flags are defined
     here, not at import, so that importing this module next to daro_jax.main does not
     define --config twice. A local model.path is made absolute first (`cli`); the process
     only plans (`compile_only`)."""
@@ -315,7 +335,11 @@ def main() -> None:
         "topology", None, "libtpu topology, e.g. v5p:2x4x4 (default: config.tpu.accelerator's)."
     )
     json_flag = flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
-    for flag in (config_flag, topology_flag, json_flag):  # --help lists the main module's flags
+    search_flag = flags.DEFINE_bool(
+        "search", False, "Compile the candidate meshes and print them ranked (plan/search.py)."
+    )
+    flagged = (config_flag, topology_flag, json_flag, search_flag)
+    for flag in flagged:  # --help lists the main module's flags
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
 
     def run(argv):
@@ -326,6 +350,16 @@ def main() -> None:
         config = cli.with_local_paths(config_flag.value)
         compile_only(config.tpu.accelerator)
         title = flags.FLAGS["config"].config_filename
+        if search_flag.value:
+            from daro_jax.plan import search
+
+            try:
+                ranked = search.search(config, topology_flag.value)
+            except ValueError as e:
+                print(e)
+                return 1
+            print(search.format_table(ranked, topology(config, topology_flag.value)))
+            return 0
         result = make_plan(config, topology_flag.value, title=title)
         print(result.format())
         if json_flag.value:
