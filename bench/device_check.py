@@ -98,27 +98,32 @@ def build_run(config):
     data and no tokenizer (the device check draws its prompts)."""
     from daro_jax import models, sharding
     from daro_jax.algo import presets
-    from daro_jax.models import decoder
+    from daro_jax.models import decoder, lora
     from daro_jax.train import jitted, loop, rollout, state
 
     mesh = sharding.make_mesh(config.mesh.shape)
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
     m = config.model
-    cfg, tokenizer = models.architecture(m.path, m.dtype, m.param_dtype, m.arch_overrides.to_dict())
+    cfg, tokenizer = models.architecture(m)
     stop_ids = jitted.stop_token_ids(m.path, cfg, tokenizer)
     p = jitted.build(config, cfg, spec, mesh, config.sampler.max_prompt_tokens, stop_ids)
-    shardings = models.param_shardings(cfg, mesh)
+    shardings = models.param_shardings(p.cfg, mesh)
     init = jax.jit(decoder.init_params, static_argnums=0, out_shardings=shardings)
-    params = init(cfg, jax.random.key(config.seed))
-    ref_params = jax.tree.map(jnp.copy, params) if spec.kl_beta > 0 else None
+    params = init(p.cfg, jax.random.key(config.seed))
+    base, trained = state.frozen(p.cfg, params), state.trained(p.cfg, params)
+    ref_params = None
+    if spec.kl_beta > 0:
+        ref_params = lora.combine(base, jax.tree.map(jnp.copy, trained))
     return loop.Run(
         config=config,
         mesh=mesh,
         spec=spec,
         model=models.Model(p.cfg, None, tokenizer, mesh),
+        base=base,
+        base_meta=None,
         examples=[],
         iterator=None,
-        state=state.init_state(params, spec, p.tx, p.abstract),
+        state=state.init_state(trained, spec, p.tx, p.abstract),
         ref_params=ref_params,
         programs=p,
         advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
@@ -150,7 +155,7 @@ def run_check(config, steps: int, chip_name: str | None) -> dict[str, tuple[floa
         prompts = rng.integers(0, run.model.config.vocab_size, (b, width), dtype=np.int32)
         mask = np.ones((b, width), np.int32)
         out = p.sample(
-            run.state["params"]["model"],
+            loop.policy(run),
             hosts.to_global(prompts, run.mesh),
             hosts.to_global(mask, run.mesh),
             run.rollout_key(step, 0),

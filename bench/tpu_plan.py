@@ -1,6 +1,6 @@
 """The paper recipes' RL steps compiled for their TPU topologies: writes bench/tpu_plan.md.
 
-    nice -n 5 python -m bench.tpu_plan [--only LABEL ...]
+    nice -n 5 python -m bench.tpu_plan [--only LABEL ...] [--search]
 
 One `daro_jax.plan.make_plan` per setup in SETUPS: the three paper recipes on their
 target TPUs, the 1.5B on a single-host v5e-8 and v6e-8, and LoRA of the 7B and the 8B on
@@ -8,13 +8,16 @@ a single-host v5e-8 and v6e-8. Each compiles the sampler,
 the logprob pass and the update with libtpu on this machine (no TPU), so everything
 except the compile time is a compiler estimate (see daro_jax/plan/report.py), not a measurement.
 Each setup's table row and report are kept in bench/tpu_plan.json; `--only` recompiles the
-setups named and takes the others from there. Needs requirements-test.txt (jax[tpu]).
+setups named and takes the others from there (several `--only` runs may go at once);
+`--search` adds each setup's mesh search (`daro_jax.plan.search`; slow). Needs
+requirements-test.txt (jax[tpu]).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import importlib.util
 import json
 import os
@@ -157,10 +160,6 @@ def main() -> None:
     from daro_jax import plan
 
     plan.compile_only("v5p-8")
-    kept = {}
-    if args.only:
-        with open(RESULTS) as f:
-            kept = json.load(f)
     for label, recipe, overrides, why in SETUPS:
         if args.only and label not in args.only:
             continue
@@ -177,19 +176,34 @@ def main() -> None:
             from daro_jax.plan import search
 
             found = search.format_table(search.search(config), p.topology)
-        kept[label] = {
+        result = {
             "row": row_,
             "figures": figures(p, config) if p.compiled else {},
-            "search": found or kept.get(label, {}).get("search", ""),
+            "search": found,
             "why": why,
             "report": p.format(),
             "date": str(datetime.date.today()),
             "commit": commit,
         }
-        with open(RESULTS, "w") as f:
-            json.dump(kept, f, indent=1)
+        kept = keep(label, result, fresh=not args.only)
     write(kept, args.out)
     print(f"wrote {args.out}")
+
+
+def keep(label: str, result: dict, fresh: bool) -> dict:
+    """All setups' results with `label`'s replaced (a search table kept when this run made
+    none), saved to RESULTS under a lock, so that several `--only` runs can go at once."""
+    with open(RESULTS + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = {}
+        if os.path.exists(RESULTS) and not fresh:
+            with open(RESULTS) as f:
+                kept = json.load(f)
+        result["search"] = result["search"] or kept.get(label, {}).get("search", "")
+        kept[label] = result
+        with open(RESULTS, "w") as f:
+            json.dump(kept, f, indent=1)
+    return kept
 
 
 def write(results: dict, out: str) -> None:

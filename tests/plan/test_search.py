@@ -21,23 +21,25 @@ def tiny():
 
 def test_candidates_divide_the_chips_and_the_model():
     """The recipe's own setting first; tensor divides tiny's 2 key/value heads; every mesh
-    uses the 4 chips; block_rows doubled and remat switched on the recipe's mesh."""
+    uses the 4 chips; block_rows doubled and halved and remat switched on the recipe's
+    mesh."""
     config = tiny()
     cfg, _ = models.architecture(config.model)
     found = search.candidates(config, chips.tpu_devices("v5e:2x2"), cfg)
-    own = search.Candidate((1, 4, 1), 1, False)
+    own = search.Candidate((1, 4, 1), 2, False)  # smollm2_135m's block_rows 2, no remat
     assert found[0] == own
     meshes = {c.mesh for c in found}
     assert meshes == {(1, 4, 1), (2, 2, 1), (4, 1, 1), (1, 2, 2), (2, 1, 2)}
     assert all(d * f * t == 4 and cfg.num_kv_heads % t == 0 for d, f, t in meshes)
-    assert dataclasses.replace(own, block_rows=2) in found
+    assert dataclasses.replace(own, block_rows=4) in found
+    assert dataclasses.replace(own, block_rows=1) in found
     assert dataclasses.replace(own, remat=True) in found
     assert len(found) == len(set(found))
 
 
 def test_search_ranks_the_fitting_candidates_best_last():
     config = tiny()
-    among = [search.Candidate((1, 4, 1), 1, False), search.Candidate((2, 2, 1), 1, False)]
+    among = [search.Candidate((1, 4, 1), 2, False), search.Candidate((2, 2, 1), 2, False)]
     ranked = search.search(config, among=among)
     assert [e.fits for e in ranked] == [True, True]
     assert ranked[0].step >= ranked[1].step > 0
