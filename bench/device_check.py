@@ -214,7 +214,7 @@ def main() -> None:
         results = run_check(config, args.steps, args.chip)
     for name, (measured, estimate) in results.items():
         print(
-            f"{name}: measured {measured:.3f} s, plan estimate {estimate:.3f} s "
+            f"{name}: measured {measured:.4g} s, plan estimate {estimate:.4g} s "
             f"(measured / estimate {measured / estimate:.2f})"
         )
     print(f"device check done in {time.perf_counter() - start:.0f} s")
