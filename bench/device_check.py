@@ -97,7 +97,7 @@ def build_run(config):
     """A `train.loop.Run` of `config` on this process's devices with random weights, no
     data and no tokenizer (the device check draws its prompts)."""
     from daro_jax import models, sharding
-    from daro_jax.algo import presets
+    from daro_jax.algo import losses, presets
     from daro_jax.models import decoder, lora
     from daro_jax.train import jitted, loop, rollout, state
 
@@ -127,6 +127,7 @@ def build_run(config):
         ref_params=ref_params,
         programs=p,
         advantages=jax.jit(functools.partial(rollout.flat_advantages, spec=spec)),
+        kl_penalty=jax.jit(functools.partial(losses.kl_reward_penalty, spec=spec)),
         rollout_key=rollout.jit_rollout_key(config.seed, mesh),
         n_params=sum(x.size for x in jax.tree.leaves(params)),
     )
