@@ -169,6 +169,11 @@ def use_mesh(mesh: Mesh, rules: Rules = RULES):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `use_mesh`, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`nn.with_logical_constraint` of `x` to the mesh of `use_mesh`; identity outside it.
     A dimension its axes do not divide is sharded unevenly (XLA pads it)."""

@@ -20,7 +20,7 @@ step, whose weights are then separate arrays read in place at every step (a slic
 stacked weights taken inside a loop is copied at every step).
 
 Entry points: `Decoder`, `init_params`, `param_specs`, `param_shapes`, `forward`,
-`prefill`, `causal_masks`, `positions_from_mask`, `lm_logits`, `token_logprobs`,
+`prefill`, `causal_masks`, `causal_segments`, `positions_from_mask`, `lm_logits`, `token_logprobs`,
 `unstack_layers`.
 """
 
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from daro_jax.models.attention_kernel import Segments
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.layers import INIT_STD, STREAM_AXES, DecoderLayer, RMSNorm
 from daro_jax.sharding import constrain
@@ -116,6 +117,13 @@ def causal_masks(mask: jnp.ndarray) -> dict:
     return {"own": causal[None] & mask[:, None, :].astype(bool)}
 
 
+def causal_segments(mask: jnp.ndarray) -> dict:
+    """`causal_masks` as `Segments` (what the attention kernel takes): {"own": query t reads
+    key s ≤ t with mask[b, s] = 1}."""
+    zeros = jnp.zeros(mask.shape, jnp.int32)
+    return {"own": Segments(zeros, jnp.where(mask.astype(bool), 0, -1), causal=True)}
+
+
 def _init_boxed(cfg: ModelConfig, key: jax.Array) -> dict:
     one = jnp.zeros((1, 1), jnp.int32)
     return Decoder(cfg).init(key, one, one, causal_masks(one + 1))["params"]
@@ -149,7 +157,7 @@ def forward(params, cfg: ModelConfig, tokens, positions, masks, shared=None, own
 def prefill(params, cfg: ModelConfig, tokens: jnp.ndarray, mask: jnp.ndarray):
     """Left-padded prompts [B, P] forwarded once: (hidden [B, P, D], (keys [L, B, KV, Dh, P],
     values [L, B, KV, P, Dh]))."""
-    return forward(params, cfg, tokens, positions_from_mask(mask), causal_masks(mask))
+    return forward(params, cfg, tokens, positions_from_mask(mask), causal_segments(mask))
 
 
 def lm_logits(params, cfg: ModelConfig, hidden: jnp.ndarray) -> jnp.ndarray:

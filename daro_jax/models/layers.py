@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from daro_jax.models import attention_kernel
+from daro_jax.models.attention_kernel import KEY_AXES, VALUE_AXES, Segments
 from daro_jax.models.config import ModelConfig
 from daro_jax.sharding import constrain
 
 NEG_INF = -1e30
 INIT_STD = 0.02  # N(0, INIT_STD²) matrices (HF's init); zero biases, unit norm weights
-KEY_AXES = ("batch", "kv_heads", "head_dim", "cache_length")  # keys: slots last
-VALUE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 STREAM_AXES = ("batch", "length", "embed")
 
 
@@ -83,6 +83,32 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def attend(q, k, v, allowed, shared=None, shared_allowed=None) -> jnp.ndarray:
+    """`einsum_attend`'s attention, its masks dense booleans or `Segments`.
+
+    With `Segments` whose shapes the splash kernels take (`attention_kernel.kernel_fits`),
+    the TPU runs `attention_kernel.fused_attend` (scores kept in VMEM) and every other
+    backend `einsum_attend` on the same masks made dense, chosen per backend by
+    `lax.platform_dependent`: a GPU has no Mosaic TPU kernel, and Pallas' interpreter, which
+    runs the TPU kernel anywhere, is orders of magnitude slower than XLA's einsums on a CPU
+    (the tests run it to check the kernel against `einsum_attend`, values and gradients).
+    Query rows with no allowed key get a meaningless output on either path.
+    """
+    if not isinstance(allowed, Segments):
+        return einsum_attend(q, k, v, allowed, shared, shared_allowed)
+
+    def einsum(q, k, v, allowed, shared, shared_allowed):
+        dense = None if shared is None else shared_allowed.allowed()
+        return einsum_attend(q, k, v, allowed.allowed(), shared, dense)
+
+    shared_shape = None if shared is None else shared[0].shape
+    if not attention_kernel.kernel_fits(q.shape, k.shape[3], shared_shape, allowed.causal):
+        return einsum(q, k, v, allowed, shared, shared_allowed)
+    return lax.platform_dependent(
+        q, k, v, allowed, shared, shared_allowed, tpu=attention_kernel.fused_attend, default=einsum
+    )
+
+
+def einsum_attend(q, k, v, allowed, shared=None, shared_allowed=None) -> jnp.ndarray:
     """softmax(q·kᵀ/√Dh masked)·v over the rows' own keys and an optional shared key set.
 
     q [R, T, KV, G, Dh]; own keys k [R, KV, Dh, S] and values v [R, KV, S, Dh] with

@@ -5,9 +5,9 @@ the keys and values of block j's g prompts are laid side by side, keys [G, KV, D
 values [G, KV, g·P, Dh] per layer. Its completions are packed back to back into rows of C
 positions (`daro_jax.train.packing`: chunk_tokens, chunk_segments, chunk_offsets [G, R, C]); in
 `chunk_logprobs` the R rows of a block read its prompts' keys once (`layers.attend`'s shared
-key set), a token attends to its own prompt's real tokens and to the earlier tokens of its
-own completion, so each token gets the logits of the forward of its [prompt | completion]
-alone.
+key set; the masks are segment ids, so that a TPU runs the fused kernel), a token attends
+to its own prompt's real tokens and to the earlier tokens of its own completion, so each
+token gets the logits of the forward of its [prompt | completion] alone.
 
 Entry points: `prompt_blocks`, `chunk_logprobs`.
 """
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from daro_jax.models import decoder
+from daro_jax.models.attention_kernel import Segments
 from daro_jax.models.config import ModelConfig
 
 CHUNK_INPUTS = ("chunk_tokens", "chunk_segments", "chunk_offsets")  # train.packing.pack_blocks
@@ -65,20 +66,20 @@ def chunk_logprobs(
     g = last_hidden.shape[1]
     p = prompt_mask.shape[1]
     rows = lambda x: x.reshape(blocks * r, *x.shape[2:])  # noqa: E731
-    prompt = rows(jnp.maximum(segments, 0) // k)  # [G·R, C]: the token's prompt in its block
-    lengths = jnp.repeat(prompt_mask.sum(-1).reshape(blocks, g), r, axis=0)
-    positions = jnp.take_along_axis(lengths, prompt, axis=1) + rows(offsets)
-    key_valid = jnp.repeat(prompt_mask.reshape(blocks, g * p).astype(bool), r, axis=0)
-    to_prompt = (jnp.arange(g * p) // p)[None, None] == prompt[..., None]
     seg = rows(segments)
-    own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+    prompt = jnp.where(seg >= 0, seg // k, -1)  # [G·R, C]: the token's prompt in its block
+    lengths = jnp.repeat(prompt_mask.sum(-1).reshape(blocks, g), r, axis=0)
+    positions = jnp.take_along_axis(lengths, jnp.maximum(prompt, 0), axis=1) + rows(offsets)
+    slot_prompt = jnp.arange(g * p) // p  # key slot of the block's g prompts side by side
+    key_prompt = jnp.where(prompt_mask.reshape(blocks, g * p).astype(bool), slot_prompt, -1)
     masks = {
-        "own": own & jnp.tril(jnp.ones((c, c), bool)),
-        "shared": to_prompt & key_valid[:, None],
+        "own": Segments(seg, seg, causal=True),
+        "shared": Segments(prompt, key_prompt),
     }
     hidden, _ = decoder.forward(params, cfg, rows(tokens), positions, masks, shared=prompt_kv)
     previous = jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))
-    start = jnp.take_along_axis(jnp.repeat(last_hidden, r, axis=0), prompt[..., None], axis=1)
+    start = jnp.repeat(last_hidden, r, axis=0)
+    start = jnp.take_along_axis(start, jnp.maximum(prompt, 0)[..., None], axis=1)
     hidden = jnp.where(rows(offsets)[..., None] > 0, previous, start)
     logp, entropy = decoder.token_logprobs(params, cfg, hidden, rows(tokens), temperature)
     return logp.reshape(blocks, r, c), entropy.reshape(blocks, r, c)

@@ -14,11 +14,13 @@ an induction variable that starts at the constant c0 and steps by the constant s
 (any other condition) "dynamic": counts the caller supplies, for decode loops that may
 stop early or a loop over a traced number of chunks.
 
-Bytes between chips, which XLA's cost analysis does not separate, are counted per
-collective (all-gather, reduce-scatter, all-reduce ×2, all-to-all, collective-permute)
-as the largest array it reads or writes, with the same trip counts. Array sizes here are
-logical (no TPU tile padding). Uses jaxlib's HLO parser and cost analysis (jaxlib._hlo,
-jaxlib._jax), pinned with jax in requirements.txt.
+A custom call (a Pallas kernel) is opaque to XLA's cost analysis: it is counted from the
+analytic cost its op_name carries, or as its operands' and results' bytes
+(`custom_call_cost`). Bytes between chips, which XLA's cost analysis does not separate,
+are counted per collective (all-gather, reduce-scatter, all-reduce ×2, all-to-all,
+collective-permute) as the largest array it reads or writes, with the same trip counts.
+Array sizes here are logical (no TPU tile padding). Uses jaxlib's HLO parser and cost
+analysis (jaxlib._hlo, jaxlib._jax), pinned with jax in requirements.txt.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _COLLECTIVES = {  # opcode → factor on its largest array
     "collective-permute": 1,
     "collective-permute-start": 1,
 }
+_KERNEL_COST = re.compile(r"kernel_cost\[flops=(\d+),bytes=(\d+),calls=(\d+)\]")
 _BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128, "token": 0}
 
 
@@ -128,7 +131,13 @@ def parse_module(text: str) -> tuple[str, Module]:
         if match:
             shape, tail = _split_shape(match.group(2))
             opcode = tail.split("(", 1)[0].strip()
-            computations[current][match.group(1)] = Instruction(match.group(1), shape, opcode, tail)
+            last = Instruction(match.group(1), shape, opcode, tail)
+            computations[current][last.name] = last
+        elif current and computations[current] and line.strip() not in ("}", ""):
+            # an attribute that spans lines (a custom call's kernel_metadata): the rest of
+            # the instruction, up to its metadata
+            last = dataclasses.replace(last, text=last.text + " " + line.strip())
+            computations[current][last.name] = last
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return entry, computations
@@ -238,15 +247,32 @@ def xla_cost(text: str, platform: str = "cpu") -> Cost:
     entry, module = parse_module(text)
     client = jax.devices(platform)[0].client
     costs = _jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(text))
-    seen, todo, ici = set(), [entry], 0.0
+    seen, todo, ici, kernels = set(), [entry], 0.0, Cost()
     while todo:
         name = todo.pop()
         if name in seen or name not in module:
             continue
         seen.add(name)
         ici += sum(_collective_bytes(inst, module[name]) for inst in module[name].values())
+        kernels += sum((custom_call_cost(i, module[name]) for i in module[name].values()), Cost())
         todo += [c for inst in module[name].values() for c in inst.called()]
-    return Cost(costs.get("flops", 0.0), costs.get("bytes accessed", 0.0), ici)
+    return Cost(costs.get("flops", 0.0), costs.get("bytes accessed", 0.0), ici) + kernels
+
+
+def custom_call_cost(inst: Instruction, insts: dict[str, Instruction]) -> Cost:
+    """What XLA's cost analysis leaves out of a custom call (it counts none of its FLOPs
+    or bytes): the analytic cost its op_name carries (`attention_kernel.cost_scope`:
+    FLOPs and bytes shared by the `calls` custom calls under that scope), else no FLOPs
+    and its operands' and results' bytes, each read or written once (a floor); 0 for
+    other instructions."""
+    if inst.opcode != "custom-call":
+        return Cost()
+    tagged = _KERNEL_COST.search(inst.text)
+    if tagged:
+        flops, nbytes, calls = (float(x) for x in tagged.groups())
+        return Cost(flops / calls, nbytes / calls)
+    shapes = [inst.shape] + [insts[n].shape for n in inst.operands() if n in insts]
+    return Cost(0.0, float(sum(sum(array_bytes(s)) for s in shapes)))
 
 
 def _collective_bytes(inst: Instruction, insts: dict[str, Instruction]) -> float:
