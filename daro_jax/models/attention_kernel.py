@@ -34,6 +34,7 @@ Entry points: `Segments`, `fused_attend`, `kernel_fits`, `cost_scope`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -145,7 +146,7 @@ class _KeySet:
         seg (q [N, Q], kv [N, K])."""
         kernel = self.kernel()
         one = lambda q, k, v, sq, sk: kernel(q, k, v, splash.SegmentIds(sq, sk))  # noqa: E731
-        with jax.named_scope(self.cost("fwd", q.shape[0], q.shape[3], q.dtype.itemsize)):
+        with _scope(self.cost("fwd", q.shape[0], q.shape[3], q.dtype.itemsize), q.dtype):
             o, (lse,) = jax.vmap(one)(q, k, v, *seg)
         return o, lse
 
@@ -171,8 +172,21 @@ class _KeySet:
             )
             return grads[3:6]
 
-        with jax.named_scope(self.cost("bwd", q.shape[0], q.shape[3], q.dtype.itemsize)):
+        with _scope(self.cost("bwd", q.shape[0], q.shape[3], q.dtype.itemsize), q.dtype):
             return jax.vmap(one)(q, k, v, *seg, o, lse, do)
+
+
+@contextlib.contextmanager
+def _scope(name: str, dtype):
+    """The cost's named scope; for bfloat16 inputs the kernels' matmuls at the default
+    precision (exact products either way; Mosaic refuses a "highest" bfloat16 matmul on
+    v5e, which `jax_default_matmul_precision` would otherwise ask for)."""
+    with jax.named_scope(name):
+        if dtype == jnp.bfloat16:
+            with jax.default_matmul_precision("default"):
+                yield
+        else:
+            yield
 
 
 def cost_scope(flops: float, nbytes: float, calls: int) -> str:

@@ -333,3 +333,59 @@ def _op_name(loop: Instruction) -> str:
     """The loop's JAX op name from its metadata (e.g. "jit(f)/while"), else its HLO name."""
     op = re.search(r'op_name="([^"]+)"', loop.text)
     return op.group(1) if op else loop.name
+
+
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"}
+
+
+def byte_breakdown(text: str, per_trip_of_dynamic_loop: bool = True) -> list[tuple[str, float]]:
+    """HBM bytes by op, largest first: [(label, bytes)], label = opcode and the JAX op it
+    was lowered from (its op_name, wrappers such as jit(…)/jvp(…) kept, the program's
+    name dropped). Each instruction outside fusions (a fusion, copy, collective, custom
+    call, …) counts its operands' and results' bytes, × the trip counts of the loops it
+    is in; a custom call its `custom_call_cost`. With `per_trip_of_dynamic_loop`, only
+    one trip of the program's first data-dependent loop (the update's or the logprob
+    pass' packed chunk); else the whole program with data-dependent loops run once.
+    A per-op estimate from shapes, beside XLA's own total (`program_parts`)."""
+    entry, module = parse_module(text)
+    totals: dict[str, float] = {}
+
+    def first_dynamic(name):
+        for inst in module[name].values():
+            if inst.opcode == "while" and trip_count(inst, module[name], module) == DYNAMIC:
+                return body_of(inst)
+            for c in inst.called() if inst.opcode in ("call", "conditional") else []:
+                found = first_dynamic(c)
+                if found:
+                    return found
+        return None
+
+    def walk(name: str, weight: float) -> None:
+        insts = module[name]
+        for inst in insts.values():
+            if inst.opcode == "while":
+                n = trip_count(inst, insts, module)
+                walk(body_of(inst), weight * (1 if n == DYNAMIC else n))
+            elif inst.opcode in ("call", "conditional"):
+                for c in inst.called():
+                    walk(c, weight)
+            elif inst.opcode not in _NO_TRAFFIC and not inst.opcode.endswith("-done"):
+                if inst.opcode == "custom-call":
+                    nbytes = custom_call_cost(inst, insts).bytes
+                else:
+                    shapes = [inst.shape] + [insts[n].shape for n in inst.operands() if n in insts]
+                    nbytes = sum(sum(array_bytes(s)) for s in shapes)
+                label = f"{inst.opcode} {_op_label(inst)}"
+                totals[label] = totals.get(label, 0.0) + weight * nbytes
+
+    root = first_dynamic(entry) if per_trip_of_dynamic_loop else None
+    walk(root or entry, 1.0)
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
+def _op_label(inst: Instruction) -> str:
+    """The op_name of an instruction without its program's jit(…) prefix, or its name."""
+    op = re.search(r'op_name="([^"]+)"', inst.text)
+    if not op:
+        return re.sub(r"\.\d+$", "", inst.name)
+    return re.sub(r"^jit\([^)]*\)/", "", op.group(1))

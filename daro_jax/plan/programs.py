@@ -39,6 +39,9 @@ def build(
     return jitted.build(config, cfg, spec, mesh, prompt_len, stop_ids)
 
 
+BREAKDOWN_ITEMS = 15  # ops listed by `python -m daro_jax.plan --verbose`
+
+
 def device_bytes(tree) -> int:
     """Bytes on one device of a pytree of ShapeDtypeStructs with shardings."""
     return sum(
@@ -102,6 +105,7 @@ class Compiled:
     resident_elsewhere: int
     parts: tuple[costs.Part, ...]
     error: str = ""
+    breakdown: tuple[tuple[str, float], ...] = ()  # top HBM bytes by op, `costs.byte_breakdown`
 
     @property
     def peak(self) -> int:
@@ -147,5 +151,7 @@ def compile_program(program: StepProgram, resident: int) -> Compiled:
         "temp": stats.temp_size_in_bytes,
         "code": stats.generated_code_size_in_bytes,
     }
-    parts = costs.program_parts(compiled.as_text(), program.dynamic_trips)
-    return Compiled(program.name, program.runs, seconds, memory, elsewhere, tuple(parts))
+    text = compiled.as_text()
+    parts = costs.program_parts(text, program.dynamic_trips)
+    top = tuple(costs.byte_breakdown(text)[:BREAKDOWN_ITEMS])
+    return Compiled(program.name, program.runs, seconds, memory, elsewhere, tuple(parts), "", top)

@@ -163,6 +163,16 @@ class Plan:
             "verdict": self.verdict(),
         }
 
+    def breakdown(self) -> str:
+        """`--verbose`: each program's largest HBM byte counts by op (`costs.byte_breakdown`:
+        one packed chunk of the update and the logprob pass; compiler-estimate shapes)."""
+        lines = []
+        for c in self.programs:
+            where = "per packed chunk" if any(p.dynamic for p in c.parts) else "per run"
+            lines.append(f"{c.name}: HBM bytes by op, {where} (estimates from the HLO's shapes)")
+            lines += [f"  {_gib(nbytes):>10}  {label[:110]}" for label, nbytes in c.breakdown]
+        return "\n".join(lines)
+
     def format(self) -> str:
         """The report the CLI prints (every number a compiler estimate)."""
         mesh = " × ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
@@ -318,8 +328,9 @@ def check(config) -> Plan:
 
 def main() -> None:
     """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=NAME]
-    [--json=FILE] [--search]`: print the plan (exit status 1 when it does not fit), or the
-    mesh search's table (exit status 1 when no candidate fits). Flags are defined
+    [--json=FILE] [--search] [--verbose]`: print the plan (exit status 1 when it does not
+    fit; with --verbose, first each program's HBM bytes by op), or the mesh search's table
+    (exit status 1 when no candidate fits). Flags are defined
     here, not at import, so that importing this module next to daro_jax.main does not
     define --config twice. A local model.path is made absolute first (`cli`); the process
     only plans (`compile_only`)."""
@@ -335,10 +346,13 @@ def main() -> None:
         "topology", None, "libtpu topology, e.g. v5p:2x4x4 (default: config.tpu.accelerator's)."
     )
     json_flag = flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
+    verbose_flag = flags.DEFINE_bool(
+        "verbose", False, "Also print each program's largest HBM byte counts by op."
+    )
     search_flag = flags.DEFINE_bool(
         "search", False, "Compile the candidate meshes and print them ranked (plan/search.py)."
     )
-    flagged = (config_flag, topology_flag, json_flag, search_flag)
+    flagged = (config_flag, topology_flag, json_flag, search_flag, verbose_flag)
     for flag in flagged:  # --help lists the main module's flags
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
 
@@ -361,6 +375,8 @@ def main() -> None:
             print(search.format_table(ranked, topology(config, topology_flag.value)))
             return 0
         result = make_plan(config, topology_flag.value, title=title)
+        if verbose_flag.value:
+            print(result.breakdown())
         print(result.format())
         if json_flag.value:
             with open(json_flag.value, "w") as f:

@@ -61,3 +61,18 @@ def test_kernel_matches_einsum_values_and_gradients():
     g_ker = jax.grad(loss(ker), argnums=range(5))(*args)
     for a, b in zip(g_ker, g_ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=5e-5)
+
+
+def test_attend_on_cpu_takes_the_einsum_branch():
+    """Kernel-sized segments: `attend` picks its branch by platform (the TPU kernel is not
+    lowered for the CPU) and gives einsum_attend's output, under jit and grad."""
+    q, k, v, own, shared, shared_seg = _packed_case(r=2, blocks=1)
+    allowed, shared_allowed = _dense(own, shared_seg)
+
+    def run(fn):
+        return jax.jit(jax.value_and_grad(lambda q: jnp.sum(jnp.sin(fn(q)))))(q)
+
+    got = run(lambda q: layers.attend(q, k, v, own, shared, shared_seg))
+    want = run(lambda q: layers.einsum_attend(q, k, v, allowed, shared, shared_allowed))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
