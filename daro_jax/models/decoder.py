@@ -33,10 +33,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from daro_jax import sharding
 from daro_jax.models.attention_kernel import Segments
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.layers import INIT_STD, STREAM_AXES, DecoderLayer, RMSNorm
 from daro_jax.sharding import constrain
+
+LOGITS_TOKENS = 1024  # tokens per device in one chunk of `token_logprobs` (f32 logits: ×V×4 B)
 
 
 class Decoder(nn.Module):
@@ -196,15 +199,23 @@ def token_logprobs(
     hidden: jnp.ndarray,
     targets: jnp.ndarray,
     temperature: float = 1.0,
-    chunk: int = 128,
+    chunk: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """log π(target | ·) and the entropy H = −Σ_v p_v log p_v of p = softmax(logits / T).
 
     hidden [B, T, D], targets [B, T] → two [B, T] float32 arrays. The [B, T, V] logits are
     never materialised: the sequence is processed in chunks of `chunk` positions, each
-    rematerialised in the backward pass, so memory is O(B · chunk · V).
+    rematerialised in the backward pass, so memory is O(B · chunk · V). By default a chunk
+    holds LOGITS_TOKENS tokens per device (B / batch shards rows × chunk positions, at least
+    128): each chunk gathers the fsdp-split output matrix and, in the backward, reduces
+    its [V, D] gradient across chips, so at 128 positions a chunk those two moved most of
+    the update's HBM bytes (bench/RESULTS.md, issue 24).
     """
     b, t, d = hidden.shape
+    if chunk is None:
+        mesh = sharding.active_mesh()
+        shards = 1 if mesh is None else sharding.batch_shards(mesh)
+        chunk = max(128, LOGITS_TOKENS * shards // b)
     chunk = min(chunk, t)
     pad = -t % chunk
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d)
