@@ -206,18 +206,29 @@ def keep(label: str, result: dict, fresh: bool) -> dict:
     return kept
 
 
+def padded(result: dict) -> list[str]:
+    """A setup's table row; a row kept from a run before the host column ("–" there, with
+    its commit after the setup's name)."""
+    row_ = list(result["row"])
+    if len(row_) == len(COLUMNS) - 1:
+        row_[0] += f" (at {result['commit']})"
+        row_.insert(COLUMNS.index("host (CPU, measured)"), "–")
+    return row_
+
+
 def write(results: dict, out: str) -> None:
     """bench/tpu_plan.md from the setups' results, in the order of SETUPS."""
     done = [label for label, *_ in SETUPS if label in results]
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(results[label]["row"]) + " |" for label in done]
+    table += ["| " + " | ".join(padded(results[label])) + " |" for label in done]
     change = [
         "| setup | update MFU | decode vs HBM roofline | tokens/s/chip | step |",
         "|---|---|---|---|---|",
     ]
     for label in done:
         after = results[label].get("figures") or {}
-        pairs = zip(BEFORE.get(label, ("–",) * 4), after.values() or ("–",) * 4, strict=True)
+        now = after.values() or ("not recompiled",) * 4
+        pairs = zip(BEFORE.get(label, ("–",) * 4), now, strict=True)
         change.append(f"| {label} | " + " | ".join(f"{b} → {a}" for b, a in pairs) + " |")
     details = []
     for label in done:
