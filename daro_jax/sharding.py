@@ -3,9 +3,15 @@
 Arrays carry logical axis names (batch, embed, heads, …): model parameters by
 `nn.with_logical_partitioning`, activations by `constrain` (`nn.with_logical_constraint`).
 `RULES` maps each name to a mesh axis (or a tuple of them, or None = replicated); Flax
-applies the rules in their order, a mesh axis at most once per array. A dimension that its
-mesh axes do not divide is an error naming the array, the dimension and the axes, unless
-the caller opts in to replicating it (logged).
+applies the rules in their order, a mesh axis at most once per array.
+
+Indivisible dimensions: an array placed on the mesh (params by `tree_shardings`, inputs by
+`logical_spec`) whose dimension its mesh axes do not divide is an error naming the array,
+the dimension and the axes, unless the caller opts in to replicating that dimension
+(logged once). An activation constrained inside jit (`constrain`) is not checked: an
+indivisible dimension is split unevenly, XLA padding the last shards (e.g. the sampler's
+rows when B·K is not a multiple of the row shards, which replicating would instead put on
+every device).
 
 Mesh axes: ("data", "fsdp", "tensor"). Batch is split over data × fsdp; weights are split
 over fsdp (ZeRO-3 style) on their embed dimension and over tensor on heads / mlp / vocab.
@@ -15,14 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from daro_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -52,18 +61,18 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh.shape={tuple(shape)} must have 3 entries for {MESH_AXES}.")
+        raise UserError(f"mesh.shape={tuple(shape)} must have 3 entries for {MESH_AXES}.")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh.shape={tuple(shape)}: sizes must be ≥ 1, with at most one −1.")
+        raise UserError(f"mesh.shape={tuple(shape)}: sizes must be ≥ 1, with at most one −1.")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(
+            raise UserError(
                 f"mesh.shape={tuple(shape)}: {len(devices)} devices are not divisible by {known}."
             )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(
+        raise UserError(
             f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but "
             f"{len(devices)} are available; use -1 for one axis to take the rest."
         )
@@ -75,7 +84,7 @@ def validate_rules(rules: Rules, mesh) -> None:
     for name, target in rules:
         for axis in _axes(target):
             if axis not in mesh.axis_names:
-                raise ValueError(
+                raise UserError(
                     f"sharding rule {name!r} → {target!r} names mesh axis {axis!r}; "
                     f"the mesh has {mesh.axis_names}."
                 )
@@ -103,7 +112,7 @@ def _checked(
                 f"axes {_axes(target)} of {parts} devices"
             )
             if not replicate_indivisible:
-                raise ValueError(
+                raise UserError(
                     f"{message}; choose a mesh whose axes divide it, or map {name!r} to None "
                     "in the sharding rules."
                 )
@@ -119,7 +128,7 @@ def _check_known(names: Sequence[str | None], rules: Rules) -> None:
     known = {name for name, _ in rules}
     for name in names:
         if name is not None and name not in known:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; add it to the rules.")
+            raise UserError(f"logical axis {name!r} has no sharding rule; add it to the rules.")
 
 
 def logical_spec(
@@ -158,8 +167,12 @@ def tree_shardings(logical_specs, shapes, mesh, rules: Rules = RULES):
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Rules = RULES):
-    """Within this context, `constrain` (traced inside jit) pins activations to `mesh`."""
+def use_mesh(mesh: Mesh | None, rules: Rules = RULES):
+    """Within this context, `constrain` (traced inside jit) pins activations to `mesh`;
+    mesh None: no constraint (one device)."""
+    if mesh is None:
+        yield None
+        return
     validate_rules(rules, mesh)
     token = _ACTIVE.set(mesh)
     try:
@@ -174,9 +187,22 @@ def active_mesh() -> Mesh | None:
     return _ACTIVE.get()
 
 
+def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn` run (traced, inside jit) under `use_mesh(mesh)`, so its activation constraints
+    apply: the one wrapper the jitted programs (update, sampler, logits) are made with."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with use_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`nn.with_logical_constraint` of `x` to the mesh of `use_mesh`; identity outside it.
-    A dimension its axes do not divide is sharded unevenly (XLA pads it)."""
+    No divisibility check: a dimension its mesh axes do not divide is split unevenly, XLA
+    padding the last shards (module docstring), never an error nor a replication."""
     mesh = _ACTIVE.get()
     if mesh is None:
         return x

@@ -3,10 +3,12 @@
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from daro_jax import checkpoint as ck
+from daro_jax import sharding
+from daro_jax.errors import PathError
 
 
 def _state(mesh):
@@ -157,6 +161,57 @@ def test_leftover_tmp_dir_is_ignored(tmp_path):
     assert sorted(os.listdir(root)) == ["2", "4"]
 
 
+def _truncate(path) -> None:
+    """Cut a file to half its bytes (what a half-finished copy from a bucket leaves)."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _array_file(root, step: int):
+    """The largest file of the arrays of checkpoint `step` (OCDBT data)."""
+    files = [p for p in (root / str(step) / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("broken", ["meta/metadata", "array file"])
+def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path, broken, caplog):
+    """A latest checkpoint with a truncated file is skipped with one warning naming it and
+    the cause; the run resumes from the newest intact one. None intact: one line says so."""
+    state = {"w": jnp.arange(1000.0)}
+    with ck.Checkpointer(tmp_path, keep=3, every=1, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": state["w"] * step}, {"step": step})
+    root = tmp_path / "checkpoints"
+    for step in (2, 3):
+        _truncate(
+            root / str(step) / "meta" / "metadata" if broken[0] == "m" else _array_file(root, step)
+        )
+    abstract = jax.eval_shape(lambda: state)
+    with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt:
+        restored, meta = ckpt.restore(abstract)
+        assert ckpt.restore_meta() == {"step": 1 if broken[0] == "m" else 3}
+    np.testing.assert_array_equal(restored["w"], np.arange(1000.0))
+    assert meta == {"step": 1}
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # steps 3 and 2, once each
+    assert warnings[0].startswith(f"the checkpoint {root / '3'} cannot be read (")
+    assert warnings[1].startswith(f"the checkpoint {root / '2'} cannot be read (")
+    assert all(w.endswith("); skipped") for w in warnings), warnings
+    cause = "JSONDecodeError" if broken[0] == "m" else "Encountered error while reading"
+    assert all(cause in w for w in warnings), warnings
+    _truncate(root / "1" / "meta" / "metadata")
+    unreadable = rf"^no checkpoint in {root} can be read: step 3 "
+    with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt, pytest.raises(PathError) as e:
+        ckpt.restore(abstract)
+    assert re.match(unreadable, str(e.value)), str(e.value)
+    assert "\n" not in str(e.value) and "step 1 (JSONDecodeError" in str(e.value)
+
+
+def test_workdir_that_is_a_file_is_a_path_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PathError, match=r"workdir .*/file is a file; give a folder"):
+        ck.Checkpointer(tmp_path / "file", keep=1, every=1)
+
+
 def test_read_only_access_restores_one_part_and_leaves_a_save_in_flight(tmp_path, mesh3):
     """read_meta / restore_part read the params of a step onto new shardings and nothing
     else of the state; a half-written save (orbax's tmp folder) is neither read nor
@@ -248,22 +303,29 @@ def test_check_compatible():
         ck.check_compatible(saved, {**saved, "algo": {"missing": 1}}, keys=("algo.missing",))
 
 
-def test_sigterm_sets_flag():
-    """SIGTERM sets the flag and the process lives on; the previous handler is returned."""
+def test_sigterm_sets_flag_and_the_previous_handler_comes_back():
+    """Inside `handling_sigterm` SIGTERM sets the flag and the process lives on; on leaving
+    it, even by an exception, the handler installed before is back."""
+
+    def mine(signum, frame):
+        raise AssertionError("the handler of handling_sigterm should have run")
+
     ck.clear_preemption()
-    previous = ck.install_sigterm_handler()
+    previous = signal.signal(signal.SIGTERM, mine)
     try:
-        assert previous is not signal.getsignal(signal.SIGTERM)
-        assert not ck.preemption_requested() and not ck.any_process_preempted()
-        os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while not ck.preemption_requested() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert ck.preemption_requested() and ck.any_process_preempted()
+        with pytest.raises(KeyError), ck.handling_sigterm():
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            assert not ck.preemption_requested() and not ck.any_process_preempted()
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not ck.preemption_requested() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert ck.preemption_requested() and ck.any_process_preempted()
+            raise KeyError("leaving by an exception")
+        assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
         ck.clear_preemption()
-    assert not ck.preemption_requested()
 
 
 def _fail_saves_of(monkeypatch, step: int) -> None:
@@ -383,3 +445,81 @@ def test_two_processes_save_collectively_and_agree_on_preemption(tmp_path):
 
 if __name__ == "__main__":
     _two_process_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+
+
+# configs/tiny.py shrunk (bf16 params, hidden 2, the embedding frozen: 276 KB), one DARO
+# step at commit 116639e, before the package move of issue 23:
+#   python -m daro_jax.main --config=configs/tiny.py --workdir=W --config.train.steps=1
+#     --config.train.ckpt_every=1 --config.algo.name=daro --config.eval.every_steps=0
+#     --config.model.param_dtype=bfloat16 --config.reward.num_workers=1
+#     --config.model.arch_overrides.{hidden_size=2,intermediate_size=4,
+#       num_attention_heads=1,num_key_value_heads=1,head_dim=2}
+#     "--config.optim.frozen=('embed/embedding',)"
+OLD_RUN = Path(__file__).parent / "fixtures" / "checkpoint_116639e_tiny"
+OLD_OVERRIDES = {
+    "train.steps": 1,
+    "train.ckpt_every": 1,
+    "algo.name": "daro",
+    "eval.every_steps": 0,
+    "model.param_dtype": "bfloat16",
+    "reward.num_workers": 1,
+    "optim.frozen": ("embed/embedding",),
+    **{
+        f"model.arch_overrides.{name}": size
+        for name, size in (
+            ("hidden_size", 2),
+            ("intermediate_size", 4),
+            ("num_attention_heads", 1),
+            ("num_key_value_heads", 1),
+            ("head_dim", 2),
+        )
+    },
+}
+
+
+def test_checkpoint_written_before_the_move_restores(tmp_path):
+    """A checkpoint of the old layout restores with today's code onto today's abstract state
+    (on 8 devices; it was written on 1): params, optimizer state, DARO weights and the data
+    position. The frozen embedding equals today's random init of the same seed (an
+    independent derivation), the DARO weights their initial values (no group had
+    0 < μ < 1: the random policy answers nothing), the optimizer counted one update, and
+    every array equals orbax's plain read of the files."""
+    from daro_jax import data, models
+    from daro_jax.algo import losses, presets
+    from daro_jax.models import decoder
+    from daro_jax.train import state as train_state
+
+    shutil.copytree(OLD_RUN, tmp_path / "run")
+    config = load_config_file(Path(__file__).parents[1] / "configs" / "tiny.py", **OLD_OVERRIDES)
+    config.mesh.shape = (-1, 1, 1)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    cfg = models.from_config(config.model, mesh, seed=config.seed, abstract=True).config
+    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+    like = train_state.abstract_state(config, cfg, spec, mesh)
+    with ck.Checkpointer(tmp_path / "run", keep=3, every=1) as ckpt:
+        restored, meta = train_state.restore(ckpt, like, json.loads(config.to_json()))
+    assert meta["step"] == 1
+    iterator = data.PromptIterator([{}] * 10000, 4, config.seed, 0, 1)
+    iterator.restore(meta["data_position"])
+    assert iterator.state() == {"epoch": 0, "index": 4, "num_examples": 10000, "seed": 0}
+    params = restored["params"]
+    embedding = decoder.init_params(cfg, jax.random.key(config.seed))["embed"]["embedding"]
+    assert params["model"]["embed"]["embedding"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(params["model"]["embed"]["embedding"], np.float32),
+        np.asarray(embedding, np.float32),
+    )
+    np.testing.assert_array_equal(params["daro"], losses.init_daro_weights(spec))
+    counts = [
+        int(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(restored["opt"])[0]
+        if getattr(path[-1], "name", None) in ("count", "step") and np.ndim(leaf) == 0
+    ]
+    assert counts and set(counts) == {1}, counts
+    raw = ocp.PyTreeCheckpointer().restore(tmp_path / "run" / "checkpoints" / "1" / "state")
+    got, want = (ocp.tree.to_flat_dict(_host(tree)) for tree in (restored, raw))
+    assert got.keys() == want.keys()
+    for path in got:
+        np.testing.assert_array_equal(
+            np.asarray(got[path], np.float32), np.asarray(want[path], np.float32), str(path)
+        )

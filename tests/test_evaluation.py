@@ -99,12 +99,10 @@ def test_mean_at_k_is_exact_with_known_completions():
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match="greedy decoding gives 4 identical"):
-        evaluation.generate_completions(
-            None, [], k=4, temperature=0.0, max_new_tokens=4, batch_size=2
-        )
+        evaluation.check_options(k=4, temperature=0.0, batch_size=2)
     with pytest.raises(ValueError, match="eval.batch_size=0"):
-        evaluation.generate_completions(
-            None, [], k=1, temperature=0.0, max_new_tokens=4, batch_size=0
+        evaluation.evaluate(
+            None, {}, None, k=1, temperature=0.0, max_new_tokens=4, batch_size=0, instruction=""
         )
 
 
@@ -120,7 +118,7 @@ def test_batched_generation_matches_one_prompt_at_a_time(tiny_hf_dirs):
     )
     ids = [e["prompt_ids"] for e in examples]
     assert dropped == 0 and len({len(i) for i in ids}) > 3
-    assert len({evaluation.sampler.prompt_bucket(len(i)) for i in ids}) == 1  # one compile each
+    assert len({evaluation.completions.prompt_bucket(len(i)) for i in ids}) == 1  # one compile each
     options = dict(k=1, temperature=0.0, max_new_tokens=6, seed=3)
     batched = evaluation.generate_completions(model, ids, batch_size=4, **options)
     alone = evaluation.generate_completions(model, ids, batch_size=1, **options)

@@ -3,13 +3,13 @@ dictionaries, TensorBoard scalars read back by TensorBoard's own reader, MFU pea
 kind, the console lines."""
 
 import math
-import types
 
 import numpy as np
 import pytest
 from helpers import load_config_file
 
 from daro_jax import metrics
+from daro_jax.plan import chips
 
 
 def test_flatten_names_groups_scalars_and_vectors():
@@ -54,7 +54,7 @@ def test_first_nonfinite_follows_the_given_order():
     ],
 )
 def test_peak_flops_by_device_kind(kind, peak):
-    assert metrics.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+    assert chips.peak_flops(kind) == peak
 
 
 def test_writer_scalars_read_back_by_tensorboard(tmp_path):

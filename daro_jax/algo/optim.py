@@ -1,7 +1,9 @@
-"""The train state and its optimizer: AdamW for the model, Adam for the DARO weights.
+"""The trained params and their optimizer: AdamW for the model, Adam for the DARO weights.
 
-The train state is one pytree  {"model": params, "daro": weights [K-1]}  (see
-daro_jax/algo/presets.py for the DARO parameterisation). One `optax.multi_transform` updates it:
+The trained params are one pytree  {"model": params, "daro": weights [K-1]}  (see
+daro_jax/algo/presets.py for the DARO parameterisation; the train state of
+`daro_jax.train.state` is {"params": these, "opt": the optimizer state}). One
+`optax.multi_transform` updates them:
 
     model (not frozen)  clip_by_global_norm(grad_clip) -> AdamW(lr_t, b1, b2, weight_decay),
                         weight decay on every leaf, or (decay_biases_and_norms=False, TRL's
@@ -11,7 +13,7 @@ daro_jax/algo/presets.py for the DARO parameterisation). One `optax.multi_transf
                         padding) moves nothing: no Adam step, no momentum, no weight decay,
                         the Adam state (count included) unchanged (`skip_zero_gradients`)
     model (frozen)      set_to_zero: no update and no optimizer state; frozen = the
-                        slash-joined path inside state["model"], a decoder params tree (e.g.
+                        slash-joined path inside params["model"], a decoder params tree (e.g.
                         "embed/embedding", "layers/attn/q/kernel"; `models.decoder`), fully
                         matches a regex of optim.frozen
     daro                lazy Adam(weight_lr_multiplier * lr_t, b1, b2), then projection of the
@@ -30,11 +32,11 @@ only at its optimum, where skipping the step is harmless.
 
 Trainer-facing API:
 
-    state = init_train_state(params, spec)
-    tx = make_optimizer(config.optim, state, total_steps, spec)   # total optimizer updates
-    opt_state = tx.init(state)
-    updates, opt_state = tx.update(grads, opt_state, state)
-    state = optax.apply_updates(state, updates)
+    params = init_params(model_params, spec)
+    tx = make_optimizer(config.optim, params, total_steps, spec)   # total optimizer updates
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
 """
 
 from __future__ import annotations
@@ -48,19 +50,20 @@ import jax.numpy as jnp
 import optax
 
 from daro_jax.algo import losses, presets
+from daro_jax.errors import UserError
 
 SCHEDULES = ("constant", "cosine")
 ADAM_EPS = 1e-8
 
 
-def init_train_state(model_params, spec: presets.AlgoSpec) -> dict:
+def init_params(model_params, spec: presets.AlgoSpec) -> dict:
     """{"model": model_params, "daro": losses.init_daro_weights(spec)}."""
     return {"model": model_params, "daro": losses.init_daro_weights(spec)}
 
 
 def _check(cond: bool, field: str, value, need: str) -> None:
     if not cond:
-        raise ValueError(f"config.optim.{field}={value!r} is invalid: {need}.")
+        raise UserError(f"config.optim.{field}={value!r} is invalid: {need}.")
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -129,10 +132,11 @@ def trained_norm(grads: dict, frozen: tuple[str, ...]) -> jax.Array:
     return optax.tree.norm([g for g, label in zip(leaves, labels, strict=True) if label == "model"])
 
 
-def param_labels(state: dict, frozen: tuple[str, ...]) -> dict:
-    """Label of every leaf of the train state: "daro", "frozen" (the slash-joined path inside
-    state["model"] fully matches one of the `frozen` regexes) or "model". A regex that is
-    invalid or matches nothing is an error (a typo would silently train everything)."""
+def param_labels(params: dict, frozen: tuple[str, ...]) -> dict:
+    """Label of every leaf of the trained params: "daro", "frozen" (the slash-joined path
+    inside params["model"] fully matches one of the `frozen` regexes) or "model". A regex
+    that is invalid or matches nothing is an error (a typo would silently train
+    everything)."""
     patterns = []
     for pattern in frozen:
         try:
@@ -150,12 +154,12 @@ def param_labels(state: dict, frozen: tuple[str, ...]) -> dict:
         return "model"
 
     labels = {
-        "model": jax.tree_util.tree_map_with_path(label, state["model"]),
-        "daro": jax.tree.map(lambda _: "daro", state["daro"]),
+        "model": jax.tree_util.tree_map_with_path(label, params["model"]),
+        "daro": jax.tree.map(lambda _: "daro", params["daro"]),
     }
     unused = [p.pattern for p in patterns if p.pattern not in used]
     if unused:
-        names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["model"])[0]]
+        names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params["model"])[0]]
         raise ValueError(
             f"config.optim.frozen: {unused} match no parameter path; paths look like {names[:5]}."
         )
@@ -213,10 +217,10 @@ def lazy_adam_projected(
 
 
 def make_optimizer(
-    optim_cfg, state: dict, total_steps: int, spec: presets.AlgoSpec
+    optim_cfg, params: dict, total_steps: int, spec: presets.AlgoSpec
 ) -> optax.GradientTransformation:
-    """The multi_transform of the module docstring for train state `state` (its structure
-    and paths decide the labels; values are not read)."""
+    """The multi_transform of the module docstring for the trained params `params` (their
+    structure and paths decide the labels; values are not read)."""
     b1, b2, wd = optim_cfg.b1, optim_cfg.b2, optim_cfg.weight_decay
     clip, mult = optim_cfg.grad_clip, optim_cfg.weight_lr_multiplier
     _check(0.0 <= b1 < 1.0, "b1", b1, "need 0 <= b1 < 1")
@@ -233,19 +237,19 @@ def make_optimizer(
     daro_tx = lazy_adam_projected(
         lambda step: mult * schedule(step), b1, b2, losses.daro_param_bounds(spec)
     )
-    labels = param_labels(state, tuple(optim_cfg.frozen))
+    labels = param_labels(params, tuple(optim_cfg.frozen))
     transforms = {"model": model_tx, "frozen": optax.set_to_zero(), "daro": daro_tx}
     return optax.multi_transform(transforms, labels)
 
 
-def mirror_shardings(tree, state, state_shardings, replicated):
+def mirror_shardings(tree, params, param_shardings, replicated):
     """Shardings of an optimizer-state pytree: a leaf whose key path ends with the path of
-    a leaf of `state` (and has its shape) takes that leaf's sharding; others `replicated`."""
+    a leaf of `params` (and has its shape) takes that leaf's sharding; others `replicated`."""
     by_path = {
         tuple(path): (leaf.shape, s)
         for (path, leaf), s in zip(
-            jax.tree_util.tree_flatten_with_path(state)[0],
-            jax.tree.leaves(state_shardings),
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(param_shardings),
             strict=True,
         )
     }

@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from daro_jax.errors import UserError
+
 AGGREGATIONS = ("seq_mean", "token_sum_const", "token_mean", "group_token_mean")
 ADVANTAGES = ("group_std", "group_mean", "batch_std")
 PARAMETERIZATIONS = ("log", "direct")
@@ -195,8 +197,8 @@ class AlgoSpec:
         return self.k + 1
 
 
-def _fail(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"config.algo.{field}={value!r} is invalid: {allowed}.")
+def _fail(field: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"config.algo.{field}={value!r} is invalid: {allowed}.")
 
 
 def resolve(algo_cfg: Mapping[str, Any], *, max_response_len: int) -> AlgoSpec:

@@ -11,6 +11,7 @@ from absl import logging
 
 from daro_jax.data.generated import GENERATED_HELDOUT_SIZE, heldout_problems
 from daro_jax.data.sources import FILE_SUFFIXES, read_file, rows_to_examples
+from daro_jax.errors import UserError
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
 BENCHMARKS = (*PAPER_BENCHMARKS, "champ", "generated_heldout")
@@ -125,7 +126,7 @@ def load_benchmark(
         examples, malformed = rows_to_examples(rows, *mapping, origin=str(path))
         skipped = len(malformed)
     else:
-        raise ValueError(f"unknown benchmark {name!r}; known: {BENCHMARKS}")
+        raise UserError(f"unknown benchmark {name!r}; known: {BENCHMARKS}")
     if max_problems > 0:
         examples = examples[:max_problems]
     logging.info(

@@ -15,6 +15,8 @@ import random
 from collections.abc import Sequence
 from fractions import Fraction
 
+from daro_jax.errors import UserError
+
 KINDS = ("arithmetic", "linear", "fractions", "fractions_latex")
 SPLITS = ("train", "heldout")
 HELDOUT_BUCKETS = 5  # a problem is held out iff sha256(text) mod 5 == 0: about 1 in 5
@@ -118,11 +120,11 @@ def generate_problem(
     the stream is the same on every machine) until the problem's split matches `split`.
     """
     if kind not in KINDS:
-        raise ValueError(f"data.generated_kind={kind!r} is not one of {KINDS}")
+        raise UserError(f"data.generated_kind={kind!r} is not one of {KINDS}")
     if not isinstance(difficulty, int) or difficulty < 1:
-        raise ValueError(f"data.generated_difficulty={difficulty!r} must be an integer >= 1")
+        raise UserError(f"data.generated_difficulty={difficulty!r} must be an integer >= 1")
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+        raise UserError(f"split={split!r} is not one of {SPLITS}")
     rng = random.Random(f"{seed}/{kind}/{difficulty}/{split}/{index}")
     for _ in range(1000):
         if kind == "arithmetic":

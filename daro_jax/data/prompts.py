@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from daro_jax.errors import UserError
+
 
 def uses_chat_template(tokenizer: Any, chat_template: bool) -> bool:
     """Whether `build_prompt` goes through the tokenizer's chat template."""
@@ -55,7 +57,7 @@ def prepare_prompts(
     already holds them); plain ones with them (e.g. a base model's BOS).
     """
     if max_prompt_tokens < 1:
-        raise ValueError(f"sampler.max_prompt_tokens={max_prompt_tokens} must be >= 1")
+        raise UserError(f"sampler.max_prompt_tokens={max_prompt_tokens} must be >= 1")
     prompts = [
         build_prompt(tokenizer, e["problem"], instruction, system_prompt, chat_template)
         for e in examples
@@ -90,7 +92,7 @@ def prepare_train_prompts(tokenizer, problems, d, max_prompt_tokens: int) -> lis
         chat_template=d.chat_template,
     )
     if not examples:
-        raise ValueError(
+        raise UserError(
             f"every prompt is longer than sampler.max_prompt_tokens={max_prompt_tokens}; raise it."
         )
     return examples
@@ -119,16 +121,16 @@ class PromptIterator:
         process_count: int = 1,
     ):
         if not examples:
-            raise ValueError("no training examples to iterate over")
+            raise UserError("no training examples to iterate over")
         if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(
+            raise UserError(
                 f"global batch of {global_batch_size} prompts (train.batch_prompts) must be a "
                 f"positive multiple of the number of processes ({process_count})"
             )
         if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+            raise UserError(f"process_index={process_index} not in [0, {process_count})")
         if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0")
+            raise UserError(f"seed={seed} must be >= 0")
         self._examples = examples
         self._batch = global_batch_size
         self._seed = seed
@@ -172,11 +174,11 @@ class PromptIterator:
         mine = self.state()
         for key in ("num_examples", "seed"):
             if int(state[key]) != mine[key]:
-                raise ValueError(
+                raise UserError(
                     f"checkpointed data position has {key}={int(state[key])}, this run has "
                     f"{mine[key]}: the training set or seed changed since the checkpoint"
                 )
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < mine["num_examples"]:
-            raise ValueError(f"invalid data position epoch={epoch} index={index}")
+            raise UserError(f"invalid data position epoch={epoch} index={index}")
         self._epoch, self._index = epoch, index

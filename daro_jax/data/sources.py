@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from daro_jax.data.generated import GENERATED_TRAIN_SIZE, generate_problems
+from daro_jax.errors import PathError, UserError
 from daro_jax.rewards.extract import last_boxed
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -80,7 +81,7 @@ def check_columns(origin: object, present: Sequence[str], problem_key: str, answ
     (a nested key needs its column, `column_of`)."""
     for field, key in (("problem_key", problem_key), ("answer_key", answer_key)):
         if column_of(key, present) not in present:
-            raise ValueError(
+            raise UserError(
                 f"{origin}: no column {key!r} (the {field} of the column mapping); "
                 f"columns present: {sorted(present)}"
             )
@@ -121,7 +122,7 @@ def read_file(path: Path, columns: tuple[str, str] | None = None) -> tuple[list,
     if lists and len({len(v) for v in data.values()}) == 1:
         cells = zip(*data.values(), strict=True)
         return _numbered([dict(zip(data, row, strict=True)) for row in cells])
-    raise ValueError(
+    raise UserError(
         f"{path}: expected a JSON list of objects or an object of equal-length column lists"
     )
 
@@ -145,7 +146,7 @@ def _load_hf(source: str, split: str, subset: str | None, columns: tuple[str, st
     try:
         table = datasets.load_dataset(source, name=subset, split=split)
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"data source {source!r} is neither a local .jsonl/.json/.parquet file nor a "
             f"dataset that `datasets.load_dataset` could load (split={split!r}, "
             f"subset={subset!r}): {err}"
@@ -164,11 +165,11 @@ def _read_rows(
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in FILE_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type; use one of {FILE_SUFFIXES}")
+            raise UserError(f"{path}: unsupported file type; use one of {FILE_SUFFIXES}")
         return read_file(path, columns)
     if path.is_dir() or not _looks_like_path(source):
         return _numbered(_load_hf(source, split, subset, columns))
-    raise FileNotFoundError(
+    raise PathError(
         f"data file {source!r} does not exist; set data.source to an existing "
         f".jsonl/.json/.parquet file, a hub dataset id, or 'generated'"
     )
@@ -277,12 +278,13 @@ def load_train_set(
     )
     rows = len(examples) + len(malformed)
     if not examples:
-        raise ValueError(f"data source {source!r} has no usable problem ({rows} malformed rows)")
+        what = f"all {rows} rows malformed" if rows else "it holds no rows"
+        raise UserError(f"data source {source!r} has no usable problem ({what})")
     if not malformed:
         return examples
     message = malformed_message(source, malformed, rows, problem_key, answer_key)
     if len(malformed) > max_bad_fraction * rows:
-        raise ValueError(
+        raise UserError(
             f"{message}. That is more than data.max_bad_fraction={max_bad_fraction:g} of its "
             "rows, so the run does not start: fix the file, or raise "
             "--config.data.max_bad_fraction to train on the rest."

@@ -12,11 +12,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from daro_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError):
     """A config.json field asks for something this decoder does not implement."""
 
 

@@ -19,9 +19,9 @@ runs the same layers as a Python loop over `unstack_layers(params)`: the sampler
 step, whose weights are then separate arrays read in place at every step (a slice of the
 stacked weights taken inside a loop is copied at every step).
 
-Entry points: `Decoder`, `init_params`, `param_specs`, `param_shapes`, `forward`,
-`prefill`, `causal_masks`, `causal_segments`, `positions_from_mask`, `lm_logits`, `token_logprobs`,
-`unstack_layers`.
+Entry points: `Decoder`, `init_params`, `abstract_params`, `param_specs`, `param_shapes`,
+`forward`, `prefill`, `causal_masks`, `causal_segments`, `positions_from_mask`, `lm_logits`,
+`token_logprobs`, `unstack_layers`.
 """
 
 from __future__ import annotations
@@ -147,9 +147,15 @@ def param_specs(cfg: ModelConfig) -> dict:
     return nn.get_partition_spec(_abstract(cfg))
 
 
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The params as `jax.ShapeDtypeStruct`s (`jax.eval_shape` of `init_params`, unboxed):
+    nothing is allocated."""
+    return nn.meta.unbox(_abstract(cfg))
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """The params pytree with, at each leaf, its shape."""
-    return jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(_abstract(cfg)))
+    return jax.tree.map(lambda x: tuple(x.shape), abstract_params(cfg))
 
 
 def forward(params, cfg: ModelConfig, tokens, positions, masks, shared=None, own=None, slot=0):

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from daro_jax.models import lora
-from daro_jax.models.model import Model, load, param_shardings, read_architecture
+from daro_jax.models.model import Model, abstract_params, load, param_shardings, read_architecture
 
 
 def lora_rank(section: ConfigDict | Mapping) -> int:
@@ -38,9 +38,9 @@ def from_config(
     when lora.rank > 0 (`with_adapters`; the base then held in the compute dtype, `dtype`).
     `section` is the ConfigDict or the plain dict a checkpoint's meta stores.
 
-    abstract=True: the params are `jax.ShapeDtypeStruct`s carrying their shardings on
-    `mesh` (`jax.eval_shape` of a random init: nothing is read, allocated or compiled;
-    the tokenizer and config are read as usual), e.g. the target of a checkpoint restore.
+    abstract=True: the params are `models.abstract_params` on `mesh` (nothing is read,
+    allocated or compiled; the tokenizer and config are read as usual), e.g. the target of
+    a checkpoint restore.
     """
     m = ConfigDict(section)
     param_dtype = m.dtype if lora_rank(m) else m.param_dtype
@@ -48,21 +48,11 @@ def from_config(
     if not abstract:
         model = load(m.path, m.dtype, mesh, random_init=m.init_random, **options)
         return with_adapters(model, m, seed)
-    loaded = {}
-
-    def params():
-        model = with_adapters(load(m.path, m.dtype, mesh, random_init=True, **options), m, seed)
-        loaded["shell"] = dataclasses.replace(model, params=None)
-        return model.params
-
-    shapes = jax.eval_shape(params)
-    shell = loaded["shell"]
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        shapes,
-        param_shardings(shell.config, mesh),
-    )
-    return dataclasses.replace(shell, params=target)
+    shell = load(m.path, m.dtype, mesh, abstract=True, **options)
+    if not lora_rank(m):
+        return shell
+    cfg = lora.configure(shell.config, m.lora)
+    return dataclasses.replace(shell, config=cfg, params=abstract_params(cfg, mesh))
 
 
 def architecture(section: ConfigDict | Mapping, layers: int = 0):

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
+from daro_jax.errors import UserError
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
 
@@ -36,7 +37,7 @@ SINGLE_FILE = "model.safetensors"
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint's tensors do not match the model config (missing, extra, wrong shape)."""
 
 

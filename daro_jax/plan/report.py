@@ -25,7 +25,7 @@ the compiler cannot know: the runtime's own buffers and fragmentation.
 Times are a roofline per program part (the code outside its loops, one iteration of each
 loop): max(FLOPs / peak, HBM bytes / HBM bandwidth, ICI bytes / ICI bandwidth) from the
 `chips.CHIPS` table, times the trip count. The step = sampler (prefill + N − 1 decode steps) +
-logprob passes + updates; the update's MFU = 6 · params · tokens / (time · chips · peak);
+logprob passes + updates; the update's MFU is `chips.mfu` of its estimated time;
 the decode loop's share of the HBM roofline = the bytes a decode step must read
 (`decode_floor`) / HBM bandwidth, over its estimated time. All of these are compiler
 estimates, not measurements: no overlap, no launch overheads, collectives at the chips'
@@ -105,10 +105,11 @@ class Plan:
         }
 
     def update_mfu(self) -> float:
-        """6 · params · tokens of one update / (its time · chips · peak FLOP/s)."""
-        flops = 6.0 * self.n_params * self.update_tokens
+        """`chips.mfu` of one update's tokens in its estimated time on the plan's chips."""
         seconds = self.program("update").seconds(self.chip)
-        return flops / (seconds * self.chips * self.chip.peak_flops)
+        return chips.mfu(
+            self.n_params, self.update_tokens, seconds, self.chip.peak_flops, self.chips
+        )
 
     def decode_share(self) -> float:
         """The decode loop's share of the step's estimated time."""

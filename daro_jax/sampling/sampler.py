@@ -29,15 +29,13 @@ Randomness: token i of each row is drawn at that row's entry of uniform(fold_in(
 rounding of reductions at another row count or sharding (a draw within ulps of a CDF
 boundary may then pick the neighbouring token).
 
-Entry points: `generate`, `make_sampler` (a `Sampler`), `stage_sizes`, `Rollouts`.
+Entry points: `make_sampler` (a `Sampler`), `stage_sizes`. The host side (tokenising,
+left padding, stop ids, prompt buckets, `generate`) is `daro_jax.sampling.completions`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,24 +44,15 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import sharding
-from daro_jax.data.prompts import build_prompt
 from daro_jax.models import decoder, kv_cache
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.model import param_shardings
-from daro_jax.sampling import completions
 from daro_jax.sampling.selection import select_both, select_tokens, select_with_uniforms
 
 __all__ = ["select_tokens", "select_with_uniforms"]  # re-exported selection functions
 
 PAD_ID = 0
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
-MIN_PROMPT_BUCKET = 16
 MIN_STAGE_ROWS = 8  # default smallest decode stage: max(8, B·K / 8), at most 4 stages
-
-
-def prompt_bucket(length: int) -> int:
-    """The static prompt length used for `length` real tokens: the next power of two ≥ 16."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(0, int(length) - 1).bit_length())
 
 
 def _check(cfg, k, new, prompt, temperature, top_p, top_k, min_rows, stop) -> None:
@@ -141,7 +130,7 @@ class Sampler:
         self.min_rows = min_rows
         self.param_shardings = None if mesh is None else param_shardings(cfg, mesh)
         self.row_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # S
-        self.jitted = jax.jit(self._rollout)
+        self.jitted = jax.jit(sharding.on_mesh(self._decode, mesh))
 
     def __call__(self, params, prompt_tokens, prompt_mask, rng) -> dict[str, jax.Array]:
         b, p = np.shape(prompt_tokens)
@@ -166,11 +155,6 @@ class Sampler:
         the row shards."""
         smallest = self.min_rows or max(MIN_STAGE_ROWS, -(-rows // 8))
         return stage_sizes(rows, smallest, self.row_shards)
-
-    def _rollout(self, params, prompt_tokens, prompt_mask, rng):
-        scope = contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh)
-        with scope:
-            return self._decode(params, prompt_tokens, prompt_mask, rng)
 
     def _select(self, logits, rng, step, ids, rows):
         """Tokens of one step for the rows `ids` of all `rows`, with their logprobs and full
@@ -288,121 +272,3 @@ def make_sampler(cfg: ModelConfig, **settings) -> Sampler:
     (a no-op when they already are), rows split over ("data", "fsdp") and key/value heads
     over "tensor"."""
     return Sampler(cfg, **settings)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rollouts:
-    """B·K completions, prompt-major (the K samples of prompt 0 first); NumPy arrays.
-
-    tokens, mask, logprobs, logprobs_full [B·K, N]; lengths, truncated [B·K]; texts: the completions
-    decoded without special tokens; prompt_tokens, prompt_mask [B·K, P]: each row's prompt,
-    left-padded, so concatenate(prompt_tokens, tokens) with concatenate(prompt_mask, mask)
-    is the full sequence the trainer scores (positions = cumsum(mask) − 1).
-    """
-
-    tokens: np.ndarray
-    mask: np.ndarray
-    logprobs: np.ndarray
-    logprobs_full: np.ndarray
-    lengths: np.ndarray
-    truncated: np.ndarray
-    texts: list[str]
-    prompt_tokens: np.ndarray
-    prompt_mask: np.ndarray
-
-
-def default_stop_token_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
-    """The model's EOS ids, the tokenizer's EOS and any chat end-of-turn token it knows.
-
-    End-of-turn tokens: SmolLM2 and Qwen `<|im_end|>` (and `<|endoftext|>`), Llama 3
-    `<|eot_id|>` (and `<|end_of_text|>`).
-    """
-    ids = set(cfg.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[name] for name in END_OF_TURN_TOKENS if name in vocab)
-    return tuple(sorted(ids))
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt: as one user turn of the chat template (with the assistant
-    header appended; `data.build_prompt`, the templating training uses), or the raw text
-    with the tokenizer's special tokens."""
-    if isinstance(prompts, str):
-        raise TypeError("generate: prompts must be a list of strings, not one string.")
-    ids = []
-    for i, prompt in enumerate(prompts):
-        if chat_template:
-            text = build_prompt(tokenizer, prompt, instruction="")
-            row = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            row = tokenizer(prompt)["input_ids"]
-        if not row:
-            raise ValueError(f"generate: prompt {i} encodes to no tokens; give a non-empty prompt.")
-        ids.append(list(row))
-    return ids
-
-
-def left_pad(rows: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """[B, length] int32 tokens (PAD_ID on the left) and the mask of real tokens."""
-    tokens = np.full((len(rows), length), PAD_ID, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        if len(row) > length:
-            raise ValueError(f"prompt {i} has {len(row)} tokens, more than length={length}.")
-        tokens[i, length - len(row) :] = row
-        mask[i, length - len(row) :] = 1
-    return tokens, mask
-
-
-def generate(
-    model,
-    prompts: list[str],
-    *,
-    k: int = 1,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    chat_template: bool = True,
-    stop_token_ids: Sequence[int] | None = None,
-) -> Rollouts:
-    """K sampled completions of each prompt (temperature 0 = greedy); see `Rollouts`.
-
-    `model` has .config, .params, .tokenizer and .mesh (daro_jax.models.load). Prompts are padded
-    to a power-of-two bucket (≥ 16) so that few shapes are compiled. Stop tokens default to
-    `default_stop_token_ids`; pass [] to always generate max_new_tokens. The run uses
-    `model.mesh` (None: one device).
-    """
-    tokenizer, cfg = model.tokenizer, model.config
-    rows = encode_prompts(tokenizer, prompts, chat_template)
-    prompt_tokens, prompt_mask = left_pad(rows, prompt_bucket(max(len(r) for r in rows)))
-    if stop_token_ids is None:
-        stop_token_ids = default_stop_token_ids(tokenizer, cfg)
-    sampler = make_sampler(
-        cfg,
-        k=k,
-        max_new_tokens=max_new_tokens,
-        prompt_len=prompt_tokens.shape[1],
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        stop_token_ids=tuple(int(t) for t in stop_token_ids),
-        mesh=model.mesh,
-    )
-    out = completions.sample_and_decode(
-        sampler,
-        model.params,
-        prompt_tokens,
-        prompt_mask,
-        jax.random.key(seed),
-        tokenizer,
-        per_process=False,
-    )
-    return Rollouts(
-        **out,
-        prompt_tokens=np.repeat(prompt_tokens, k, axis=0),
-        prompt_mask=np.repeat(prompt_mask, k, axis=0),
-    )

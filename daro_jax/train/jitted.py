@@ -25,7 +25,7 @@ from daro_jax import hosts, sharding
 from daro_jax.algo import presets
 from daro_jax.models import known, lora, packed
 from daro_jax.models.config import ModelConfig
-from daro_jax.sampling import sampler
+from daro_jax.sampling import completions, sampler
 from daro_jax.train import packing, rollout, state, update
 
 OLD, REF = "old_logp", "ref_logp"  # the logprob passes: old policy, reference
@@ -89,11 +89,11 @@ def build(
 
 
 def stop_token_ids(path: str, cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
-    """The sampler's stop tokens: `sampler.default_stop_token_ids` of the tokenizer, or the
+    """The sampler's stop tokens: `completions.default_stop_token_ids` of the tokenizer, or the
     recorded ones of a paper model planned without its files (`models.known`)."""
     if tokenizer is None:
         return known.STOP_TOKEN_IDS[path]
-    return sampler.default_stop_token_ids(tokenizer, cfg)
+    return completions.default_stop_token_ids(tokenizer, cfg)
 
 
 def longest_inputs(p: StepPrograms, config, mesh: Mesh) -> dict[str, tuple[tuple, dict]]:

@@ -189,6 +189,8 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
     metrics when it ran at that step (tests and the study use it). Prints the start-up
     summary, one line per logged step and a closing line (process 0). A workdir whose
     checkpoint is already at train.steps is left as it is: one line says so, returns {}.
+    SIGTERM saves and stops the run while it trains (`checkpoint.handling_sigterm`; the
+    previous handler is back when train returns).
     """
     t, r, last = config.train, config.reward, {}
     saved = json.loads(config.to_json())
@@ -204,10 +206,12 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
         shape = dict(run.mesh.shape)
         for line in metrics.startup_lines(config, workdir, run.n_params, shape, len(run.examples)):
             metrics.console(line)
-        writer = metrics.Writer(workdir)
         evaluator = evaluation.PeriodicEval(config, workdir)
-        checkpoint.install_sigterm_handler()
-        with rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback) as pool:
+        with (
+            metrics.Writer(workdir) as writer,
+            checkpoint.handling_sigterm(),
+            rewards.RewardPool(r.num_workers, r.timeout_s, fallback=r.fallback) as pool,
+        ):
             start = done = resume(run, ckpt, saved)
             quiet = jax.process_index() != 0
             bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=quiet)
@@ -229,7 +233,6 @@ def train(config, workdir: str, *, on_step: Callable[[int, dict], None] | None =
                 if stop:
                     logging.warning("SIGTERM: saved step %d, exiting", done)
                     break
-    writer.close()
     metrics.console(metrics.closing_line(done, t.steps, last, workdir))
     return last
 

@@ -90,7 +90,7 @@ def sample_and_score(
     [b, K, N], lengths, truncated [b, K] and prompt_tokens, prompt_mask [b, P]; adds the
     seconds spent to timers["sampler_s"] and timers["reward_s"].
     """
-    prompts = sampler.left_pad([e["prompt_ids"] for e in examples], sample.prompt_len)
+    prompts = completions.left_pad([e["prompt_ids"] for e in examples], sample.prompt_len)
     t0 = time.perf_counter()
     out = completions.sample_and_decode(sample, params, *prompts, rng, tokenizer, per_process=True)
     t1 = time.perf_counter()

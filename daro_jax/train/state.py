@@ -7,7 +7,7 @@ state, the optimizer or the checkpoints (`abstract_base`; `lora.combine` makes t
 
 The abstract state is what the update compiles for (its out_shardings), what a checkpoint
 is restored onto, and what the TPU plan compiles on (`daro_jax.plan.programs`): the model
-params by the decoder's logical axes (`models.param_shardings`), the DARO weights
+params `models.abstract_params` (by the decoder's logical axes), the DARO weights
 replicated, each optimizer-state leaf like the param it mirrors (`optim.mirror_shardings`).
 """
 
@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import checkpoint, models
 from daro_jax.algo import losses, optim, presets
-from daro_jax.models import decoder, lora
+from daro_jax.models import lora
 from daro_jax.models.config import ModelConfig
 
 
@@ -39,21 +39,17 @@ def abstract_state(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh: Mesh)
     """The state as ShapeDtypeStructs carrying their shardings on `mesh` (module docstring);
     nothing is allocated."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    daro = jax.eval_shape(lambda: losses.init_daro_weights(spec))
     params = {
-        "model": trained(cfg, jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))),
-        "daro": jax.eval_shape(lambda: losses.init_daro_weights(spec)),
+        "model": trained(cfg, models.abstract_params(cfg, mesh)),
+        "daro": jax.ShapeDtypeStruct(daro.shape, daro.dtype, sharding=replicated),
     }
-    shardings = {"model": trained(cfg, models.param_shardings(cfg, mesh)), "daro": replicated}
     opt_state = jax.eval_shape(optimizer(config, params, spec).init, params)
-    shardings = {
-        "params": shardings,
-        "opt": optim.mirror_shardings(opt_state, params, shardings, replicated),
-    }
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        {"params": params, "opt": opt_state},
-        shardings,
+    opt_shardings = optim.mirror_shardings(opt_state, params, shardings(params), replicated)
+    opt_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, opt_shardings
     )
+    return {"params": params, "opt": opt_state}
 
 
 def trained(cfg: ModelConfig, tree: dict) -> dict:
@@ -69,14 +65,7 @@ def frozen(cfg: ModelConfig, tree: dict) -> dict | None:
 
 def abstract_base(cfg: ModelConfig, mesh: Mesh) -> dict | None:
     """The frozen base as ShapeDtypeStructs with their shardings (None without LoRA)."""
-    if not cfg.lora_rank:
-        return None
-    shapes = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        frozen(cfg, shapes),
-        frozen(cfg, models.param_shardings(cfg, mesh)),
-    )
+    return frozen(cfg, models.abstract_params(cfg, mesh))
 
 
 def shardings(abstract: dict) -> dict:
@@ -89,7 +78,7 @@ def init_state(model_params, spec: presets.AlgoSpec, tx, abstract: dict) -> dict
     initial DARO weights and optimizer state, jitted with `abstract`'s shardings."""
 
     def init(model_params):
-        params = optim.init_train_state(model_params, spec)
+        params = optim.init_params(model_params, spec)
         return {"params": params, "opt": tx.init(params)}
 
     return jax.jit(init, donate_argnums=0, out_shardings=shardings(abstract))(model_params)
@@ -98,18 +87,18 @@ def init_state(model_params, spec: presets.AlgoSpec, tx, abstract: dict) -> dict
 def restore(
     ckpt: checkpoint.Checkpointer, like: dict, config: dict, base: dict | None = None
 ) -> tuple[dict, dict] | None:
-    """(state, meta) of the latest checkpoint of `ckpt`, each array read onto the sharding of
-    its counterpart in `like` (this run's state), after `checkpoint.check_compatible` of the
-    checkpoint's config with `config` and, with LoRA, `checkpoint.check_base` of the base it
-    was trained on (its meta's "base") against this run's `base` (`lora.base_meta`); None
-    without a checkpoint."""
-    meta = ckpt.restore_meta()
-    if meta is None:
-        return None
-    checkpoint.check_compatible(meta["config"], config)
-    if base is not None:
-        checkpoint.check_base(meta, base)
+    """(state, meta) of the newest readable checkpoint of `ckpt`, each array read onto the
+    sharding of its counterpart in `like` (this run's state), after
+    `checkpoint.check_compatible` of the checkpoint's config with `config` and, with LoRA,
+    `checkpoint.check_base` of the base it was trained on (its meta's "base") against this
+    run's `base` (`lora.base_meta`); None without a checkpoint."""
+
+    def check(meta):
+        checkpoint.check_compatible(meta["config"], config)
+        if base is not None:
+            checkpoint.check_base(meta, base)
+
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
     )
-    return ckpt.restore(target)
+    return ckpt.restore(target, check_meta=check)

@@ -25,7 +25,6 @@ rollouts of some prompts as the global packed arrays these take).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
@@ -177,9 +176,10 @@ def update_step(
 
     batch: prompt_tokens, prompt_mask [b, P] and the packed completions chunk_tokens,
     chunk_segments, chunk_offsets [G, S, R, C] with n_chunks (`packing.pack_blocks`);
-    loss_mask, old_logp, sampler_logp, sampler_logp_full [b·K, C]; advantages, group_ids
-    [b·K]; optional ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion j
-    of prompt i).
+    loss_mask, sampler_logp, sampler_logp_full [b·K, C]; advantages, group_ids [b·K];
+    old_logp [b·K, C] unless on-policy (s.on_policy: the update's own logp, so ρ = 1
+    exactly); optional ref_logp [b·K, C]. Rows are prompt-major (row i·K + j is completion
+    j of prompt i).
 
     Outputs: loss; grad_norm and grad_norm_daro, the global norms of the model's trained
     leaves' gradients (not the frozen ones: the norm the optimizer clips) and of the DARO
@@ -188,8 +188,11 @@ def update_step(
     either gradient norm is not finite, the state is returned unchanged and finite is 0.
     """
     params = state["params"]
+    # On-policy, old_logp = stop_gradient(logp) per chunk (`update_gradients`); the zeros
+    # only hold its place in the token batch.
+    old_logp = jnp.zeros_like(batch["sampler_logp"]) if s.on_policy else batch["old_logp"]
     tb = losses.token_batch(
-        batch["old_logp"],
+        old_logp,
         batch["loss_mask"],
         batch["advantages"],
         batch["group_ids"],
@@ -219,22 +222,11 @@ def take_rows(batch: dict, rows: jax.Array) -> dict:
     return {n: x[rows] for n, x in batch.items()}
 
 
-def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """`fn` traced under `sharding.use_mesh(mesh)`, so its activation constraints apply."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with sharding.use_mesh(mesh):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
 def jit_update(mesh: Mesh, state_shardings) -> Callable:
     """The jitted `update_step` on `mesh`: the state donated and returned with
     `state_shardings`, so that it compiles once (daro_jax.plan compiles this too)."""
     return jax.jit(
-        on_mesh(update_step, mesh),
+        sharding.on_mesh(update_step, mesh),
         static_argnames=("tx", "s"),
         donate_argnums=(0,),
         out_shardings=(state_shardings, None),
@@ -243,7 +235,7 @@ def jit_update(mesh: Mesh, state_shardings) -> Callable:
 
 def jit_logprobs(mesh: Mesh) -> Callable:
     """The jitted `batch_logprobs` on `mesh` (old-policy and reference passes)."""
-    return jax.jit(on_mesh(batch_logprobs, mesh), static_argnames=("s",))
+    return jax.jit(sharding.on_mesh(batch_logprobs, mesh), static_argnames=("s",))
 
 
 PACKED_FROM = ("tokens", "lengths", "prompt_tokens", "prompt_mask")  # `packed_batch`'s rollouts

@@ -519,7 +519,7 @@ def daro_problem(signs, seed=0):
 def optimise_daro_only(case, spec, steps):
     """Weights after `steps` updates of the configured optimizer (configs/base.py optim) on
     the DARO loss of `case` with the model held fixed, so that every L_mu stays constant."""
-    state = optim.init_train_state({"w": jnp.zeros((3,))}, spec)
+    state = optim.init_params({"w": jnp.zeros((3,))}, spec)
     tx = optim.make_optimizer(base.get_config().optim, state, steps, spec)
     groups = advantages.group_advantages(case["rewards"], case["lengths"], spec)
     flat = lambda x: jnp.asarray(x, jnp.float32).reshape(-1, T)  # noqa: E731

@@ -38,7 +38,7 @@ def random_state(spec, seed=0):
             "head": {"kernel": normal(4, 2)},
         }
     }
-    state = optim.init_train_state(params, spec)
+    state = optim.init_params(params, spec)
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), state)
     return state, grads
 
@@ -231,7 +231,7 @@ def test_weight_decay_mask_spares_biases_and_norm_scales():
         },
         "final_norm": {"scale": normal(5)},
     }
-    state = optim.init_train_state(params, spec)
+    state = optim.init_params(params, spec)
     grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), state)
     spared = ("layers/attn/q/bias", "layers/attn_norm/scale", "final_norm/scale")
     flags = optim.decays(state)["model"]

@@ -28,7 +28,7 @@ def test_greedy_completions_match_a_full_forward_loop(tiny_hf_dirs):
     sample = sampler.make_sampler(
         model.config, k=2, max_new_tokens=n, prompt_len=16, temperature=0.0, mesh=mesh
     )
-    prompts = sampler.left_pad(prompt_ids, 16)
+    prompts = completions.left_pad(prompt_ids, 16)
     out = completions.sample_and_decode(
         sample, model.params, *prompts, jax.random.key(0), tok, per_process=False
     )

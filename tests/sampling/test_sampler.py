@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from daro_jax import models, sharding
 from daro_jax.models import decoder
 from daro_jax.models.config import ModelConfig
-from daro_jax.sampling import sampler
+from daro_jax.sampling import completions, sampler
 
 CHATS = ("What is 2+3?", "Name a color.", "Say hi to Bob in French.")
 
@@ -50,7 +50,7 @@ def tiny_prompts():
     """Three prompts of 3, 9 and 6 tokens, left-padded to 16."""
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(3, 259, n)) for n in (3, 9, 6)]
-    return rows, *sampler.left_pad(rows, 16)
+    return rows, *completions.left_pad(rows, 16)
 
 
 # ---- The real SmolLM2-135M-Instruct ----
@@ -72,9 +72,9 @@ def test_greedy_matches_transformers_generate(smollm2_model, one_torch_thread):
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32
     ).eval()
-    ours = sampler.generate(smollm2_model, list(CHATS), max_new_tokens=32, temperature=0.0)
-    rows = sampler.encode_prompts(smollm2_model.tokenizer, CHATS, chat_template=True)
-    ids, mask = sampler.left_pad(rows, max(map(len, rows)))
+    ours = completions.generate(smollm2_model, list(CHATS), max_new_tokens=32, temperature=0.0)
+    rows = completions.encode_prompts(smollm2_model.tokenizer, CHATS, chat_template=True)
+    ids, mask = completions.left_pad(rows, max(map(len, rows)))
     with torch.no_grad():
         out = ref.generate(
             input_ids=torch.as_tensor(ids, dtype=torch.long),
@@ -88,7 +88,7 @@ def test_greedy_matches_transformers_generate(smollm2_model, one_torch_thread):
         smollm2_model, ours.prompt_tokens, ours.prompt_mask, ours.tokens, ours.mask, 1.0
     )
     assert np.abs(ours.logprobs - logp)[ours.mask > 0].max() <= 1e-4
-    stops = set(sampler.default_stop_token_ids(smollm2_model.tokenizer, smollm2_model.config))
+    stops = set(completions.default_stop_token_ids(smollm2_model.tokenizer, smollm2_model.config))
     assert {2, 0} <= stops  # <|im_end|> and <|endoftext|>
     for row in range(len(CHATS)):
         n = int(ours.lengths[row])
@@ -187,7 +187,7 @@ def test_stop_tokens_and_mixed_prompt_lengths(tiny, tiny_prompts):
         np.testing.assert_allclose(out["logprobs"][row, :n], free["logprobs"][row, :n], atol=1e-6)
     assert out["lengths"][0] <= 4
     for i, row in enumerate(rows):
-        one = jax.device_get(fn(tiny.params, *sampler.left_pad([row], 16), jax.random.key(0)))
+        one = jax.device_get(fn(tiny.params, *completions.left_pad([row], 16), jax.random.key(0)))
         for name in ("tokens", "mask", "lengths", "truncated"):
             np.testing.assert_array_equal(out[name][i], one[name][0])
         np.testing.assert_allclose(out["logprobs"][i], one["logprobs"][0], atol=1e-5)
@@ -218,7 +218,7 @@ def test_compacted_stages_give_the_rollouts_of_one_stage(tiny, temperature, seed
     k = 4 if temperature else 1  # greedy: distinct prompts, as a prompt's K rows are equal
     rng = np.random.default_rng(seed)
     prompts = [list(rng.integers(3, 259, n)) for n in rng.integers(2, 16, 24 // k)]
-    tokens, mask = sampler.left_pad(prompts, 16)
+    tokens, mask = completions.left_pad(prompts, 16)
     settings = dict(
         k=k,
         max_new_tokens=32,
@@ -252,7 +252,7 @@ def test_one_compilation_per_shape(tiny, tiny_prompts):
 
 
 def test_generate_rollouts_are_prompt_major(tiny):
-    out = sampler.generate(tiny, ["ab", "hello there"], k=3, max_new_tokens=5, temperature=0.0)
+    out = completions.generate(tiny, ["ab", "hello there"], k=3, max_new_tokens=5, temperature=0.0)
     assert out.tokens.shape == out.mask.shape == out.logprobs.shape == (6, 5)
     assert out.tokens.dtype == np.int32 and out.logprobs.dtype == np.float32
     assert len(out.texts) == 6 and out.prompt_tokens.shape[0] == 6
@@ -266,7 +266,7 @@ def test_generate_rollouts_are_prompt_major(tiny):
     expect = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert out.prompt_tokens[3][out.prompt_mask[3] > 0].tolist() == expect
     raw_text = "a raw prompt, long enough for the same bucket"  # shares the compilation
-    raw = sampler.generate(
+    raw = completions.generate(
         tiny, [raw_text], k=3, max_new_tokens=5, temperature=0.0, chat_template=False
     )
     raw_ids = raw.prompt_tokens[0][raw.prompt_mask[0] > 0].tolist()
@@ -281,9 +281,9 @@ def test_default_stop_tokens_of_each_family():
         return types.SimpleNamespace(eos_token_ids=eos)
 
     qwen = tok(151643, {"<|im_end|>": 151645, "<|endoftext|>": 151643, "a": 5})
-    assert sampler.default_stop_token_ids(qwen, cfg((151645,))) == (151643, 151645)
+    assert completions.default_stop_token_ids(qwen, cfg((151645,))) == (151643, 151645)
     llama = tok(128009, {"<|eot_id|>": 128009, "<|end_of_text|>": 128001, "<|eom_id|>": 9})
-    assert sampler.default_stop_token_ids(llama, cfg((128001, 128008))) == (
+    assert completions.default_stop_token_ids(llama, cfg((128001, 128008))) == (
         128001,
         128008,
         128009,
@@ -306,7 +306,7 @@ def test_bad_arguments_name_the_field(tiny, tiny_prompts):
     with pytest.raises(ValueError, match="prompt_len=16"):
         sampler.make_sampler(tiny.config, **base)(tiny.params, tokens[:, 2:], mask[:, 2:], 0)
     with pytest.raises(TypeError, match="list of strings"):
-        sampler.generate(tiny, "one string", max_new_tokens=2)
+        completions.generate(tiny, "one string", max_new_tokens=2)
 
 
 # ---- Meshes ----
@@ -327,8 +327,8 @@ def test_sharded_mesh_gives_same_rollouts(mesh_shape, tiny_hf_dirs, llama_unshar
     mesh = sharding.make_mesh(mesh_shape)
     placed = models.load(tiny_hf_dirs["llama31"], mesh=mesh)
     for temperature in (0.0, 1.0):
-        ref = sampler.generate(llama_unsharded, prompts, temperature=temperature, seed=4, **kw)
-        out = sampler.generate(placed, prompts, temperature=temperature, seed=4, **kw)
+        ref = completions.generate(llama_unsharded, prompts, temperature=temperature, seed=4, **kw)
+        out = completions.generate(placed, prompts, temperature=temperature, seed=4, **kw)
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     fn = sampler.make_sampler(  # the sampler generate() used: already compiled

@@ -8,6 +8,7 @@ groups are then known and the loss sees every kind of group.
 from __future__ import annotations
 
 import json
+import signal
 
 import jax
 import numpy as np
@@ -139,15 +140,29 @@ def test_train_hands_periodic_eval_metrics_to_on_step(tmp_path):
     assert seen[1][name] == report["benchmarks"]["generated_heldout"]["mean@1"]
 
 
+@pytest.fixture
+def sigterm_handler():
+    """A SIGTERM handler of the caller's, installed for the test (train must give it back)."""
+
+    def mine(signum, frame):
+        raise AssertionError("unexpected SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    yield mine
+    signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("rank", [0, 4])
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, rank):
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, rank, sigterm_handler):
     """Also with LoRA (rank 4): its checkpoints hold the adapters, DARO weights and
-    optimizer alone, and the resumed run checks the base it restores onto."""
+    optimizer alone, and the resumed run checks the base it restores onto. train gives the
+    caller's SIGTERM handler back when it returns or raises."""
     monkeypatch.setattr(loop.rewards, "RewardPool", lambda *a, **k: _ContextPool(4))
     lora = {"model.lora.rank": rank, "model.lora.alpha": 8.0}
     config = tiny_config(**{"train.steps": 4, "train.ckpt_every": 2, **lora})
     full: dict[int, dict] = {}
     loop.train(config, str(tmp_path / "full"), on_step=lambda s, m: full.setdefault(s, m))
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler
 
     class Crash(Exception):
         pass
@@ -158,6 +173,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch, ran
 
     with pytest.raises(Crash):
         loop.train(config, str(tmp_path / "resumed"), on_step=crash_at_3)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler
     resumed: dict[int, dict] = {}
     loop.train(config, str(tmp_path / "resumed"), on_step=lambda s, m: resumed.setdefault(s, m))
     assert sorted(resumed) == [2, 3]  # restarted from the step-2 checkpoint

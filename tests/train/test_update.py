@@ -157,7 +157,7 @@ def test_grad_norm_counts_the_trained_leaves_only(tiny_hf_dirs):
     s = dataclasses.replace(s, frozen=frozen)
     cfg = load_config_file("configs/tiny.py").optim
     cfg.frozen = frozen
-    train = optim.init_train_state(params, s.spec)
+    train = optim.init_params(params, s.spec)
     tx = optim.make_optimizer(cfg, train, total_steps=10, spec=s.spec)
     state = {"params": train, "opt": tx.init(train)}
     tb = losses.token_batch(

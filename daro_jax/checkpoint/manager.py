@@ -1,6 +1,4 @@
-"""Orbax save / resume of the whole training state, read-only access to a workdir's
-checkpoints (`has_checkpoints`, `read_meta`, `restore_part`: evaluation restores the model
-params alone), and preemption (SIGTERM) handling.
+"""Orbax save / resume of the whole training state: `Checkpointer`.
 
 A checkpoint of step s lives in `<workdir>/checkpoints/<s>/` and holds two items:
 
@@ -17,69 +15,30 @@ the files are written in the background; `wait`/`close` block until they are on 
 A save that fails (in the background or not) raises `CheckpointSaveError`, naming its step and
 the cause, at the first `save`, `check`, `wait` or `close` after the failure: `save` calls
 `check` every step, so a loop that calls it every step stops at the step after. Old
-checkpoints are deleted only after a newer one is complete, so the last good one stays.
+checkpoints are deleted only after a newer one is complete, so the last good one stays. A
+checkpoint whose files cannot be read (a half-finished copy) is skipped on restore, with a
+warning naming it and the cause.
 
-Multi-host: every process must make the same calls (`save`, `restore`, `any_process_preempted`)
-in the same order; orbax coordinates the writes.
-
-Typical loop:
-
-    install_sigterm_handler()
-    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.ckpt_every)
-    if (meta := ckpt.restore_meta()) is not None:
-        check_compatible(meta["config"], config.to_dict())
-        state, meta = ckpt.restore(abstract_state)
-    for step in range(start, steps):
-        state = train_step(state, ...)
-        stop = any_process_preempted()
-        ckpt.save(step + 1, state, {"data_position": ..., "config": ...}, force=stop)
-        if stop:
-            break
-    ckpt.save(final_step, state, meta, force=True)
-    ckpt.close()
+Multi-host: every process must make the same calls (`save`, `restore`,
+`preemption.any_process_preempted`) in the same order; orbax coordinates the writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-# Config fields that must not change when a run resumes from its checkpoint.
-# algo.daro_parameterization: the stored DARO parameters are w or ln w.
-COMPAT_KEYS = (
-    "model.path",
-    "model.lora.rank",
-    "model.lora.alpha",
-    "model.lora.targets",
-    "algo.name",
-    "algo.k",
-    "algo.daro_parameterization",
-    "train.batch_prompts",
-    "data.source",
-)
+from daro_jax.errors import PathError, UserError
 
-_ABSENT = "<absent>"
-# The value of a compat field absent from a checkpoint's config (written before it existed):
-# its default in configs/base.py.
-COMPAT_DEFAULTS = {
-    "model.lora.rank": 0,
-    "model.lora.alpha": 16.0,
-    "model.lora.targets": "q,k,v,o,gate,up,down",
-}
-
-
-class IncompatibleCheckpointError(ValueError):
-    """The checkpoint was written by a run whose config differs in a field that matters."""
+_META_ONLY = ocp.args.Composite(meta=ocp.args.JsonRestore())
 
 
 class CheckpointSaveError(RuntimeError):
@@ -106,6 +65,11 @@ class Checkpointer:
             raise ValueError(
                 f"every={every}: must be ≥ 0 steps (train.ckpt_every; 0 = only forced)."
             )
+        if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+            raise PathError(
+                f"workdir {workdir} is a file; give a folder (created when missing) for the "
+                "run's checkpoints and logs."
+            )
         self.every = every
         self.directory = epath.Path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
@@ -122,6 +86,7 @@ class Checkpointer:
             },
         )
         self._saving: int | None = None  # the step of the last save not yet checked
+        self._unreadable: set[int] = set()  # steps whose files could not be read (warned)
 
     def should_save(self, step: int) -> bool:
         """True when `step` falls on the save interval."""
@@ -164,30 +129,74 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def restore_meta(self, step: int | None = None) -> dict | None:
-        """The `meta` dict of `step` (default: latest), or None when there is no checkpoint."""
-        step = self._resolve_step(step)
-        if step is None:
-            return None
-        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-        return self._manager.restore(step, args=args).meta
+        """The `meta` dict of `step` (default: the newest readable checkpoint, `_newest`), or
+        None when there is no checkpoint."""
+        found = self._newest(step, lambda s: self._manager.restore(s, args=_META_ONLY).meta)
+        return None if found is None else found[1]
 
-    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
-        """Restores `(state, meta)` of `step` (default: latest), or None without a checkpoint.
+    def restore(
+        self,
+        target_state: Any,
+        step: int | None = None,
+        check_meta: Callable[[dict], None] | None = None,
+    ) -> tuple[Any, dict] | None:
+        """Restores `(state, meta)` of `step` (default: the newest readable checkpoint,
+        `_newest`), or None without a checkpoint. `check_meta(meta)` runs before the state
+        is read (e.g. `check_compatible` of its config): its UserError is raised.
 
         `target_state` is the abstract state of this run: a pytree of `jax.ShapeDtypeStruct`
         with `.sharding` (e.g. `jax.eval_shape` of the jitted init with out_shardings). Each
         array is read straight onto its target sharding (any mesh, any layout); structure,
         shapes and dtypes must match the checkpoint exactly.
         """
-        step = self._resolve_step(step)
-        if step is None:
-            return None
-        self._check_target(step, target_state)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_state), meta=ocp.args.JsonRestore()
-        )
-        restored = self._manager.restore(step, args=args)
-        return restored.state, restored.meta
+
+        def read(step):
+            if check_meta is not None:
+                check_meta(self._manager.restore(step, args=_META_ONLY).meta)
+            self._check_target(step, target_state)
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(target_state), meta=ocp.args.JsonRestore()
+            )
+            restored = self._manager.restore(step, args=args)
+            return restored.state, restored.meta
+
+        found = self._newest(step, read)
+        return None if found is None else found[1]
+
+    def _newest(self, step: int | None, read: Callable[[int], Any]) -> tuple[int, Any] | None:
+        """(step, read(step)) of `step`, or by default of the newest checkpoint `read` can
+        read: one whose files cannot be read (e.g. a half-finished copy from a bucket: a
+        truncated metadata or array file) is skipped with a warning naming it and the cause.
+        None without a checkpoint; a PathError in one line naming each when none can be
+        read. A `UserError` (e.g. a checkpoint of another model) is not a read failure: it
+        is raised."""
+        if step is not None:
+            return self._resolve_step(step), read(self._resolve_step(step))
+        failures = {}
+        for candidate in reversed(self.all_steps()):
+            try:
+                found = candidate, read(candidate)
+            except UserError:
+                raise
+            except Exception as e:  # any failure of orbax reading the files
+                failures[candidate] = f"{type(e).__name__}: {_first_line(e)}"
+                continue
+            for skipped, cause in failures.items():
+                if skipped not in self._unreadable:  # once per checkpoint
+                    self._unreadable.add(skipped)
+                    logging.warning(
+                        "the checkpoint %s cannot be read (%s); skipped",
+                        self.directory / str(skipped),
+                        cause,
+                    )
+            return found
+        if failures:
+            named = "; ".join(f"step {s} ({cause})" for s, cause in failures.items())
+            raise PathError(
+                f"no checkpoint in {self.directory} can be read: {named}. Copy them again, "
+                "or move them away to start the run afresh."
+            )
+        return None
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is on disk; raises CheckpointSaveError
@@ -233,7 +242,7 @@ class Checkpointer:
         if step is None:
             return self.latest_step()
         if step not in self.all_steps():
-            raise FileNotFoundError(
+            raise PathError(
                 f"No checkpoint of step {step} in {self.directory}; "
                 f"available steps: {self.all_steps()}."
             )
@@ -257,12 +266,19 @@ class Checkpointer:
                     f"this run {dtype}{list(shape)}"
                 )
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"The checkpoint of step {step} in {self.directory} does not match this run's "
                 "state (different model or optimizer config?):\n  "
                 + "\n  ".join(sorted(problems))
                 + "\nResume with the config that wrote it, or use a fresh --workdir."
             )
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
+    """The first non-empty line of an error's message (orbax's run over many lines), cut
+    to `limit` characters."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _path(keys: Sequence[str]) -> str:
@@ -285,145 +301,3 @@ def _check_json(meta: Mapping[str, Any]) -> None:
                 f"checkpoint meta[{key!r}] is not JSON-serialisable ({e}); store plain "
                 "dicts/lists/str/numbers there (e.g. config.to_dict(), int(position))."
             ) from e
-
-
-def _as_dict(config: Mapping[str, Any] | str) -> dict:
-    """A config as plain JSON data (tuples become lists), from a dict, ConfigDict or JSON str."""
-    if isinstance(config, str):
-        return json.loads(config)
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    return json.loads(json.dumps(config, default=str))
-
-
-def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
-
-
-def check_compatible(
-    saved_config: Mapping[str, Any] | str,
-    current_config: Mapping[str, Any] | str,
-    keys: Sequence[str] = COMPAT_KEYS,
-) -> None:
-    """Raises IncompatibleCheckpointError naming each dotted key whose value differs.
-
-    Configs are nested dicts, ConfigDicts or their JSON strings; keys are dotted paths
-    ("algo.k"). Other fields (learning rate, steps, logging) may change on resume.
-    """
-    saved, current = _as_dict(saved_config), _as_dict(current_config)
-
-    def value(config, key):
-        found = _lookup(config, key)
-        return COMPAT_DEFAULTS.get(key, found) if found == _ABSENT else found
-
-    diffs = [
-        f"{key}: checkpoint {value(saved, key)!r}, this run {value(current, key)!r}"
-        for key in keys
-        if value(saved, key) != value(current, key)
-    ]
-    if diffs:
-        raise IncompatibleCheckpointError(
-            "The checkpoint in --workdir was written by a run with a different config:\n  "
-            + "\n  ".join(diffs)
-            + "\nSet these fields back to the checkpoint's values to resume, "
-            "or pass a fresh --workdir to start a new run."
-        )
-
-
-def check_base(meta: Mapping[str, Any], base: Mapping[str, str]) -> None:
-    """Raises IncompatibleCheckpointError when a LoRA checkpoint's adapters were trained on
-    another base than this run's: meta["base"] and `base` are {"path", "digest"} (the base's
-    model.path and `models.lora.base_digest`)."""
-    saved = meta.get("base")
-    if saved is None or saved["digest"] == base["digest"]:
-        return
-    raise IncompatibleCheckpointError(
-        f"The checkpoint's LoRA adapters were trained on the base {saved['path']} (digest "
-        f"{saved['digest'][:12]}), but this run's base {base['path']} has different weights "
-        f"(digest {base['digest'][:12]}); load the base the adapters were trained on, or pass "
-        "a fresh --workdir."
-    )
-
-
-# Read-only access (evaluation): it never cleans up, so a save in flight of a running
-# training is left alone, unlike opening a `Checkpointer`.
-
-
-def has_checkpoints(workdir: str | epath.PathLike) -> bool:
-    """Whether `workdir` is a training workdir (it has a checkpoints/ folder)."""
-    return (epath.Path(workdir) / "checkpoints").is_dir()
-
-
-def read_meta(workdir: str | epath.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """(step, meta) of the workdir's checkpoint `step` (default: the latest complete one)."""
-    root = epath.Path(workdir) / "checkpoints"
-    steps = sorted(ocp.utils.checkpoint_steps(root))
-    if not steps:
-        raise FileNotFoundError(f"{root} holds no complete checkpoint.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint of step {step} in {root}; steps: {steps}.")
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "meta")
-    return step, meta
-
-
-def restore_part(workdir: str | epath.PathLike, step: int, part: Any) -> Any:
-    """The subtree `part` of the saved state of checkpoint `step` (orbax partial restore),
-    read onto its target shardings; nothing else of the state is read.
-
-    `part` is a nested dict along the state's keys ending in abstract arrays
-    (jax.ShapeDtypeStruct with .sharding), e.g. {"params": {"model": abstract_params}}.
-    """
-    args = ocp.args.PyTreeRestore(
-        item=part,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(part),
-        partial_restore=True,
-    )
-    path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as reader:
-        return reader.restore(path, args=args)
-
-
-_PREEMPTED = threading.Event()
-
-
-def install_sigterm_handler():
-    """On SIGTERM, set the preemption flag instead of dying.
-
-    TPU VMs get SIGTERM before preemption; the loop polls `any_process_preempted()`, finishes
-    its step, saves and exits. Must be called from the main thread. Returns the previous
-    handler (for `signal.signal(signal.SIGTERM, previous)`).
-    """
-
-    def handler(signum, frame):
-        _PREEMPTED.set()
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def preemption_requested() -> bool:
-    """True once this process has received SIGTERM (after `install_sigterm_handler`)."""
-    return _PREEMPTED.is_set()
-
-
-def clear_preemption() -> None:
-    """Resets the preemption flag."""
-    _PREEMPTED.clear()
-
-
-def any_process_preempted() -> bool:
-    """True on every process when any process has received SIGTERM.
-
-    Collective when there are several processes (an all-gather of one flag each): call it at
-    the same point of the loop everywhere, so that all processes stop at the same step.
-    """
-    local = preemption_requested()
-    if jax.process_count() == 1:
-        return local
-    flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
-    return bool(np.asarray(flags).any())
