@@ -63,7 +63,8 @@ def check_compatible(
     """Raises IncompatibleCheckpointError naming each dotted key whose value differs.
 
     Configs are nested dicts, ConfigDicts or their JSON strings; keys are dotted paths
-    ("algo.k"). Other fields (learning rate, steps, logging) may change on resume.
+    ("algo.k"). Other fields (learning rate, steps, logging) may change on resume, and
+    model.lora.alpha/targets when neither run has adapters (rank 0).
     """
     saved, current = _as_dict(saved_config), _as_dict(current_config)
 
@@ -71,10 +72,13 @@ def check_compatible(
         found = _lookup(config, key)
         return COMPAT_DEFAULTS.get(key, found) if found == _ABSENT else found
 
+    # Without adapters on either side (rank 0), their other settings do not matter.
+    no_lora = value(saved, "model.lora.rank") == value(current, "model.lora.rank") == 0
     diffs = [
         f"{key}: checkpoint {value(saved, key)!r}, this run {value(current, key)!r}"
         for key in keys
         if value(saved, key) != value(current, key)
+        and not (no_lora and key.startswith("model.lora."))
     ]
     if diffs:
         raise IncompatibleCheckpointError(
