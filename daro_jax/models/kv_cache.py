@@ -53,14 +53,14 @@ def start(params, cfg: ModelConfig, prompt_kv, prompt_mask, copies: int, room: i
     return decoder.unstack_layers(params, cfg), _constrain(cache)
 
 
-def step(dparams, cfg: ModelConfig, cache: dict, tokens, positions, slot):
+def step(dparams, cfg: ModelConfig, cache: dict, tokens, positions, slot, read: int):
     """One new token per row (tokens, positions [R]): its key and value go to own slot
-    `slot`, it attends to its prompt's real tokens and its own slots ≤ `slot`. Returns the
-    float32 logits [R, V] and the updated cache."""
-    rows, room = tokens.shape[0], cache["own"][0][1].shape[2]
-    groups = cache["shared_mask"].shape[0]
+    `slot` < `read`, it attends to its prompt's real tokens and its own slots ≤ `slot`, of
+    which only the first `read` (static) are read. Returns the float32 logits [R, V] and
+    the updated cache."""
+    rows, groups = tokens.shape[0], cache["shared_mask"].shape[0]
     masks = {
-        "own": jnp.broadcast_to(jnp.arange(room) <= slot, (rows, 1, room)),
+        "own": jnp.broadcast_to(jnp.arange(read) <= slot, (rows, 1, read)),
         "shared": jnp.repeat(cache["shared_mask"], rows // groups, axis=0)[:, None, :],
     }
     model = decoder.Decoder(cfg, scan_layers=False)

@@ -261,7 +261,10 @@ class Attention(nn.Module):
             v = lax.dynamic_update_slice_in_dim(own[1], v.astype(own[1].dtype), slot, axis=2)
         k, v = constrain(k, KEY_AXES), constrain(v, VALUE_AXES)
         grouped = q.reshape(r, t, kv, cfg.num_heads // kv, dh)
-        out = attend(grouped, k, v, masks["own"], shared, masks.get("shared"))
+        read = masks["own"].shape[-1]  # the own slots attended: the first `read`
+        out = attend(
+            grouped, k[..., :read], v[:, :, :read], masks["own"], shared, masks.get("shared")
+        )
         o = _linear(
             cfg,
             out_shape=(cfg.hidden_size,),
@@ -302,7 +305,9 @@ class DecoderLayer(nn.Module):
 
     own: None (the T tokens attend to each other: masks["own"] [R, T, T]) or the rows' own
     cache (k [R, KV, Dh, S], v [R, KV, S, Dh]), into which the T new keys and values are
-    written at slots [slot, slot + T) before attending to it with masks["own"] [R, T, S].
+    written at slots [slot, slot + T) before attending to its first S' slots with
+    masks["own"] [R, T, S'], S' ≤ S (static slices: a decode step reads only the slots
+    that can be valid, the rest of the cache is not read).
     shared: None or a key set in the same layout (k [Bp, KV, Dh, P], v [Bp, KV, P, Dh]) read
     by J = R / Bp consecutive rows each, with masks["shared"] [R, T, P]. Returns (new x,
     (k, v)): the updated own cache, or the new tokens' keys [R, KV, Dh, T] and values

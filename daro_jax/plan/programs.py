@@ -68,7 +68,7 @@ def step_programs(config, p: jitted.StepPrograms, mesh) -> list[StepProgram]:
     reference when kl_beta > 0; one program) and the update of `p` on their longest
     inputs (module docstring), with how often each runs in a step. With LoRA the programs
     take the frozen base beside the state, as training does."""
-    t, n, k = config.train, config.sampler.max_new_tokens, p.settings.spec.k
+    t, k = config.train, p.settings.spec.k
     inputs = jitted.longest_inputs(p, config, mesh)
     params_bytes = device_bytes(inputs["sampler"][0][0])
 
@@ -76,8 +76,8 @@ def step_programs(config, p: jitted.StepPrograms, mesh) -> list[StepProgram]:
         args, kwargs = inputs[name]
         return functools.partial(fn.lower, *args, **kwargs)
 
-    # No row stops early: the first decode stage runs all N − 1 steps, the others none.
-    stages = (n - 1,) + (0,) * (len(p.sample.stage_sizes(t.batch_prompts * k)) - 1)
+    # No row stops early: the first row stage's loops run all N − 1 steps, the others none.
+    stages = p.sample.decode_trips(t.batch_prompts * k)
     programs = [StepProgram("sampler", 1, lower("sampler", p.sample.jitted), stages, params_bytes)]
     if p.passes:
         chunks = (packing.chunk_slots(t.batch_prompts // p.blocks, k, p.block_rows),)

@@ -26,12 +26,12 @@ Times are a roofline per program part (the code outside its loops, one iteration
 loop): max(FLOPs / peak, HBM bytes / HBM bandwidth, ICI bytes / ICI bandwidth) from the
 `chips.CHIPS` table, times the trip count. The step = sampler (prefill + N − 1 decode steps) +
 logprob passes + updates; the update's MFU is `chips.mfu` of its estimated time;
-the decode loop's share of the HBM roofline = the bytes a decode step must read
-(`decode_floor`) / HBM bandwidth, over its estimated time. All of these are compiler
-estimates, not measurements: no overlap, no launch overheads, collectives at the chips'
-full ICI bandwidth. The step adds one line that is measured, not estimated: the host's
-share (decoding, scoring and packing one host's completions; `plan.host`), measured on
-this project's CPU machine.
+the decode's share of the HBM roofline = the bytes its steps must read (`decode_floor`:
+valid cache slots only) / HBM bandwidth, over the estimated time of its loops. All of
+these are compiler estimates, not measurements: no overlap, no launch overheads,
+collectives at the chips' full ICI bandwidth. The step adds one line that is measured, not
+estimated: the host's share (decoding, scoring and packing one host's completions;
+`plan.host`), measured on this project's CPU machine.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Plan:
     programs: tuple[Compiled, ...]
     n_params: int
     update_tokens: int  # tokens of one update: b·P + b·K·N
-    decode_floor: int  # bytes per device one decode step reads at the least (`decode_floor`)
+    decode_floor: int  # bytes per device a decode step reads at the least, on average
     knobs: dict[str, str]  # program → the setting that shrinks it
     host_seconds: float = 0.0  # one host's measured CPU seconds a step (`plan.host`)
 
@@ -117,10 +117,13 @@ class Plan:
         return phases["decode"] / sum(phases.values())
 
     def decode_roofline_share(self) -> float:
-        """The decode loop's HBM roofline (its floor of bytes / HBM bandwidth per step) over
-        its estimated time per step: 1 when a step moves no more than it must."""
-        loop = next(p for p in self.program("sampler").parts if p.dynamic)
-        return self.decode_floor / self.chip.hbm_bandwidth / roofline(loop.per_trip, self.chip)
+        """The decode's HBM roofline (its average floor of bytes per step / HBM bandwidth,
+        `decode_floor`, times its steps) over the estimated time of its loops: 1 when the
+        steps move no more than they must."""
+        loops = [p for p in self.program("sampler").parts if p.dynamic]
+        steps = sum(p.trips for p in loops)
+        floor = steps * self.decode_floor / self.chip.hbm_bandwidth
+        return floor / sum(p.trips * roofline(p.per_trip, self.chip) for p in loops)
 
     def verdict(self) -> str:
         peak, hbm = self.peak_program.peak / GIB, self.chip.hbm_gib
@@ -194,7 +197,7 @@ class Plan:
                 f"({host.where()})",
                 f"update MFU {self.update_mfu():.1%}; decode loop {self.decode_share():.0%} of "
                 f"the step, at {self.decode_roofline_share():.0%} of its HBM roofline (a step "
-                f"must read {_gib(self.decode_floor)})",
+                f"must read {_gib(self.decode_floor)} on average)",
             ]
         lines += [
             f"peak per device: {_gib(self.peak_program.peak)} ({self.peak_program.name}) of "
@@ -247,13 +250,14 @@ def knobs(config) -> dict[str, str]:
 
 
 def decode_floor(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh, n_params: int) -> int:
-    """Bytes on one device that a decode step must read: every weight in the compute dtype
-    (each chip applies every layer to its rows; split over "tensor") and the keys and values
-    of its rows, L × 2 × KV × Dh × (B·P + B·K·N) slots (each prompt's once, then each row's
-    own N) over the data × fsdp shards."""
+    """Bytes on one device that a decode step must read, on average over the N − 1 steps of
+    a decode that no row stops early: every weight in the compute dtype (each chip applies
+    every layer to its rows; split over "tensor") and the keys and values of its rows' valid
+    slots, L × 2 × KV × Dh × (B·P + B·K·N/2) (each prompt's once; step i reads a row's i own
+    slots, N/2 on average) over the data × fsdp shards."""
     s, b = config.sampler, config.train.batch_prompts
     item = jnp.dtype(cfg.compute_dtype).itemsize
-    slots = b * s.max_prompt_tokens + b * spec.k * s.max_new_tokens
+    slots = b * s.max_prompt_tokens + b * spec.k * s.max_new_tokens // 2
     cache = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * slots * item
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     return n_params * item // mesh.shape["tensor"] + cache // shards

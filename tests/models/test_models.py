@@ -239,7 +239,8 @@ def test_decode_steps_with_shared_prompt_cache_match_full_forward(tiny_hf_dirs, 
     """The sampler's decode (`kv_cache`): each prompt's cache held once and read by its 2
     rows, unstacked layers, one token per step into the rows' own slots; then the rows
     gathered in another order (`take_rows`, each row with its own copy of its prompt's
-    part). Every step gives the full forward's logits of that token."""
+    part). Every step gives the full forward's logits of that token, reading all of its
+    own slots or only the first `read` ≥ slot + 1 (the sampler's slot stages)."""
     model = models.load(tiny_hf_dirs[family])
     cfg = model.config
     ids, mask = left_padded_batch(length=80, pads=(0, 3, 69))
@@ -247,29 +248,28 @@ def test_decode_steps_with_shared_prompt_cache_match_full_forward(tiny_hf_dirs, 
     positions = np.repeat(np.asarray(decoder.positions_from_mask(mask)), 2, axis=0)
     rows = np.repeat(ids, 2, axis=0)
     prefill, t = 72, ids.shape[1]
+    room = 2 * (t - prefill)  # own slots: twice those the 8 steps fill
 
     @jax.jit
     def start(params):
         _, prompt_kv = decoder.prefill(params, cfg, ids[:, :prefill], mask[:, :prefill])
-        return kv_cache.start(params, cfg, prompt_kv, mask[:, :prefill], 2, t - prefill)
+        return kv_cache.start(params, cfg, prompt_kv, mask[:, :prefill], 2, room)
 
-    step = jax.jit(functools.partial(kv_cache.step, cfg=cfg))
+    step = jax.jit(functools.partial(kv_cache.step, cfg=cfg), static_argnames="read")
     dparams, cache = start(model.params)
     order = np.arange(6)
-    outs = []
     for i in range(prefill, t):
         if i == prefill + 4:
             order = np.array([5, 0, 3, 2])  # rows of all three prompts, out of order
             cache = jax.jit(kv_cache.take_rows)(cache, order)
-        out, cache = step(
-            dparams,
-            cache=cache,
-            tokens=rows[order, i],
-            positions=positions[order, i],
-            slot=i - prefill,
-        )
-        outs.append(np.asarray(out))
-        np.testing.assert_allclose(outs[-1], full[order, i], atol=1e-5, rtol=0)
+        inputs = dict(tokens=rows[order, i], positions=positions[order, i], slot=i - prefill)
+        out, cache_all = step(dparams, cache=cache, read=room, **inputs)
+        read = 4 if i < prefill + 4 else 8  # the slots ≤ slot and a few more
+        valid, cache = step(dparams, cache=cache, read=read, **inputs)
+        np.testing.assert_allclose(np.asarray(out), full[order, i], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(valid), np.asarray(out), atol=1e-5, rtol=0)
+        close = functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=0)
+        jax.tree.map(close, cache, cache_all)
     assert cache["shared_mask"].shape[0] == 4  # a prompt part per gathered row
 
 

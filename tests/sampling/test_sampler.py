@@ -238,6 +238,24 @@ def test_compacted_stages_give_the_rollouts_of_one_stage(tiny, temperature, seed
     np.testing.assert_allclose(out["logprobs"], ref["logprobs"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_slot_stages_give_the_rollouts_of_one_stage(tiny, tiny_prompts, temperature):
+    """Decode loops that read only the own slots that can be valid (128, then 256 of N =
+    256) give the rollouts of one loop that reads all 256 at every step (masked): greedy
+    tokens identical, log-probs within f32 rounding."""
+    _, tokens, mask = tiny_prompts
+    settings = dict(k=2, max_new_tokens=256, prompt_len=16, temperature=temperature)
+    full = sampler.make_sampler(tiny.config, min_slots=256, **settings)
+    staged = sampler.make_sampler(tiny.config, **settings)
+    assert full.slot_stages() == (256,) and staged.slot_stages() == (128, 256)
+    assert staged.decode_trips(6) == (128, 127)
+    ref = jax.device_get(full(tiny.params, tokens, mask, jax.random.key(1)))
+    out = jax.device_get(staged(tiny.params, tokens, mask, jax.random.key(1)))
+    for name in ("tokens", "mask", "lengths", "truncated"):
+        np.testing.assert_array_equal(out[name], ref[name])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], rtol=0, atol=1e-5)
+
+
 def test_one_compilation_per_shape(tiny, tiny_prompts):
     """New params, prompts and keys reuse the compiled sampler (same settings: same one)."""
     _, tokens, mask = tiny_prompts
