@@ -261,10 +261,11 @@ class Attention(nn.Module):
             v = lax.dynamic_update_slice_in_dim(own[1], v.astype(own[1].dtype), slot, axis=2)
         k, v = constrain(k, KEY_AXES), constrain(v, VALUE_AXES)
         grouped = q.reshape(r, t, kv, cfg.num_heads // kv, dh)
-        read = masks["own"].shape[-1]  # the own slots attended: the first `read`
-        out = attend(
-            grouped, k[..., :read], v[:, :, :read], masks["own"], shared, masks.get("shared")
-        )
+        keys, values = k, v
+        if own is not None:  # a cache: only its first masks["own"].shape[-1] slots are read
+            read = masks["own"].shape[-1]
+            keys, values = k[..., :read], v[:, :, :read]
+        out = attend(grouped, keys, values, masks["own"], shared, masks.get("shared"))
         o = _linear(
             cfg,
             out_shape=(cfg.hidden_size,),
