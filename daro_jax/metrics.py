@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from daro_jax.algo import losses
+from daro_jax.algo import daro, losses
 from daro_jax.plan import chips
 from daro_jax.train import update
 
@@ -228,7 +228,7 @@ def step_metrics(
 
 def daro_weights(prefix: str, daro_params, spec) -> dict[str, float]:
     """w_μ of the DARO parameters as <prefix>/<k>of<K>, k = 1 … K − 1."""
-    w = np.asarray(jax.device_get(losses.daro_weights(jnp.asarray(daro_params), spec)))
+    w = np.asarray(jax.device_get(daro.weights(jnp.asarray(daro_params), spec)))
     return {f"{prefix}/{g}of{spec.k}": float(v) for g, v in enumerate(w, start=1)}
 
 

@@ -485,7 +485,7 @@ def test_checkpoint_written_before_the_move_restores(tmp_path):
     0 < μ < 1: the random policy answers nothing), the optimizer counted one update, and
     every array equals orbax's plain read of the files."""
     from daro_jax import data, models
-    from daro_jax.algo import losses, presets
+    from daro_jax.algo import daro, presets
     from daro_jax.models import decoder
     from daro_jax.train import state as train_state
 
@@ -509,7 +509,7 @@ def test_checkpoint_written_before_the_move_restores(tmp_path):
         np.asarray(params["model"]["embed"]["embedding"], np.float32),
         np.asarray(embedding, np.float32),
     )
-    np.testing.assert_array_equal(params["daro"], losses.init_daro_weights(spec))
+    np.testing.assert_array_equal(params["daro"], daro.init_weights(spec))
     counts = [
         int(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(restored["opt"])[0]

@@ -126,13 +126,13 @@ def test_update_metrics_cover_the_first_epoch_and_name_first_and_last():
     (counted here with NumPy), the scalars the first update's, last_update/ the third's,
     and each DARO update's weights under daro/w_update<i>."""
     from configs import base
-    from daro_jax.algo import losses, presets
+    from daro_jax.algo import daro, presets
 
     config = base.get_config()
     config.algo.k = 4
     spec = presets.resolve(config.algo, max_response_len=5)
     rng = np.random.default_rng(0)
-    daros = [losses.init_daro_weights(spec) * (1.0 + i) for i in range(3)]
+    daros = [daro.init_weights(spec) * (1.0 + i) for i in range(3)]
     updates, masks, groups = zip(
         *[_update(rng, spec, d, loss) for d, loss in zip(daros, (0.5, 0.25, 0.125), strict=True)],
         strict=True,
@@ -146,7 +146,7 @@ def test_update_metrics_cover_the_first_epoch_and_name_first_and_last():
     assert (out["loss"], out["grad_norm"], out["last_update/loss"]) == (0.5, 1.5, 0.125)
     assert out["last_update/grad_norm_daro"] == 2.125
     for i, d in enumerate(daros):
-        w = np.asarray(losses.daro_weights(d, spec))
+        w = np.asarray(daro.weights(d, spec))
         assert [out[f"daro/w_update{i}/{g}of4"] for g in (1, 2, 3)] == pytest.approx(w)
     bad = dict(updates[1], grad_norm_daro=math.nan, finite=0.0)
     with pytest.raises(FloatingPointError, match=r"step 7 \(update 1\): non-finite grad_norm_daro"):

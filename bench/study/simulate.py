@@ -2,8 +2,8 @@
 constant per-group losses, no model, seconds.
 
 sum_mu (w_mu L_mu - ln w_mu) with constant L_mu in [0.02, 0.2], optimised by the trainer's
-own DARO weight optimizer (optim.lazy_adam_projected, losses.daro_weights and
-losses.daro_param_bounds) at weight lr 1e-3, 1e-2, 1e-1 for each parameterisation; writes
+own DARO weight optimizer (optim.lazy_adam_projected, daro.weights and
+daro.param_bounds) at weight lr 1e-3, 1e-2, 1e-1 for each parameterisation; writes
 simulation.png and simulation.md.
 """
 
@@ -27,13 +27,13 @@ def simulate_weights(
 ) -> np.ndarray:
     """w per group [steps + 1, G] (row 0: the initial w = 1) when the trainer's DARO weight
     optimizer (lazy Adam at constant lr `weight_lr`, b1 and b2 of configs/base.py, projection
-    onto losses.daro_param_bounds) minimises sum_g (w_g L_g - ln w_g) with constant L_g."""
+    onto daro.param_bounds) minimises sum_g (w_g L_g - ln w_g) with constant L_g."""
     import jax
     import jax.numpy as jnp
     import optax
 
     from configs import base
-    from daro_jax.algo import losses, optim, presets
+    from daro_jax.algo import daro, optim, presets
 
     config = base.get_config()
     config.algo.name = "daro"
@@ -41,23 +41,23 @@ def simulate_weights(
     config.algo.daro_parameterization = parameterization
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
     tx = optim.lazy_adam_projected(
-        lambda _: weight_lr, config.optim.b1, config.optim.b2, losses.daro_param_bounds(spec)
+        lambda _: weight_lr, config.optim.b1, config.optim.b2, daro.param_bounds(spec)
     )
     target = jnp.asarray(group_losses, jnp.float32)
 
     def objective(params):
-        w = losses.daro_weights(params, spec)
+        w = daro.weights(params, spec)
         return jnp.sum(w * target - jnp.log(w))
 
     def update(carry, _):
         params, state = carry
         updates, state = tx.update(jax.grad(objective)(params), state, params)
         params = optax.apply_updates(params, updates)
-        return (params, state), losses.daro_weights(params, spec)
+        return (params, state), daro.weights(params, spec)
 
-    params = losses.init_daro_weights(spec)
+    params = daro.init_weights(spec)
     _, history = jax.lax.scan(update, (params, tx.init(params)), length=steps)
-    initial = losses.daro_weights(params, spec)[None]
+    initial = daro.weights(params, spec)[None]
     return np.asarray(jnp.concatenate([initial, history]))
 
 
@@ -74,7 +74,7 @@ def simulation_markdown(results: dict[tuple[float, str], np.ndarray]) -> str:
         f"{len(SIM_LOSSES)} groups with constant L_mu = {', '.join(map(str, SIM_LOSSES))}; "
         f"objective sum_mu (w_mu L_mu - ln w_mu), optimum w_mu = 1 / L_mu (w L = 1); "
         f"{steps} updates of the trainer's DARO weight optimizer (`optim.lazy_adam_projected`, "
-        "Adam b1 = 0.9, b2 = 0.999, constant lr, projection onto `losses.daro_param_bounds`). "
+        "Adam b1 = 0.9, b2 = 0.999, constant lr, projection onto `daro.param_bounds`). "
         "In training the weight lr is `optim.weight_lr_multiplier` x the model lr schedule: "
         "with the embedded default's model lr 1e-5, weight lr 1e-3 / 1e-2 / 1e-1 is "
         "multiplier 100 / 1000 / 10000 (the default 1000 is 1e-2).",

@@ -77,7 +77,7 @@ part of l, hence of L_g: under DARO the groups mu in {0, 1} carry none. Ablation
 `daro_log_term=False` drops -ln w_g (dL/dw_g = L_g).
 
 DARO weights: [K - 1] parameters (index k - 1 for group k), w ("direct") or ln w ("log"),
-projected by the optimizer onto `daro_param_bounds(spec)`: w stays finite and positive even
+projected by the optimizer onto `daro.param_bounds(spec)`: w stays finite and positive even
 when L_g <= 0, where -ln w would push w to infinity.
 
 API (jit-friendly; `spec` = presets.resolve(config.algo, ...) is a static argument):
@@ -100,8 +100,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from daro_jax.algo import daro
 from daro_jax.algo.presets import AlgoSpec
 
 # Token means that finalize_metrics reports when their sums are present.
@@ -115,45 +115,6 @@ OPTIONAL_METRICS = {
     "tis_weight_sum": "tis_weight_mean",
     "tis_capped": "tis_capped_frac",
 }
-
-# ----------------------------------------------------------------------------------------
-# DARO weights.
-
-
-def init_daro_weights(spec: AlgoSpec) -> jax.Array:
-    """Initial DARO parameters, [K-1] (group k at index k-1): all weights w = 1."""
-    fill = 0.0 if spec.daro_parameterization == "log" else 1.0
-    return jnp.full((spec.k - 1,), fill, jnp.float32)
-
-
-def daro_param_bounds(spec: AlgoSpec) -> tuple[float, float]:
-    """Bounds of the stored DARO parameters that the optimizer projects onto."""
-    lo, hi = spec.daro_log_weight_bounds
-    if spec.daro_parameterization == "log":
-        return lo, hi
-    return float(np.exp(lo)), float(np.exp(hi))
-
-
-def _weights_and_logs(params: jax.Array, spec: AlgoSpec) -> tuple[jax.Array, jax.Array]:
-    """(w, ln w) over group ids 0..K, with w = 1 (ln w = 0) for the unused mu in {0, 1}, and
-    for every group when the weights are frozen (`daro_learn_weights=False`)."""
-    if not spec.daro_learn_weights:
-        w = jnp.ones((spec.k - 1,), params.dtype)
-        log_w = jnp.zeros((spec.k - 1,), params.dtype)
-    elif spec.daro_parameterization == "log":
-        log_w = params
-        w = jnp.exp(params)
-    else:
-        w = params
-        log_w = jnp.log(params)
-    one, zero = jnp.ones((1,), params.dtype), jnp.zeros((1,), params.dtype)
-    return jnp.concatenate([one, w, one]), jnp.concatenate([zero, log_w, zero])
-
-
-def daro_weights(params: jax.Array, spec: AlgoSpec) -> jax.Array:
-    """w_mu for mu = 1/K ... (K-1)/K from the stored parameters, [K-1]."""
-    return _weights_and_logs(params, spec)[0][1:-1]
-
 
 # ----------------------------------------------------------------------------------------
 # Per-token loss over micro-batches.
@@ -352,7 +313,7 @@ def microbatch_loss(
     coef = batch.coef.astype(dtype)
     g = batch.group_ids
     if spec.uses_daro_weights:
-        w, log_w = _weights_and_logs(daro_params.astype(dtype), spec)
+        w, log_w = daro.weights_and_logs(daro_params.astype(dtype), spec)
         loss = (coef * w[g] * seq_loss).sum()
         if spec.daro_log_term:
             present = (lengths > 0).astype(dtype)
@@ -428,7 +389,7 @@ def finalize_metrics(
     group_tokens = sums["group_tokens"]
     group_loss = sums["group_loss_sum"] / jnp.maximum(group_tokens, 1.0)
     if spec.uses_daro_weights:
-        w = _weights_and_logs(jnp.asarray(daro_params), spec)[0]
+        w = daro.weights_and_logs(jnp.asarray(daro_params), spec)[0]
         weight = w.at[0].set(0.0).at[-1].set(0.0)
     elif spec.aggregation == "seq_mean":
         weight = seqs / jnp.maximum(seqs.sum(), 1.0)

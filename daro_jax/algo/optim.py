@@ -17,7 +17,7 @@ daro_jax/algo/presets.py for the DARO parameterisation; the train state of
                         "embed/embedding", "layers/attn/q/kernel"; `models.decoder`), fully
                         matches a regex of optim.frozen
     daro                lazy Adam(weight_lr_multiplier * lr_t, b1, b2), then projection of the
-                        parameters onto losses.daro_param_bounds(spec)
+                        parameters onto daro.param_bounds(spec)
 
 lr_t: linear warmup lr * (t + 1) / warmup_steps for t < warmup_steps, then constant lr, or
 cosine lr * (1 + cos(pi (t - warmup) / (total_steps - warmup))) / 2. The global norm of the
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from daro_jax.algo import losses, presets
+from daro_jax.algo import daro, presets
 from daro_jax.errors import UserError
 
 SCHEDULES = ("constant", "cosine")
@@ -57,8 +57,8 @@ ADAM_EPS = 1e-8
 
 
 def init_params(model_params, spec: presets.AlgoSpec) -> dict:
-    """{"model": model_params, "daro": losses.init_daro_weights(spec)}."""
-    return {"model": model_params, "daro": losses.init_daro_weights(spec)}
+    """{"model": model_params, "daro": daro.init_weights(spec)}."""
+    return {"model": model_params, "daro": daro.init_weights(spec)}
 
 
 def _check(cond: bool, field: str, value, need: str) -> None:
@@ -235,7 +235,7 @@ def make_optimizer(
     if optim_cfg.skip_zero_grad_updates:
         model_tx = skip_zero_gradients(model_tx)
     daro_tx = lazy_adam_projected(
-        lambda step: mult * schedule(step), b1, b2, losses.daro_param_bounds(spec)
+        lambda step: mult * schedule(step), b1, b2, daro.param_bounds(spec)
     )
     labels = param_labels(params, tuple(optim_cfg.frozen))
     transforms = {"model": model_tx, "frozen": optax.set_to_zero(), "daro": daro_tx}

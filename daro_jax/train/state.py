@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import checkpoint, models
-from daro_jax.algo import losses, optim, presets
+from daro_jax.algo import daro, optim, presets
 from daro_jax.models import lora
 from daro_jax.models.config import ModelConfig
 
@@ -39,10 +39,10 @@ def abstract_state(config, cfg: ModelConfig, spec: presets.AlgoSpec, mesh: Mesh)
     """The state as ShapeDtypeStructs carrying their shardings on `mesh` (module docstring);
     nothing is allocated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    daro = jax.eval_shape(lambda: losses.init_daro_weights(spec))
+    weights = jax.eval_shape(lambda: daro.init_weights(spec))
     params = {
         "model": trained(cfg, models.abstract_params(cfg, mesh)),
-        "daro": jax.ShapeDtypeStruct(daro.shape, daro.dtype, sharding=replicated),
+        "daro": jax.ShapeDtypeStruct(weights.shape, weights.dtype, sharding=replicated),
     }
     opt_state = jax.eval_shape(optimizer(config, params, spec).init, params)
     opt_shardings = optim.mirror_shardings(opt_state, params, shardings(params), replicated)

@@ -21,7 +21,7 @@ from algo_reference import (
 )
 
 from configs import base
-from daro_jax.algo import advantages, losses, optim
+from daro_jax.algo import advantages, daro, losses, optim
 from daro_jax.sampling import selection
 
 # ---------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def test_daro_ablations_match_numpy_reference(ablation):
         np.testing.assert_array_equal(m["group_weight"], [0, 1, 1, 1, 0])
         np.testing.assert_allclose(loss, inner.sum(), rtol=1e-5)
     else:  # sum_g w_g L_g: dL/dw_g = L_g
-        w = np.asarray(losses.daro_weights(jnp.asarray(theta, jnp.float32), spec))
+        w = np.asarray(daro.weights(jnp.asarray(theta, jnp.float32), spec))
         np.testing.assert_allclose(loss, (w * inner).sum(), rtol=1e-5)
         dw = g_theta / w if spec.daro_parameterization == "log" else g_theta
         np.testing.assert_allclose(dw, inner, rtol=1e-5)
@@ -540,7 +540,7 @@ def optimise_daro_only(case, spec, steps):
         return (optax.apply_updates(state, updates), opt_state), None
 
     (state, _), _ = jax.lax.scan(step, (state, tx.init(state)), None, length=steps)
-    return losses.daro_weights(state["daro"], spec)
+    return daro.weights(state["daro"], spec)
 
 
 def np_group_losses(case, spec):
@@ -710,9 +710,9 @@ def test_daro_preset_is_dapo_with_daro_weights():
     """Today's daro preset is one combination: DAPO's clip and token mean, DARO's weights,
     without DAPO's overlong shaping; group_token_mean = token_mean with the weights."""
     case = make_case(seed=49, log_ratio_std=0.3)
-    daro = make_spec("daro")
-    theta = theta_for(daro)
-    expected = run_code(case, daro, theta)
+    preset = make_spec("daro")
+    theta = theta_for(preset)
+    expected = run_code(case, preset, theta)
     for spec in (
         make_spec("dapo", daro_weights=True, overlong_shaping=False),
         make_spec("daro", aggregation="token_mean", daro_weights=True),

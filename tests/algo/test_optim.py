@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import base
-from daro_jax.algo import losses, optim, presets
+from daro_jax.algo import daro, optim, presets
 
 K = 4
 EMBED_SHAPE = (7, 5)  # a shape no other parameter has
@@ -146,7 +146,7 @@ def test_daro_weights_are_projected_onto_bounds(param):
     for _ in range(4):
         updates, opt_state = update(grads, opt_state, state)
         state = optax.apply_updates(state, updates)
-        trace.append(float(losses.daro_weights(state["daro"], spec)[0]))
+        trace.append(float(daro.weights(state["daro"], spec)[0]))
     top = np.exp(0.002)  # "log" steps ln w by 1e-3, "direct" steps w by 1e-3
     expected = [np.exp(1e-3), top, top, top] if param == "log" else [1.001, 1.002, top, top]
     np.testing.assert_allclose(trace, expected, rtol=1e-6)

@@ -16,7 +16,7 @@ import pytest
 from helpers import PatternPool, tiny_config
 
 from daro_jax import checkpoint, evaluation, sharding
-from daro_jax.algo import losses
+from daro_jax.algo import daro
 from daro_jax.train import loop
 
 # One algorithm per path through the loop: GRPO's KL to the reference params, DAPO's dynamic
@@ -50,8 +50,8 @@ def test_three_steps_of_each_loop_path(algo):
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before["model"], after["model"])
     assert all(v > 0 for v in jax.tree.leaves(moved)), moved
     if algo == "daro":
-        w0 = np.asarray(losses.daro_weights(before["daro"], run.spec))
-        w1 = np.asarray(losses.daro_weights(after["daro"], run.spec))
+        w0 = np.asarray(daro.weights(before["daro"], run.spec))
+        w1 = np.asarray(daro.weights(after["daro"], run.spec))
         assert np.all(w1 != w0)  # groups k = 1, 2, 3 are present in every step
     # No recompilation after the first step: completions of tiny are ≤ 8 tokens (one bucket).
     assert compiled[0] == compiled[1] == compiled[2]
@@ -75,7 +75,7 @@ def test_two_steps_of_the_new_losses_and_options(algo):
     outs = [loop.run_step(run, step, PatternPool(config.algo.k)) for step in range(2)]
     after = params_of(run)
     assert all(np.isfinite(out["loss"]) for out in outs)
-    w0, w1 = (np.asarray(losses.daro_weights(p["daro"], run.spec)) for p in (before, after))
+    w0, w1 = (np.asarray(daro.weights(p["daro"], run.spec)) for p in (before, after))
     if run.spec.kl_in_reward:
         assert outs[0]["kl_penalty"] == 0.0 and outs[1]["kl_penalty"] != 0.0
         assert np.all(w1 != w0)  # groups k = 1, 2, 3 are present in every step
