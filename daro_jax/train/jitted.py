@@ -121,10 +121,10 @@ def longest_inputs(p: StepPrograms, config, mesh: Mesh) -> dict[str, tuple[tuple
 
 def row_inputs(passes: tuple[str, ...], rows: int, n: int, mesh: Mesh) -> dict:
     """The per-row arrays of an update over `rows` rollouts of up to n tokens, abstract:
-    PER_TOKEN, old_logp and the passes' outputs [rows, n] float32 (each row a completion's
-    tokens), advantages [rows] float32 and group_ids [rows] int32, with their rows over the
-    batch shards (`update.step_inputs`, `update.take_rows`)."""
-    names = dict.fromkeys((*PER_TOKEN, OLD, *passes))
+    PER_TOKEN and the logprob passes' outputs (old_logp only where its pass runs) [rows, n]
+    float32 (each row a completion's tokens), advantages [rows] float32 and group_ids [rows]
+    int32, with their rows over the batch shards (`update.step_inputs`, `update.take_rows`)."""
+    names = dict.fromkeys((*PER_TOKEN, *passes))
     out = {name: _rows((rows, n), jnp.float32, mesh) for name in names}
     out["advantages"] = _rows((rows,), jnp.float32, mesh)
     out["group_ids"] = _rows((rows,), jnp.int32, mesh)

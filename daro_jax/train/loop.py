@@ -137,8 +137,6 @@ def learn(run: Run, step: int, scores: np.ndarray, drawn: dict) -> tuple[list[di
     s, blocks, rows = p.settings, p.blocks, p.block_rows
     if p.passes:
         everything = update.packed_batch(host, np.arange(t.batch_prompts), blocks, rows, mesh)
-    if jitted.OLD not in p.passes:
-        batch[jitted.OLD] = jnp.zeros_like(batch["sampler_logp"])
     for name in p.passes:
         params = run.ref_params if name == jitted.REF else policy(run)
         batch[name] = p.logprobs(params, everything, s=s)

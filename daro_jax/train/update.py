@@ -188,8 +188,8 @@ def update_step(
     either gradient norm is not finite, the state is returned unchanged and finite is 0.
     """
     params = state["params"]
-    # On-policy, old_logp = stop_gradient(logp) per chunk (`update_gradients`); the zeros
-    # only hold its place in the token batch.
+    # On-policy the batch has no old_logp (no old-policy pass runs): old_logp =
+    # stop_gradient(logp) per chunk (`update_gradients`); the zeros only hold its place.
     old_logp = jnp.zeros_like(batch["sampler_logp"]) if s.on_policy else batch["old_logp"]
     tb = losses.token_batch(
         old_logp,
