@@ -116,3 +116,22 @@ def lora_model(model, rank: int = 4, targets: str = ".*", std: float = 0.05, see
     ]
     params = lora.combine(base, jax.tree_util.tree_unflatten(tree, new))
     return type(model)(adapted.config, params, adapted.tokenizer, adapted.mesh)
+
+
+def torch_logits(model, ids, mask):
+    """transformers' logits with position ids cumsum(mask) − 1 (as its generate does)."""
+    import torch
+
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(ids),
+            attention_mask=torch.as_tensor(mask),
+            position_ids=torch.as_tensor(positions),
+        )
+    return out.logits.float().numpy()
+
+
+def max_err_on_tokens(a, b, mask):
+    """max |a − b| over the positions where mask is set."""
+    return float(np.abs(np.asarray(a) - np.asarray(b))[mask.astype(bool)].max())

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
 import transformers
-from helpers import lora_model
+from helpers import lora_model, max_err_on_tokens, torch_logits
 from ml_collections import ConfigDict
 
 from daro_jax import models
@@ -24,21 +23,6 @@ def batch(rows=2, length=12, seed=0):
     mask = np.ones((rows, length), np.int32)
     mask[1, :4] = 0
     return ids, mask
-
-
-def torch_logits(model, ids, mask):
-    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            position_ids=torch.as_tensor(positions),
-        )
-    return out.logits.float().numpy()
-
-
-def err_on_tokens(a, b, mask):
-    return float(np.abs(np.asarray(a) - np.asarray(b))[mask.astype(bool)].max())
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +108,8 @@ def test_merged_export_loads_in_transformers_with_our_logits(base, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids, mask = batch()
     ours = models.logits(adapted, ids, mask)
-    assert err_on_tokens(ours, models.logits(base, ids, mask), mask) > 1e-2  # adapters matter
-    assert err_on_tokens(torch_logits(reloaded, ids, mask), ours, mask) <= 1e-4
+    assert max_err_on_tokens(ours, models.logits(base, ids, mask), mask) > 1e-2  # adapters matter
+    assert max_err_on_tokens(torch_logits(reloaded, ids, mask), ours, mask) <= 1e-4
     assert models.load(out).config == base.config  # no adapters in the merged checkpoint
 
 
@@ -137,8 +121,8 @@ def test_peft_adapters_load_on_the_base_with_our_logits(base, tiny_hf_dirs, tmp_
     with_peft = peft.PeftModel.from_pretrained(hf_base, out).eval()
     ids, mask = batch()
     ours = models.logits(adapted, ids, mask)
-    assert err_on_tokens(ours, models.logits(base, ids, mask), mask) > 1e-2
-    assert err_on_tokens(torch_logits(with_peft, ids, mask), ours, mask) <= 1e-4
+    assert max_err_on_tokens(ours, models.logits(base, ids, mask), mask) > 1e-2
+    assert max_err_on_tokens(torch_logits(with_peft, ids, mask), ours, mask) <= 1e-4
     with pytest.raises(ValueError, match="no LoRA adapters"):
         models.export_adapters(base, str(tmp_path / "none"), base_dir)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import max_err_on_tokens, torch_logits
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
@@ -34,22 +35,6 @@ def left_padded_batch(batch=3, length=24, pads=(0, 5, 17), seed=0):
     for row, pad in enumerate(pads[:batch]):
         ids[row, :pad], mask[row, :pad] = 0, 0
     return ids, mask
-
-
-def torch_logits(model, ids, mask):
-    """transformers' logits with position ids cumsum(mask) − 1 (as its generate does)."""
-    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.as_tensor(ids),
-            attention_mask=torch.as_tensor(mask),
-            position_ids=torch.as_tensor(positions),
-        )
-    return out.logits.float().numpy()
-
-
-def max_err_on_tokens(a, b, mask):
-    return float(np.abs(np.asarray(a) - np.asarray(b))[mask.astype(bool)].max())
 
 
 @pytest.fixture(scope="module")
