@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from daro_jax.algo import daro, losses
+from daro_jax.algo import daro, loss_sums
 from daro_jax.plan import chips
 from daro_jax.train import update
 
@@ -186,9 +186,9 @@ def update_metrics(updates: Sequence[Mapping], spec, minibatches: int) -> dict[s
     the last update's under last_update/. With several DARO updates, the weights each used:
     daro/w_update<i>/<k>of<K>."""
     k, first, last = spec.k, updates[0], updates[-1]
-    epoch = functools.reduce(losses.accumulate_metrics, [u["sums"] for u in updates[:minibatches]])
-    out = flatten(losses.finalize_metrics(epoch, first["daro"], spec), k)
-    last_means = losses.finalize_metrics(last["sums"], last["daro"], spec)
+    epoch = functools.reduce(loss_sums.accumulate, [u["sums"] for u in updates[:minibatches]])
+    out = flatten(loss_sums.finalize(epoch, first["daro"], spec), k)
+    last_means = loss_sums.finalize(last["sums"], last["daro"], spec)
     for name in update.UPDATE_SCALARS:
         out[name] = float(first[name])
         out[f"last_update/{name}"] = float(last[name])

@@ -85,13 +85,13 @@ API (jit-friendly; `spec` = presets.resolve(config.algo, ...) is a static argume
     batch = token_batch(old_logp, mask, advantages, group_ids, spec, ref_logp, sampler_logp)
     part = batch._replace(mask=batch.mask * inside)  # a micro-batch: its tokens only
     loss_mb, sums_mb = microbatch_loss(daro_params, logp, part, spec, entropy)
-    sums = accumulate_metrics(sums, sums_mb)        # or start from empty_metrics(...)
-    metrics = finalize_metrics(sums, daro_params, spec)
+    sums = loss_sums.accumulate(sums, sums_mb)     # or start from loss_sums.empty(...)
+    metrics = loss_sums.finalize(sums, daro_params, spec)
 
 `batch` holds the normalisers of a whole minibatch (global arrays under jit, so that the
 hosts' contributions add up); the micro-batches' losses and gradients sum to exactly the
 minibatch's. The metric sums add over minibatches too: over one pass of minibatches,
-`finalize_metrics` gives the whole RL batch's metrics.
+`loss_sums.finalize` gives the whole RL batch's metrics.
 """
 
 from __future__ import annotations
@@ -103,18 +103,6 @@ import jax.numpy as jnp
 
 from daro_jax.algo import daro
 from daro_jax.algo.presets import AlgoSpec
-
-# Token means that finalize_metrics reports when their sums are present.
-OPTIONAL_METRICS = {
-    "kl_sum": "kl",
-    "entropy_sum": "entropy",
-    "clip_dual": "clip_frac_dual",
-    "sampler_gap_sum": "sampler_logp_gap",
-    "mismatch_kl_sum": "sampler_mismatch_kl",
-    "truncation_sum": "sampler_truncation",
-    "tis_weight_sum": "tis_weight_mean",
-    "tis_capped": "tis_capped_frac",
-}
 
 # ----------------------------------------------------------------------------------------
 # Per-token loss over micro-batches.
@@ -261,7 +249,7 @@ def microbatch_loss(
     entropy: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Contribution of one micro-batch: sum_{i,t} m c_i lt_{i,t} (module docstring), and the
-    metric sums of `accumulate_metrics`. logp / entropy: [n, T] under the current policy.
+    metric sums of `loss_sums.accumulate`. logp / entropy: [n, T] under the current policy.
     Differentiate w.r.t. logp (model) and daro_params; both gradients add over micro-batches.
     """
     if spec.kl_in_loss and batch.ref_logp is None:
@@ -338,79 +326,3 @@ def microbatch_loss(
     if entropy is not None:
         sums["entropy_sum"] = (entropy.astype(dtype) * m).sum()
     return loss, jax.tree.map(jax.lax.stop_gradient, sums)
-
-
-def empty_metrics(spec: AlgoSpec, batch: TokenBatch, *, entropy: bool) -> dict[str, jax.Array]:
-    """Neutral element of `accumulate_metrics` for the sums `microbatch_loss` returns on
-    micro-batches of `batch` (a lax.scan carry over micro-batches)."""
-    zero = jnp.zeros((), jnp.float32)
-    groups = jnp.zeros((spec.num_groups,), jnp.float32)
-    names = ["loss", "tokens", "clip_low", "clip_high", "ratio_sum"]
-    if batch.ref_logp is not None:
-        names.append("kl_sum")
-    if batch.sampler_logp is not None:
-        names += ["sampler_gap_sum", "mismatch_kl_sum"]
-        if batch.sampler_logp_full is not None:
-            names.append("truncation_sum")
-        if spec.sampler_is_cap is not None:
-            names += ["tis_weight_sum", "tis_capped"]
-    if spec.dual_clip is not None:
-        names.append("clip_dual")
-    if entropy:
-        names.append("entropy_sum")
-    sums = dict.fromkeys(names, zero)
-    sums.update(ratio_min=jnp.full((), jnp.inf), ratio_max=jnp.full((), -jnp.inf))
-    sums.update(dict.fromkeys(("group_seqs", "group_tokens", "group_loss_sum"), groups))
-    return sums
-
-
-def accumulate_metrics(acc: dict[str, jax.Array], new: dict[str, jax.Array]) -> dict:
-    """Combine metric sums of two micro-batches, minibatches or hosts: min / max for
-    ratio_min / ratio_max, + for everything else."""
-    combine = {"ratio_min": jnp.minimum, "ratio_max": jnp.maximum}
-    return {key: combine.get(key, jnp.add)(acc[key], new[key]) for key in acc}
-
-
-def finalize_metrics(
-    sums: dict[str, jax.Array], daro_params: jax.Array, spec: AlgoSpec
-) -> dict[str, jax.Array]:
-    """Divide the accumulated sums once (the loss itself is sums["loss"]). Per group
-    g = 0..K ([K+1] arrays): prompts, tokens, loss (the token mean of l inside g: DARO's
-    L_g on a token-mean base), weight and weighted_loss = weight_g loss_g. The weight is
-    DARO's w_g (0 for g in {0, K}) under the DARO weights, and otherwise the share of the
-    loss the aggregation gives the group, from counts over everything the sums cover (n_g
-    sequences and T_g tokens of n and T):
-
-        seq_mean  n_g / n,   token_sum_const  T_g / (n L_max),   token_mean  T_g / T
-
-    so that loss = sum_g weight_g L_g for the token-level aggregations of one minibatch."""
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    seqs = sums["group_seqs"]
-    group_tokens = sums["group_tokens"]
-    group_loss = sums["group_loss_sum"] / jnp.maximum(group_tokens, 1.0)
-    if spec.uses_daro_weights:
-        w = daro.weights_and_logs(jnp.asarray(daro_params), spec)[0]
-        weight = w.at[0].set(0.0).at[-1].set(0.0)
-    elif spec.aggregation == "seq_mean":
-        weight = seqs / jnp.maximum(seqs.sum(), 1.0)
-    elif spec.aggregation == "token_sum_const":
-        weight = group_tokens / (jnp.maximum(seqs.sum(), 1.0) * spec.max_response_len)
-    else:
-        weight = group_tokens / tokens
-    out = {
-        "tokens": sums["tokens"],
-        "clip_frac_low": sums["clip_low"] / tokens,
-        "clip_frac_high": sums["clip_high"] / tokens,
-        "ratio_mean": sums["ratio_sum"] / tokens,
-        "ratio_min": sums["ratio_min"],
-        "ratio_max": sums["ratio_max"],
-        "group_prompts": seqs / spec.k,
-        "group_tokens": group_tokens,
-        "group_loss": group_loss,
-        "group_weight": weight,
-        "group_weighted_loss": weight * group_loss,
-    }
-    for key, name in OPTIONAL_METRICS.items():
-        if key in sums:
-            out[name] = sums[key] / tokens
-    return out

@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from daro_jax import hosts, sharding
-from daro_jax.algo import losses, optim, presets
+from daro_jax.algo import loss_sums, losses, optim, presets
 from daro_jax.models import lora, packed
 from daro_jax.models.config import ModelConfig
 from daro_jax.train import packing
@@ -146,11 +146,11 @@ def update_gradients(params, batch: dict, tb: losses.TokenBatch, s: UpdateSettin
         grads, sums = carry
         new, s_i = grad_fn(params, last, cache, _chunk(batch, i))
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, new)
-        return grads, losses.accumulate_metrics(sums, s_i)
+        return grads, loss_sums.accumulate(sums, s_i)
 
     init = (
         (f32_zeros(params), f32_zeros(last), f32_zeros(cache)),
-        losses.empty_metrics(s.spec, tb, entropy=True),
+        loss_sums.empty(s.spec, tb, entropy=True),
     )
     (grads, d_last, d_cache), sums = lax.fori_loop(0, batch["n_chunks"], body, init)
     cotangent = jax.tree.map(lambda d, x: d.astype(x.dtype), (d_last, d_cache), (last, cache))

@@ -21,7 +21,7 @@ from algo_reference import (
 )
 
 from configs import base
-from daro_jax.algo import advantages, daro, losses, optim
+from daro_jax.algo import advantages, daro, loss_sums, losses, optim
 from daro_jax.sampling import selection
 
 # ---------------------------------------------------------------------------------------
@@ -170,9 +170,9 @@ def _code_loss(arrays, logp, theta, perm, spec, splits):
             inside = jnp.zeros(batch.mask.shape[0]).at[rows].set(1.0)[:, None]
             micro = batch._replace(mask=batch.mask * inside)  # as the update's chunks do
             part, part_sums = losses.microbatch_loss(theta, logp, micro, spec, entropy=entropy)
-            return (carry[0] + part, losses.accumulate_metrics(carry[1], part_sums)), None
+            return (carry[0] + part, loss_sums.accumulate(carry[1], part_sums)), None
 
-        init = (0.0, losses.empty_metrics(spec, batch, entropy=True))
+        init = (0.0, loss_sums.empty(spec, batch, entropy=True))
         return jax.lax.scan(step, init, micro_rows)[0]
 
     out = {}
@@ -180,7 +180,7 @@ def _code_loss(arrays, logp, theta, perm, spec, splits):
         (loss, sums), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
             logp, theta, perm.reshape(n_micro, -1)
         )
-        out[n_micro] = (loss, *grads, losses.finalize_metrics(sums, theta, spec))
+        out[n_micro] = (loss, *grads, loss_sums.finalize(sums, theta, spec))
     return out
 
 
@@ -374,7 +374,7 @@ def test_metrics():
     np.testing.assert_allclose(m["group_weighted_loss"], m["group_weight"] * m["group_loss"])
     weighted = m["group_weighted_loss"][1:K].sum()
     np.testing.assert_allclose(loss, weighted - np.log(theta).sum(), rtol=1e-5)
-    # The other aggregations: weight = the group's share of the loss (finalize_metrics).
+    # The other aggregations: weight = the group's share of the loss (loss_sums.finalize).
     seqs = np.bincount(groups, weights=lens > 0, minlength=K + 1)
     shares = {
         "grpo": seqs / seqs.sum(),
@@ -455,7 +455,7 @@ def test_daro_ablations_match_numpy_reference(ablation):
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_mini"), compiler_options=FAST_COMPILE)
 def _batch_metrics(arrays, theta, spec, n_mini):
-    """finalize_metrics of the metric sums of n_mini minibatches of consecutive prompts, each
+    """loss_sums.finalize of the metric sums of n_mini minibatches of consecutive prompts, each
     with its own normalisers (token_batch); advantages from the whole batch, as the trainer."""
     groups = advantages.group_advantages(arrays["rewards"], arrays["lengths"], spec)
     adv, ids = groups.advantages.reshape(-1), groups.group_ids.reshape(-1)
@@ -475,8 +475,8 @@ def _batch_metrics(arrays, theta, spec, n_mini):
         part = losses.microbatch_loss(
             theta, arrays["logp"][sl], batch, spec, entropy=arrays["entropy"][sl]
         )[1]
-        sums = part if sums is None else losses.accumulate_metrics(sums, part)
-    return losses.finalize_metrics(sums, theta, spec)
+        sums = part if sums is None else loss_sums.accumulate(sums, part)
+    return loss_sums.finalize(sums, theta, spec)
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES + NEW_PRESETS)
@@ -910,7 +910,7 @@ def test_tis_under_top_p_weighs_by_the_truncated_policy_and_reports_mismatch_apa
     )
     theta = jnp.asarray(theta_for(spec), jnp.float32)
     loss, sums = losses.microbatch_loss(theta, as_rows(logp), batch, spec)
-    m = losses.finalize_metrics(sums, theta, spec)
+    m = loss_sums.finalize(sums, theta, spec)
     weight = np.minimum(np.exp(old) / p_trunc[at], cap)
     assert weight.max() < 1.0  # π_old ≈ π_full ≤ π_trunc: the weight carries the truncation
     np.testing.assert_allclose(m["tis_weight_mean"], weight.mean(), rtol=1e-5)
