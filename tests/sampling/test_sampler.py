@@ -379,7 +379,9 @@ def test_stages_gather_rows_inside_their_shard():
     """Compiled for 8 devices (rows over fsdp) with an own KV cache that dominates memory
     (4 layers, 128 rows × 1024 slots: 67 MB per device), decoding in five stages (128 → 8
     rows) needs at most the next stage's arrays beside the first's (1.5×, measured 1.48×),
-    not a cache gathered across devices (which measured 7×)."""
+    not a cache gathered across devices (which measured 7×). One slot stage (min_slots = N):
+    this is the row stages' memory; XLA:CPU copies a cache that a loop slices (the slot
+    stages), which libtpu updates in place (bench/RESULTS.md, the decode's slot stages)."""
     mesh = sharding.make_mesh((1, 8, 1))
     cfg = ModelConfig("llama", 512, 256, 512, 4, 8, 4, 32, 1e-5, 1e4, tie_word_embeddings=True)
     shardings = models.param_shardings(cfg, mesh)
@@ -394,6 +396,7 @@ def test_stages_gather_rows_inside_their_shard():
 
     def temp_bytes(min_rows):
         settings = dict(k=8, max_new_tokens=1024, prompt_len=128, mesh=mesh, min_rows=min_rows)
+        settings["min_slots"] = 1024
         fn = sampler.Sampler(cfg, **settings)
         compiled = fn.jitted.lower(params, prompts, prompts, key).compile()
         return fn.stage_sizes(128), compiled.memory_analysis().temp_size_in_bytes
