@@ -167,3 +167,18 @@ def get_config():
     c.eval.max_prompt_tokens = 0  # 0 = no limit; longer prompts count as wrong
     c.eval.fallback = "last_number"  # none | answer_is | last_number
     return c
+
+
+def lora_on_one_v5e8_host(c):
+    """The LoRA recipes' shared settings on one v5e-8 host (v6e-8 via tpu.accelerator): the
+    base frozen in bfloat16, rank-32 adapters (alpha 64) at lr 1e-5, the weights' decode copy
+    split over tensor = 4 (mesh (1, 2, 4)), two minibatches. Returns c."""
+    c.model.param_dtype = "bfloat16"  # the frozen base is held in model.dtype
+    c.model.lora.rank = 32
+    c.model.lora.alpha = 64.0
+    c.tpu.accelerator = "v5e-8"
+    c.tpu.zone = "us-west4-a"
+    c.mesh.shape = (1, 2, 4)
+    c.optim.lr = 1e-5
+    c.train.minibatches = 2
+    return c

@@ -9,20 +9,12 @@ chip; kv_heads 8). LoRA takes a larger learning rate than full fine-tuning (the 
 start at zero): 1e-5 (DARO weights 1e-2, multiplier 1000).
 """
 
-from configs import llama8b
+from configs import base, llama8b
 
 
 def get_config():
-    c = llama8b.get_config()
-    c.model.param_dtype = "bfloat16"  # the frozen base is held in model.dtype
-    c.model.lora.rank = 32
-    c.model.lora.alpha = 64.0
-    c.tpu.accelerator = "v5e-8"
-    c.tpu.zone = "us-west4-a"
-    c.mesh.shape = (1, 2, 4)
-    c.optim.lr = 1e-5
+    c = base.lora_on_one_v5e8_host(llama8b.get_config())
     # 8 prompts × K = 8: the sampler's KV cache (128 KiB a slot over 32 layers) is the
     # largest part of a v5e chip's 16 GiB; a v6e-8 takes 16 (bench/tpu_plan.md).
     c.train.batch_prompts = 8
-    c.train.minibatches = 2
     return c

@@ -8,18 +8,10 @@ tensor = 4 (4 GB a chip; Qwen2.5-Math-7B has 4 key/value heads, so 4 is the most
 takes a larger learning rate than full fine-tuning: 1e-5 (DARO weights 1e-2).
 """
 
-from configs import qwen2_5_math_7b
+from configs import base, qwen2_5_math_7b
 
 
 def get_config():
-    c = qwen2_5_math_7b.get_config()
-    c.model.param_dtype = "bfloat16"  # the frozen base is held in model.dtype
-    c.model.lora.rank = 32
-    c.model.lora.alpha = 64.0
-    c.tpu.accelerator = "v5e-8"
-    c.tpu.zone = "us-west4-a"
-    c.mesh.shape = (1, 2, 4)
-    c.optim.lr = 1e-5
+    c = base.lora_on_one_v5e8_host(qwen2_5_math_7b.get_config())
     c.train.batch_prompts = 16  # a v6e-8 takes 32 (bench/tpu_plan.md)
-    c.train.minibatches = 2
     return c
