@@ -208,7 +208,7 @@ def step_metrics(
     spec,
     minibatches: int,
     seconds: Mapping[str, float],
-    n_params: int,
+    flops_per_token: float,
 ) -> dict[str, float]:
     """The metrics of a step that updated the policy: `update_metrics` of its updates,
     `rollout_metrics` of this process's rollouts (lengths, truncated), the DARO weights after
@@ -223,7 +223,7 @@ def step_metrics(
     out |= {f"time/{name}": v for name, v in seconds.items()}
     sampled = float(rollouts["lengths"].sum()) * jax.process_count()
     trained = sampled + float(rollouts["prompt_mask"].sum()) * jax.process_count()
-    return out | throughput(sampled, trained, seconds, n_params, len(updates))
+    return out | throughput(sampled, trained, seconds, flops_per_token, len(updates))
 
 
 def daro_weights(prefix: str, daro_params, spec) -> dict[str, float]:
@@ -249,11 +249,16 @@ def rollout_metrics(stats: Mapping, lengths: np.ndarray, truncated: np.ndarray) 
 
 
 def throughput(
-    sampled: float, trained: float, seconds: Mapping[str, float], n_params: int, updates: int
+    sampled: float,
+    trained: float,
+    seconds: Mapping[str, float],
+    flops_per_token: float,
+    updates: int,
 ) -> dict[str, float]:
     """Tokens per second of the sampler (`sampled` new tokens in seconds["sampler_s"]) and
     of the update (`trained` prompt and completion tokens, `updates` times, in
-    seconds["update_s"]); the update's MFU (`chips.mfu`) where the device's peak is known."""
+    seconds["update_s"]); the update's MFU (`chips.mfu` at `flops_per_token`,
+    `chips.train_flops_per_token`) where the device's peak is known."""
     update_s = seconds["update_s"]
     out = {
         "throughput/sampler_tokens_per_s": sampled / max(seconds["sampler_s"], 1e-9),
@@ -263,5 +268,5 @@ def throughput(
     if peak:
         tokens = trained * updates
         devices = jax.device_count()
-        out["throughput/update_mfu"] = chips.mfu(n_params, tokens, update_s, peak, devices)
+        out["throughput/update_mfu"] = chips.mfu(flops_per_token, tokens, update_s, peak, devices)
     return out

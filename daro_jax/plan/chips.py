@@ -75,10 +75,17 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def mfu(n_params: int, tokens: float, seconds: float, peak: float, devices: int) -> float:
+def train_flops_per_token(n_params: int, frozen: int = 0) -> float:
+    """The model FLOPs of training on one token: 2 · n_params forward, 2 · n_params for the
+    activations' gradient and 2 · (n_params − frozen) for the weights' gradient, where
+    `frozen` weights (a LoRA base) need none: 6 · n_params − 2 · frozen."""
+    return 6.0 * n_params - 2.0 * frozen
+
+
+def mfu(flops_per_token: float, tokens: float, seconds: float, peak: float, devices: int) -> float:
     """Model FLOPs utilisation of training on `tokens` tokens in `seconds`:
-    6 · n_params · tokens / (seconds · peak · devices)."""
-    return 6.0 * n_params * tokens / (seconds * peak * devices)
+    flops_per_token · tokens / (seconds · peak · devices) (`train_flops_per_token`)."""
+    return flops_per_token * tokens / (seconds * peak * devices)
 
 
 def topology(accelerator: str) -> str:

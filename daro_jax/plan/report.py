@@ -67,6 +67,7 @@ class Plan:
     resident: dict[str, int]
     programs: tuple[Compiled, ...]
     n_params: int
+    frozen_params: int  # of n_params, the LoRA base (no weight gradient)
     update_tokens: int  # tokens of one update: b·P + b·K·N
     decode_floor: int  # bytes per device a decode step reads at the least, on average
     knobs: dict[str, str]  # program → the setting that shrinks it
@@ -107,9 +108,8 @@ class Plan:
     def update_mfu(self) -> float:
         """`chips.mfu` of one update's tokens in its estimated time on the plan's chips."""
         seconds = self.program("update").seconds(self.chip)
-        return chips.mfu(
-            self.n_params, self.update_tokens, seconds, self.chip.peak_flops, self.chips
-        )
+        flops = chips.train_flops_per_token(self.n_params, self.frozen_params)
+        return chips.mfu(flops, self.update_tokens, seconds, self.chip.peak_flops, self.chips)
 
     def decode_share(self) -> float:
         """The decode loop's share of the step's estimated time."""
@@ -289,7 +289,8 @@ def make_plan(config, topology_name: str | None = None, title: str = "", layers:
     total = sum(resident.values())
     t, s = config.train, config.sampler
     per = t.batch_prompts // t.minibatches
-    n_params = sum(x.size for x in jax.tree.leaves((built.base, built.abstract["params"]["model"])))
+    frozen = sum(x.size for x in jax.tree.leaves(built.base))
+    n_params = frozen + sum(x.size for x in jax.tree.leaves(built.abstract["params"]["model"]))
     return Plan(
         title=title or str(config.model.path),
         topology=name,
@@ -299,6 +300,7 @@ def make_plan(config, topology_name: str | None = None, title: str = "", layers:
         resident=resident,
         programs=tuple(programs.compile_program(p, total) for p in step),
         n_params=n_params,
+        frozen_params=frozen,
         update_tokens=per * s.max_prompt_tokens + per * spec.k * s.max_new_tokens,
         decode_floor=decode_floor(config, built.cfg, spec, mesh, n_params),
         knobs=knobs(config),

@@ -136,10 +136,10 @@ def estimate(config, candidate: Candidate, topology: str, layers: int) -> Estima
     phases = {
         name: at_depth(lambda p, n=name: p.step_seconds()[n]) for name in plans[0].step_seconds()
     }
-    n_params = at_depth(lambda p: p.n_params)
+    flops = at_depth(lambda p: chips.train_flops_per_token(p.n_params, p.frozen_params))
     p0 = plans[0]
     update = phases["update"] / p0.program("update").runs
-    mfu = 6.0 * n_params * p0.update_tokens / (update * p0.chips * p0.chip.peak_flops)
+    mfu = chips.mfu(flops, p0.update_tokens, update, p0.chip.peak_flops, p0.chips)
     peak = at_depth(lambda p: p.peak_program.peak)
     return Estimate(candidate, phases, peak, usable, mfu)
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from daro_jax import checkpoint, data, evaluation, hosts, metrics, models, rewards, sharding
 from daro_jax.algo import losses, presets
 from daro_jax.models import lora
+from daro_jax.plan import chips
 from daro_jax.train import checks, jitted, rollout, state, update
 
 
@@ -56,6 +57,7 @@ class Run:
     kl_penalty: Callable  # the KL in the reward (`losses.kl_reward_penalty`)
     rollout_key: Callable
     n_params: int
+    train_flops_per_token: float  # `chips.train_flops_per_token`, for the update's MFU
 
 
 def build(config) -> Run:
@@ -104,6 +106,9 @@ def build(config) -> Run:
         kl_penalty=jax.jit(functools.partial(losses.kl_reward_penalty, spec=spec)),
         rollout_key=rollout.jit_rollout_key(config.seed, mesh),
         n_params=n_params,
+        train_flops_per_token=chips.train_flops_per_token(
+            n_params, sum(x.size for x in jax.tree.leaves(base))
+        ),
     )
 
 
@@ -175,7 +180,7 @@ def run_step(run: Run, step: int, pool) -> dict[str, float]:
     metrics.check_finite(step, updates)
     minibatches, daro = run.config.train.minibatches, run.state["params"]["daro"]
     out |= metrics.step_metrics(
-        updates, stats, drawn, daro, run.spec, minibatches, timers, run.n_params
+        updates, stats, drawn, daro, run.spec, minibatches, timers, run.train_flops_per_token
     )
     return out | {"time/step_s": time.perf_counter() - t_start}
 

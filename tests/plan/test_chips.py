@@ -47,3 +47,28 @@ def test_missing_libtpu_is_a_clear_failure(monkeypatch):
     )
     with pytest.raises(RuntimeError, match=r"libtpu, which is not installed.*requirements-test"):
         chips.tpu_devices("v5e:2x2")
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_train_flops_per_token_match_the_compiled_backward(frozen):
+    """6 · N FLOPs a token trains the weights; 4 · N when they are frozen (a LoRA base): XLA's
+    count of a linear layer's forward and backward, the gradient taken for the input alone
+    when the weight is frozen, for the input and the weight otherwise."""
+    import jax
+    import jax.numpy as jnp
+
+    tokens, d = 64, 256
+    x, w = jnp.ones((tokens, d)), jnp.ones((d, d))
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(x @ w))
+
+    grad = jax.grad(loss, argnums=0 if frozen else (0, 1))
+    flops = jax.jit(grad).lower(x, w).compile().cost_analysis()["flops"]
+    expected = chips.train_flops_per_token(d * d, frozen=d * d if frozen else 0) * tokens
+    assert flops == pytest.approx(expected, rel=0.02)
+
+
+def test_mfu_is_model_flops_over_peak():
+    """MFU: FLOPs per token × tokens over seconds × peak × devices."""
+    assert chips.mfu(6e9, 1000, 2.0, 1e12, 4) == pytest.approx(6e12 / 8e12)
