@@ -59,6 +59,7 @@ def run_processes(script, num_processes: int, devices_each: int, *args, timeout=
     returns the JSON of each one's last stdout line."""
     import json
     import os
+    import re
     import socket
     import subprocess
     import sys
@@ -69,7 +70,11 @@ def run_processes(script, num_processes: int, devices_each: int, *args, timeout=
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+        "XLA_FLAGS": re.sub(  # conftest's flags, with this count of devices
+            r"--xla_force_host_platform_device_count=\d+",
+            f"--xla_force_host_platform_device_count={devices_each}",
+            os.environ.get("XLA_FLAGS", ""),
+        ),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
     }

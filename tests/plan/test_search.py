@@ -10,7 +10,7 @@ import pytest
 from helpers import load_config_file
 
 from daro_jax import models, plan
-from daro_jax.plan import chips, search
+from daro_jax.plan import chips, report, search
 
 TINY = {"tpu.accelerator": "v5e-4", "reward.num_workers": 1}
 
@@ -37,13 +37,24 @@ def test_candidates_divide_the_chips_and_the_model():
     assert len(found) == len(set(found))
 
 
-def test_search_ranks_the_fitting_candidates_best_last():
+def test_search_ranks_the_fitting_candidates_best_last(monkeypatch):
+    """The recipe's own setting is compiled as `python -m daro_jax.plan` compiles the recipe
+    (the same config but for the mesh's −1 resolved), and its estimate is that plan's."""
     config = tiny()
+    made, make_plan = [], report.make_plan
+
+    def recording(setting, *args, **kwargs):
+        made.append((setting, make_plan(setting, *args, **kwargs)))
+        return made[-1][1]
+
+    monkeypatch.setattr(report, "make_plan", recording)
     among = [search.Candidate((1, 4, 1), 2, False), search.Candidate((2, 2, 1), 2, False)]
     ranked = search.search(config, among=among)
     assert [e.fits for e in ranked] == [True, True]
     assert ranked[0].step >= ranked[1].step > 0
-    own = plan.make_plan(config)  # the recipe's own mesh compiled as the plan compiles it
+    setting, own = made[0]
+    resolved = config.to_dict() | {"mesh": config.mesh.to_dict() | {"shape": (1, 4, 1)}}
+    assert setting.to_dict() == resolved and plan.make_plan is make_plan
     mine = next(e for e in ranked if e.candidate == among[0])
     assert mine.step == pytest.approx(sum(own.step_seconds().values()), rel=1e-6)
     assert mine.update_mfu == pytest.approx(own.update_mfu(), rel=1e-6)

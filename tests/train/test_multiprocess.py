@@ -3,9 +3,10 @@
 Each process loads and scores its own half of the prompts; the global arrays are assembled
 over the mesh. Rewards come from a verifier stand-in that marks k = answer mod (K+1) of a
 problem's K responses correct, so the groups (and the loss) do not depend on which process
-scores which prompt. DARO runs one update per step; DAPO runs its dynamic sampling (every
-process must keep the same prompts, over several sampling rounds) and two minibatches
-(the group metrics cover both).
+scores which prompt. One run covers what differs across processes: DAPO's dynamic sampling
+(every process must keep the same prompts, over several sampling rounds), two minibatches
+(the group metrics cover both) and DARO's learned weights on top (their gradient and group
+weights).
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("loss", "grad_norm", "entropy", "reward", "group/L/1of4", "group/prompts/2of4")
 DYNAMIC = ("dynamic/tries", "dynamic/kept_prompts", "dynamic/sampled_prompts")
 DYNAMIC += ("dynamic/sampled_accuracy", "dynamic/batch_full")
-RUNS = {  # algorithm: (config changes, metrics compared)
-    "daro": ({"train.batch_prompts": 8}, KEYS + ("grad_norm_daro", "group/w/2of4")),
-    "dapo": (
-        {"train.batch_prompts": 16, "train.minibatches": 2},
-        KEYS + DYNAMIC + ("group/prompts/0of4", "group/prompts/4of4", "group/L/3of4"),
-    ),
-}
+CHANGES = {"algo.daro_weights": True, "train.batch_prompts": 16, "train.minibatches": 2}
+COMPARED = KEYS + DYNAMIC + ("grad_norm_daro", "group/w/2of4", "group/prompts/0of4")
+COMPARED += ("group/prompts/4of4", "group/L/3of4")
 
 
 class AnswerPool:
@@ -69,20 +66,17 @@ def _worker(process_id: int, num_processes: int, port: str) -> None:
         return collected[-1]
 
     loop.collect = recording
-    results = {}
-    for algo, (changes, keys) in RUNS.items():
-        config = tiny_config(**{"algo.name": algo, **changes})
-        out = loop.run_step(loop.build(config), 0, AnswerPool(config.algo.k))
-        rollout = collected[-1][1]
-        rows = {"prompt_tokens": rollout["prompt_tokens"], "lengths": rollout["lengths"]}
-        if num_processes > 1:
-            rows = multihost_utils.process_allgather(rows, tiled=True)
-        batch = [
-            np.asarray(tokens).tolist() if np.asarray(lengths).any() else "padding"
-            for tokens, lengths in zip(rows["prompt_tokens"], rows["lengths"], strict=True)
-        ]
-        results[algo] = {"metrics": {key: out[key] for key in keys}, "batch": batch}
-    print(json.dumps(results))
+    config = tiny_config(**{"algo.name": "dapo", **CHANGES})
+    out = loop.run_step(loop.build(config), 0, AnswerPool(config.algo.k))
+    rollout = collected[-1][1]
+    rows = {"prompt_tokens": rollout["prompt_tokens"], "lengths": rollout["lengths"]}
+    if num_processes > 1:
+        rows = multihost_utils.process_allgather(rows, tiled=True)
+    batch = [
+        np.asarray(tokens).tolist() if np.asarray(lengths).any() else "padding"
+        for tokens, lengths in zip(rows["prompt_tokens"], rows["lengths"], strict=True)
+    ]
+    print(json.dumps({"metrics": {key: out[key] for key in COMPARED}, "batch": batch}))
 
 
 def _launch(num_processes: int, devices_each: int) -> list[dict]:
@@ -90,24 +84,19 @@ def _launch(num_processes: int, devices_each: int) -> list[dict]:
 
 
 def test_two_processes_match_one_process():
-    """Same batch (for DAPO: the same kept prompts) and the same metrics."""
+    """Same batch (the same kept prompts) and the same metrics."""
     single = _launch(1, 8)[0]
     double = _launch(2, 4)
     assert double[0] == double[1]  # every process sees the same global metrics and batch
-    for algo, (_, keys) in RUNS.items():
-        one, two = single[algo], double[0][algo]
-        assert one["metrics"]["grad_norm"] > 0.0
-        assert two["batch"] == one["batch"], algo
-        for key in keys:
-            assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-7), (
-                algo,
-                key,
-            )
-    dapo = single["dapo"]["metrics"]
-    assert dapo["dynamic/tries"] >= 2  # the batch needed several sampling rounds
-    assert dapo["dynamic/batch_full"] == 1.0 and dapo["dynamic/kept_prompts"] == 16
-    assert "padding" not in single["dapo"]["batch"]
-    assert dapo["group/prompts/0of4"] == dapo["group/prompts/4of4"] == 0  # only mixed prompts
+    one, two = single["metrics"], double[0]["metrics"]
+    assert one["grad_norm"] > 0.0 and one["grad_norm_daro"] > 0.0
+    assert double[0]["batch"] == single["batch"]
+    for key in COMPARED:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert one["dynamic/tries"] >= 2  # the batch needed several sampling rounds
+    assert one["dynamic/batch_full"] == 1.0 and one["dynamic/kept_prompts"] == 16
+    assert "padding" not in single["batch"]
+    assert one["group/prompts/0of4"] == one["group/prompts/4of4"] == 0  # only mixed prompts
 
 
 if __name__ == "__main__":
