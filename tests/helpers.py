@@ -14,6 +14,14 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+def plan_tiny_config(**changes):
+    """configs/tiny.py as the plan tests compile it: for a v5e 2×2 (4 chips), one verifier
+    worker, then `changes`."""
+    return load_config_file(
+        "configs/tiny.py", **{"tpu.accelerator": "v5e-4", "reward.num_workers": 1, **changes}
+    )
+
+
 def load_config_file(path, **changes):
     """get_config() of the config file `path` with dotted-name `changes` applied."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)

@@ -57,7 +57,12 @@ class Run:
     kl_penalty: Callable  # the KL in the reward (`losses.kl_reward_penalty`)
     rollout_key: Callable
     n_params: int
-    train_flops_per_token: float  # `chips.train_flops_per_token`, for the update's MFU
+
+    @property
+    def train_flops_per_token(self) -> float:
+        """`chips.train_flops_per_token` of the model, its LoRA base frozen (the MFU's)."""
+        frozen = sum(x.size for x in jax.tree.leaves(self.base))
+        return chips.train_flops_per_token(self.n_params, frozen)
 
 
 def build(config) -> Run:
@@ -106,9 +111,6 @@ def build(config) -> Run:
         kl_penalty=jax.jit(functools.partial(losses.kl_reward_penalty, spec=spec)),
         rollout_key=rollout.jit_rollout_key(config.seed, mesh),
         n_params=n_params,
-        train_flops_per_token=chips.train_flops_per_token(
-            n_params, sum(x.size for x in jax.tree.leaves(base))
-        ),
     )
 
 

@@ -7,11 +7,9 @@ import contextlib
 import os
 
 import pytest
-from helpers import load_config_file
+from helpers import plan_tiny_config
 
 from daro_jax import plan
-
-TINY = {"tpu.accelerator": "v5e-4", "reward.num_workers": 1}  # v5e:2x2, 4 chips
 
 
 @contextlib.contextmanager
@@ -19,7 +17,7 @@ def compile_only():
     """`plan.compile_only` (libtpu quiet, and loadable by the CLI runs and other workers)
     inside the block; the environment as it was after it."""
     before = dict(os.environ)
-    plan.compile_only(TINY["tpu.accelerator"])
+    plan.compile_only(plan_tiny_config().tpu.accelerator)
     try:
         yield
     finally:
@@ -38,6 +36,6 @@ def plan_process():
 def tiny():
     """configs/tiny.py and its plan on a v5e 2×2 (the sampler and the update: on-policy,
     no KL, so no logprob pass)."""
-    config = load_config_file("configs/tiny.py", **TINY)
+    config = plan_tiny_config()
     with compile_only():
         return config, plan.make_plan(config, title="configs/tiny.py")

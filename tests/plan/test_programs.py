@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import jax
-from helpers import load_config_file
+from helpers import load_config_file, plan_tiny_config
 
 from daro_jax import models
 from daro_jax.models import decoder
@@ -67,6 +67,27 @@ def test_loop_trip_counts_and_model_flops(tiny):
     trained = 3 * (2 * weights * (b * prompt + b * k * n) + head * b * k * n)
     assert 1.0 <= sampler.total().flops * p.chips / sampling < 1.5
     assert 1.0 <= update.total().flops * p.chips / trained < 1.5
+
+
+def test_decode_bytes_grow_with_the_slot_stage():
+    """N = 256 decoded in two slot stages (`Sampler.slot_stages`: 128, then 256 own slots),
+    compiled by libtpu: in each row stage (16 rows, then 8), the loop that reads 256 own
+    slots a step moves more bytes and FLOPs a step than the one that reads 128."""
+    from daro_jax import sharding
+    from daro_jax.algo import presets
+    from daro_jax.plan import chips, programs, report
+
+    config = plan_tiny_config(**{"sampler.max_new_tokens": 256})
+    mesh = sharding.make_mesh(config.mesh.shape, chips.tpu_devices(report.topology(config)))
+    spec = presets.resolve(config.algo, max_response_len=256)
+    built = programs.build(config, mesh, spec)
+    assert built.sample.slot_stages() == (128, 256)
+    sampler = programs.step_programs(config, built, mesh)[0]
+    loops = [part for part in programs.compile_program(sampler, 0).parts if part.dynamic]
+    assert [part.trips for part in loops] == [128, 127, 0, 0]  # no row stops early
+    for short, long in (loops[:2], loops[2:]):
+        assert long.per_trip.bytes > short.per_trip.bytes
+        assert long.per_trip.flops > short.per_trip.flops
 
 
 def test_paper_models_match_their_published_parameter_counts():

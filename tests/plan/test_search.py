@@ -7,16 +7,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from helpers import load_config_file
+from helpers import plan_tiny_config
 
 from daro_jax import models, plan
 from daro_jax.plan import chips, report, search
 
-TINY = {"tpu.accelerator": "v5e-4", "reward.num_workers": 1}
-
 
 def tiny():
-    return load_config_file("configs/tiny.py", **TINY)
+    return plan_tiny_config()
 
 
 def test_candidates_divide_the_chips_and_the_model():
