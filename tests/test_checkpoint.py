@@ -175,7 +175,9 @@ def _array_file(root, step: int):
 @pytest.mark.parametrize("broken", ["meta/metadata", "array file"])
 def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path, broken, caplog):
     """A latest checkpoint with a truncated file is skipped with one warning naming it and
-    the cause; the run resumes from the newest intact one. None intact: one line says so."""
+    the cause; the run resumes from the newest intact one. None intact: one line says so.
+    Evaluation's read-only access (`read_meta`) skips a checkpoint with a truncated meta
+    alike."""
     state = {"w": jnp.arange(1000.0)}
     with ck.Checkpointer(tmp_path, keep=3, every=1, async_save=False) as ckpt:
         for step in (1, 2, 3):
@@ -198,12 +200,17 @@ def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path, broken
     assert all(w.endswith("); skipped") for w in warnings), warnings
     cause = "JSONDecodeError" if broken[0] == "m" else "Encountered error while reading"
     assert all(cause in w for w in warnings), warnings
+    if broken[0] == "m":
+        assert ck.read_meta(tmp_path) == (1, {"step": 1})
     _truncate(root / "1" / "meta" / "metadata")
     unreadable = rf"^no checkpoint in {root} can be read: step 3 "
     with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt, pytest.raises(PathError) as e:
         ckpt.restore(abstract)
     assert re.match(unreadable, str(e.value)), str(e.value)
     assert "\n" not in str(e.value) and "step 1 (JSONDecodeError" in str(e.value)
+    if broken[0] == "m":
+        with pytest.raises(PathError, match=unreadable):
+            ck.read_meta(tmp_path)
 
 
 def test_workdir_that_is_a_file_is_a_path_error(tmp_path):

@@ -33,9 +33,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
+from daro_jax.checkpoint import readonly
 from daro_jax.errors import PathError, UserError
 
 _META_ONLY = ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -165,38 +165,10 @@ class Checkpointer:
 
     def _newest(self, step: int | None, read: Callable[[int], Any]) -> tuple[int, Any] | None:
         """(step, read(step)) of `step`, or by default of the newest checkpoint `read` can
-        read: one whose files cannot be read (e.g. a half-finished copy from a bucket: a
-        truncated metadata or array file) is skipped with a warning naming it and the cause.
-        None without a checkpoint; a PathError in one line naming each when none can be
-        read. A `UserError` (e.g. a checkpoint of another model) is not a read failure: it
-        is raised."""
+        read (`readonly.newest_readable`: an unreadable one skipped with a warning, once)."""
         if step is not None:
             return self._resolve_step(step), read(self._resolve_step(step))
-        failures = {}
-        for candidate in reversed(self.all_steps()):
-            try:
-                found = candidate, read(candidate)
-            except UserError:
-                raise
-            except Exception as e:  # any failure of orbax reading the files
-                failures[candidate] = f"{type(e).__name__}: {_first_line(e)}"
-                continue
-            for skipped, cause in failures.items():
-                if skipped not in self._unreadable:  # once per checkpoint
-                    self._unreadable.add(skipped)
-                    logging.warning(
-                        "the checkpoint %s cannot be read (%s); skipped",
-                        self.directory / str(skipped),
-                        cause,
-                    )
-            return found
-        if failures:
-            named = "; ".join(f"step {s} ({cause})" for s, cause in failures.items())
-            raise PathError(
-                f"no checkpoint in {self.directory} can be read: {named}. Copy them again, "
-                "or move them away to start the run afresh."
-            )
-        return None
+        return readonly.newest_readable(self.directory, self.all_steps(), read, self._unreadable)
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is on disk; raises CheckpointSaveError
@@ -272,13 +244,6 @@ class Checkpointer:
                 + "\n  ".join(sorted(problems))
                 + "\nResume with the config that wrote it, or use a fresh --workdir."
             )
-
-
-def _first_line(error: Exception, limit: int = 160) -> str:
-    """The first non-empty line of an error's message (orbax's run over many lines), cut
-    to `limit` characters."""
-    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _path(keys: Sequence[str]) -> str:

@@ -4,12 +4,14 @@ opening a `Checkpointer`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-from daro_jax.errors import PathError
+from daro_jax.errors import PathError, UserError
 
 
 def has_checkpoints(workdir: str | epath.PathLike) -> bool:
@@ -17,17 +19,63 @@ def has_checkpoints(workdir: str | epath.PathLike) -> bool:
     return (epath.Path(workdir) / "checkpoints").is_dir()
 
 
+def newest_readable(
+    directory: epath.Path, steps: Iterable[int], read: Callable[[int], Any], warned: set[int]
+) -> tuple[int, Any] | None:
+    """(step, read(step)) of the newest of `steps` that `read` can read: one whose files
+    cannot be read (e.g. a half-finished copy from a bucket: a truncated metadata or array
+    file) is skipped with a warning naming it and the cause (once: its step joins
+    `warned`). None without steps; a PathError in one line naming each when none can be
+    read. A `UserError` (e.g. a checkpoint of another model) is not a read failure: it is
+    raised."""
+    failures = {}
+    for candidate in sorted(steps, reverse=True):
+        try:
+            found = candidate, read(candidate)
+        except UserError:
+            raise
+        except Exception as e:  # any failure of orbax reading the files
+            failures[candidate] = f"{type(e).__name__}: {_first_line(e)}"
+            continue
+        for skipped, cause in failures.items():
+            if skipped not in warned:
+                warned.add(skipped)
+                logging.warning(
+                    "the checkpoint %s cannot be read (%s); skipped",
+                    directory / str(skipped),
+                    cause,
+                )
+        return found
+    if failures:
+        named = "; ".join(f"step {s} ({cause})" for s, cause in failures.items())
+        raise PathError(
+            f"no checkpoint in {directory} can be read: {named}. Copy them again, or move them "
+            "away to start the run afresh."
+        )
+    return None
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
+    """The first non-empty line of an error's message (orbax's run over many lines), cut
+    to `limit` characters."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def read_meta(workdir: str | epath.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """(step, meta) of the workdir's checkpoint `step` (default: the latest complete one)."""
+    """(step, meta) of the workdir's checkpoint `step` (default: the latest complete one
+    whose meta can be read, `newest_readable`)."""
     root = epath.Path(workdir) / "checkpoints"
     steps = sorted(ocp.utils.checkpoint_steps(root))
     if not steps:
         raise PathError(f"{root} holds no complete checkpoint.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise PathError(f"no checkpoint of step {step} in {root}; steps: {steps}.")
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "meta")
-    return step, meta
+
+    def read(step: int) -> dict:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "meta")
+
+    return (step, read(step)) if step is not None else newest_readable(root, steps, read, set())
 
 
 def restore_part(workdir: str | epath.PathLike, step: int, part: Any) -> Any:

@@ -50,9 +50,7 @@ from daro_jax import sharding
 from daro_jax.models import decoder, kv_cache
 from daro_jax.models.config import ModelConfig
 from daro_jax.models.model import param_shardings
-from daro_jax.sampling.selection import select_both, select_tokens, select_with_uniforms
-
-__all__ = ["select_tokens", "select_with_uniforms"]  # re-exported selection functions
+from daro_jax.sampling.selection import select_both
 
 PAD_ID = 0
 MIN_STAGE_ROWS = 8  # default smallest decode stage: max(8, B·K / 8), at most 4 stages

@@ -1,10 +1,10 @@
 """Token selection for the sampler: temperature, top-k, top-p, one inverse-CDF draw per row.
 
-`select_with_uniforms(logits [N, V], uniforms [N], temperature, top_p, top_k)` draws one
-token per row at its uniform u ~ U[0, 1) and returns it with its log-probability under the
-distribution it was drawn from; `select_tokens` draws the uniforms from a key;
-`select_both` also returns the log-probability under the untruncated softmax(logits / T),
-the distribution the trainer scores (they differ under top-p / top-k only). One uniform
+`select_both(logits [N, V], uniforms [N], temperature, top_p, top_k)` draws one token per
+row at its uniform u ~ U[0, 1) and returns it with its log-probability under the
+distribution it was drawn from and under the untruncated softmax(logits / T), the
+distribution the trainer scores (they differ under top-p / top-k only); `select_tokens`
+draws the uniforms from a key and returns the first two. One uniform
 per row instead of V Gumbel variables: threefry for [N, V] numbers costs more than the rest
 of the selection on CPU. T = 0 is greedy (the first argmax).
 """
@@ -76,26 +76,12 @@ def select_tokens(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Draw one token per row of `logits` [N, V]; returns (tokens [N] int32, logprobs [N]).
 
-    `select_with_uniforms` with the uniforms `jax.random.uniform(key, (N,))` (`key` is
-    unused, and may be None, when T = 0).
+    The first two outputs of `select_both` at the uniforms `jax.random.uniform(key, (N,))`
+    (`key` is unused, and may be None, when T = 0).
     """
     uniforms = None
     if temperature != 0:
         uniforms = jax.random.uniform(key, (logits.shape[0],), jnp.float32)
-    return select_with_uniforms(logits, uniforms, temperature=temperature, top_p=top_p, top_k=top_k)
-
-
-def select_with_uniforms(
-    logits: jnp.ndarray,
-    uniforms: jnp.ndarray | None,
-    *,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int = 0,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """One token per row of `logits` [N, V] by inverse CDF at the row's uniform in
-    `uniforms` [N] ~ U[0, 1); returns (tokens [N] int32, logprobs [N]): the first two
-    outputs of `select_both`."""
     return select_both(logits, uniforms, temperature=temperature, top_p=top_p, top_k=top_k)[:2]
 
 

@@ -111,11 +111,11 @@ def longest_inputs(p: StepPrograms, config, mesh: Mesh) -> dict[str, tuple[tuple
     prompts = _rows((b, width), jnp.int32, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     batch = _packed(p, per, width, n, mesh) | row_inputs(p.passes, per * k, n, mesh)
-    s = p.settings
+    settings = p.settings
     return {
         "sampler": ((params, prompts, prompts, key), {}),
-        "logprob pass": ((params, _packed(p, b, width, n, mesh)), {"s": s}),
-        "update": ((p.abstract, batch), {"tx": p.tx, "s": s, "base": p.base}),
+        "logprob pass": ((params, _packed(p, b, width, n, mesh)), {"s": settings}),
+        "update": ((p.abstract, batch), {"tx": p.tx, "s": settings, "base": p.base}),
     }
 
 
