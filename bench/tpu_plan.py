@@ -1,6 +1,6 @@
 """The paper recipes' RL steps compiled for their TPU topologies: writes bench/tpu_plan.md.
 
-    nice -n 5 python -m bench.tpu_plan [--only LABEL ...] [--search]
+    nice -n 5 python -m bench.tpu_plan [--only LABEL ...] [--search] [--scaled]
 
 One `daro_jax.plan.make_plan` per setup in SETUPS: the three paper recipes on their
 target TPUs, the 1.5B on a single-host v5e-8 and v6e-8, and LoRA of the 7B and the 8B on
@@ -9,7 +9,9 @@ the logprob pass and the update with libtpu on this machine (no TPU), so everyth
 except the compile time is a compiler estimate (see daro_jax/plan/report.py), not a measurement.
 Each setup's table row and report are kept in bench/tpu_plan.json; `--only` recompiles the
 setups named and takes the others from there (several `--only` runs may go at once);
-`--search` adds each setup's mesh search (`daro_jax.plan.search`; slow). Needs
+`--search` adds each setup's mesh search (`daro_jax.plan.search`; slow); `--scaled` compiles
+each setup at 2 and 4 layers and extrapolates to the model's depth (`report.scaled_plan`: a
+whole compile of the 7B/8B samplers needs more than this machine's 23 GiB). Needs
 requirements-test.txt (jax[tpu]).
 """
 
@@ -124,11 +126,12 @@ def row(label: str, p, config) -> list[str]:
     t, s = config.train, config.sampler
     tokens = t.batch_prompts * (s.max_prompt_tokens + config.algo.k * s.max_new_tokens)
     compile_s = sum(c.compile_s for c in p.programs)
+    scaled = " (2 + 4 layers, scaled)" if "(scaled from" in p.title else ""
     peak = p.peak_program
     return [
         label,
         f"{config.tpu.accelerator} ({p.topology})",
-        f"{compile_s:.0f} s",
+        f"{compile_s:.0f} s{scaled}",
         f"{peak.peak / 2**30:.1f} / {p.chip.hbm_gib:g} GiB ({peak.name})"
         + ("" if p.fits else " **does not fit**"),
         f"{step:.0f} s",
@@ -156,6 +159,9 @@ def main() -> None:
     parser.add_argument(
         "--search", action="store_true", help="also run each setup's mesh search (slow)"
     )
+    parser.add_argument(
+        "--scaled", action="store_true", help="compile 2 and 4 layers and extrapolate"
+    )
     args = parser.parse_args()
     from daro_jax import plan
 
@@ -165,7 +171,8 @@ def main() -> None:
             continue
         config = load_recipe(recipe, overrides)
         start = time.perf_counter()
-        p = plan.make_plan(config, title=f"configs/{recipe}.py {overrides or ''}".strip())
+        make = plan.scaled_plan if args.scaled else plan.make_plan
+        p = make(config, title=f"configs/{recipe}.py {overrides or ''}".strip())
         print(f"{label}: {p.verdict()} ({time.perf_counter() - start:.0f} s)", flush=True)
         row_ = row(label, p, config) if p.compiled else [label, p.verdict()]
         commit = subprocess.run(

@@ -2,6 +2,6 @@
 verdict), `programs` (the step's programs compiled ahead of time), `costs` (FLOPs and bytes
 from the compiled HLO), `chips` (TPU chips and topologies)."""
 
-from daro_jax.plan.report import Plan, check, compile_only, make_plan
+from daro_jax.plan.report import Plan, check, compile_only, make_plan, scaled_plan
 
-__all__ = ["Plan", "check", "compile_only", "make_plan"]
+__all__ = ["Plan", "check", "compile_only", "make_plan", "scaled_plan"]

@@ -1,10 +1,12 @@
 """The TPU plan: one RL step of a recipe compiled ahead of time for its TPU topology.
 
     python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=v5p:2x4x4]
-        [--json=FILE] [--search]
+        [--json=FILE] [--search] [--scaled] [--verbose]
 
 `--search` compiles the candidate meshes, remat and micro-batch sizes instead and prints
-them ranked, the best last (`daro_jax.plan.search`).
+them ranked, the best last (`daro_jax.plan.search`). `--scaled` compiles the model at
+SCALE_LAYERS = (a, b) layers and extrapolates every count to its L layers (`scaled_plan`):
+a compile of all L layers needs more memory and time than a small machine has.
 
 No TPU is needed: libtpu (jax[tpu]) describes the chips of `config.tpu.accelerator`
 (`topology`; `--topology` or `config.plan.topology` overrides it) and compiles for them.
@@ -44,15 +46,16 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from daro_jax import sharding
+from daro_jax import models, sharding
 from daro_jax.algo import presets
 from daro_jax.models.config import ModelConfig
-from daro_jax.plan import chips, host, programs
+from daro_jax.plan import chips, costs, host, programs
 from daro_jax.plan.chips import Chip, roofline
 from daro_jax.plan.programs import Compiled
 
 GIB = 1 << 30
 RESERVE = 0.10  # share of HBM left to the runtime's buffers and fragmentation
+SCALE_LAYERS = (2, 4)  # the depths `scaled_plan` compiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +336,62 @@ def check(config) -> Plan:
     return result
 
 
+def scaled_plan(config, topology_name: str | None = None, title: str = "") -> Plan:
+    """The plan of `config` at its model's L layers from two compiles of its first a and b
+    layers (SCALE_LAYERS; a model of at most b layers is compiled whole): every count —
+    each program part's FLOPs and bytes (its trips too: the prefill's scan runs once per
+    layer), each memory figure, the parameters, the resident state, the decode floor — is
+    x(L) = x(a) + (x(b) − x(a)) · (L − a) / (b − a). The layers are one scan in training and
+    identical unrolled copies in the decode, each costing the same, so the counts are
+    linear in L; the times follow from the counts as in a whole compile. When a program is
+    refused at b layers, that plan is returned: it does not fit at L either."""
+    low, high = SCALE_LAYERS
+    layers = models.architecture(config.model)[0].num_layers
+    if layers <= high:
+        return make_plan(config, topology_name, title=title)
+    a, b = (make_plan(config, topology_name, title=title, layers=n) for n in SCALE_LAYERS)
+    if not (a.compiled and b.compiled):
+        return b
+    scale = (layers - low) / (high - low)
+
+    def lin(x, y):
+        return x + (y - x) * scale
+
+    def cost(x: costs.Cost, y: costs.Cost) -> costs.Cost:
+        return costs.Cost(
+            lin(x.flops, y.flops), lin(x.bytes, y.bytes), lin(x.ici_bytes, y.ici_bytes)
+        )
+
+    def part(x: costs.Part, y: costs.Part) -> costs.Part:
+        trips = round(lin(x.trips, y.trips))
+        total = cost(x.total, y.total)
+        per_trip = total * (1 / trips) if trips else cost(x.per_trip, y.per_trip)
+        return dataclasses.replace(x, trips=trips, per_trip=per_trip)
+
+    def program(x: Compiled, y: Compiled) -> Compiled:
+        if [(p.name, p.dynamic) for p in x.parts] != [(p.name, p.dynamic) for p in y.parts]:
+            raise ValueError(
+                f"plan --scaled: the {x.name}'s loops differ at {low} and {high} layers"
+            )
+        return dataclasses.replace(
+            y,
+            compile_s=x.compile_s + y.compile_s,
+            memory={k: round(lin(x.memory[k], v)) for k, v in y.memory.items()},
+            resident_elsewhere=round(lin(x.resident_elsewhere, y.resident_elsewhere)),
+            parts=tuple(part(p, q) for p, q in zip(x.parts, y.parts, strict=True)),
+        )
+
+    return dataclasses.replace(
+        b,
+        title=f"{b.title} (scaled from {low} and {high} layers to {layers})",
+        resident={k: round(lin(a.resident[k], v)) for k, v in b.resident.items()},
+        programs=tuple(program(x, y) for x, y in zip(a.programs, b.programs, strict=True)),
+        n_params=round(lin(a.n_params, b.n_params)),
+        frozen_params=round(lin(a.frozen_params, b.frozen_params)),
+        decode_floor=round(lin(a.decode_floor, b.decode_floor)),
+    )
+
+
 def main() -> None:
     """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=NAME]
     [--json=FILE] [--search] [--verbose]`: print the plan (exit status 1 when it does not
@@ -359,7 +418,13 @@ def main() -> None:
     search_flag = flags.DEFINE_bool(
         "search", False, "Compile the candidate meshes and print them ranked (plan/search.py)."
     )
-    flagged = (config_flag, topology_flag, json_flag, search_flag, verbose_flag)
+    scaled_flag = flags.DEFINE_bool(
+        "scaled",
+        False,
+        f"Compile {SCALE_LAYERS[0]} and {SCALE_LAYERS[1]} layers and extrapolate to the "
+        "model's depth (less memory and time than a whole compile).",
+    )
+    flagged = (config_flag, topology_flag, json_flag, search_flag, scaled_flag, verbose_flag)
     for flag in flagged:  # --help lists the main module's flags
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
 
@@ -381,7 +446,8 @@ def main() -> None:
                 return 1
             print(search.format_table(ranked, topology(config, topology_flag.value)))
             return 0
-        result = make_plan(config, topology_flag.value, title=title)
+        make = scaled_plan if scaled_flag.value else make_plan
+        result = make(config, topology_flag.value, title=title)
         if verbose_flag.value:
             print(result.breakdown())
         print(result.format())

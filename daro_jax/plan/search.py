@@ -5,13 +5,10 @@ Candidates (`candidates`): every mesh (data, fsdp, tensor) of the topology's chi
 tensor dividing the model's key/value heads (tensor ≤ MAX_TENSOR) and data ≤ MAX_DATA, on
 which the recipe's batch splits (`train.checks.check_config`); and on the recipe's own
 mesh, train.block_rows halved and doubled and model.remat switched. Each candidate's whole
-step is compiled (`report.make_plan`) with the model cut to SCALE_LAYERS = (a, b) layers,
-and its phases' seconds, peak bytes and parameter count are extrapolated linearly to the
-model's L layers, x(L) = x(a) + (x(b) − x(a)) · (L − a) / (b − a): the layers are one scan
-(and the decode's unrolled copies of it), each layer costing the same. A model of at most
-b layers is compiled whole. A candidate the compiler refuses, or whose peak exceeds the
-usable HBM, is dropped; the others rank by their estimated step (`report.Plan`'s phases
-plus the host's measured seconds, `host.HOST_SECONDS`). Every figure is an estimate.
+step is compiled at two depths and extrapolated to the model's (`report.scaled_plan`). A
+candidate the compiler refuses, or whose peak exceeds the usable HBM, is dropped; the
+others rank by their estimated step (`report.Plan`'s phases plus the host's measured
+seconds, `host.HOST_SECONDS`). Every figure is an estimate.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from daro_jax.train import checks
 
 MAX_TENSOR = 4  # tensor parallelism beyond 4 chips moves every activation over ICI
 MAX_DATA = 4  # data replicas beyond 4 hold 4× the params per chip for rows that fsdp shards
-SCALE_LAYERS = (2, 4)
 PHASES = ("prefill", "decode", "logprob pass", "update", "host")
 
 
@@ -112,36 +108,13 @@ def _valid(config, devices) -> bool:
     return True
 
 
-def estimate(config, candidate: Candidate, topology: str, layers: int) -> Estimate:
-    """The candidate's step at `layers` layers (module docstring)."""
-    setting = candidate.apply(config)
-    low, high = SCALE_LAYERS
-    if layers <= high:
-        plans, scale = [report.make_plan(setting, topology)], None
-    else:
-        plans = [report.make_plan(setting, topology, layers=n) for n in SCALE_LAYERS]
-        scale = (layers - low) / (high - low)
-    usable = plans[0].usable
-    refused = next((c.error for p in plans for c in p.programs if c.error), "")
+def estimate(config, candidate: Candidate, topology: str) -> Estimate:
+    """The candidate's step at the model's depth (`report.scaled_plan`)."""
+    p = report.scaled_plan(candidate.apply(config), topology)
+    refused = next((c.error for c in p.programs if c.error), "")
     if refused:
-        peak = max(p.peak_program.peak for p in plans)
-        return Estimate(candidate, {}, peak, usable, 0.0, refused)
-
-    def at_depth(value):
-        if scale is None:
-            return value(plans[0])
-        a, b = value(plans[0]), value(plans[1])
-        return a + (b - a) * scale
-
-    phases = {
-        name: at_depth(lambda p, n=name: p.step_seconds()[n]) for name in plans[0].step_seconds()
-    }
-    flops = at_depth(lambda p: chips.train_flops_per_token(p.n_params, p.frozen_params))
-    p0 = plans[0]
-    update = phases["update"] / p0.program("update").runs
-    mfu = chips.mfu(flops, p0.update_tokens, update, p0.chip.peak_flops, p0.chips)
-    peak = at_depth(lambda p: p.peak_program.peak)
-    return Estimate(candidate, phases, peak, usable, mfu)
+        return Estimate(candidate, {}, p.peak_program.peak, p.usable, 0.0, refused)
+    return Estimate(candidate, p.step_seconds(), p.peak_program.peak, p.usable, p.update_mfu())
 
 
 def search(config, topology: str | None = None, among: list[Candidate] | None = None):
@@ -151,7 +124,7 @@ def search(config, topology: str | None = None, among: list[Candidate] | None = 
     topology = report.topology(config, topology)
     full, _ = models.architecture(config.model)
     among = among or candidates(config, chips.tpu_devices(topology), full)
-    found = [estimate(config, c, topology, full.num_layers) for c in among]
+    found = [estimate(config, c, topology) for c in among]
     ranked = [e for e in found if not e.fits] + sorted(
         (e for e in found if e.fits), key=lambda e: e.step, reverse=True
     )
