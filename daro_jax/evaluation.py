@@ -335,7 +335,8 @@ def load_policy(config, checkpoint: str | None, mesh, step: int | None = None):
 
     For a workdir, the model is the one described by the config saved with the checkpoint
     (model.path, param_dtype, arch_overrides) in `config.model.dtype`, with the model params
-    of checkpoint `step` (default: the latest), read-only (`checkpoint.restore_part`). With
+    of checkpoint `step` (default: the newest that can be read, `checkpoint.read_newest`),
+    read-only (`checkpoint.restore_part`). With
     LoRA (the saved model.lora.rank > 0) the base is loaded from model.path, checked against
     the base the checkpoint names (`checkpoint.check_base`), and the adapters restored on it.
     """
@@ -346,20 +347,24 @@ def load_policy(config, checkpoint: str | None, mesh, step: int | None = None):
     if not ckpt.has_checkpoints(checkpoint):
         model = models.load(checkpoint, m.dtype, mesh, param_dtype=m.param_dtype)
         return model, _label(checkpoint), {"model": checkpoint}
-    step, meta = ckpt.read_meta(checkpoint, step)
-    saved = meta["config"]["model"] | {"dtype": m.dtype}
-    adapted = lora_rank(saved) > 0
-    shell = models.from_config(saved, mesh, seed=config.seed, abstract=not adapted)
-    base, trained = lora.split(shell.params) if adapted else (None, shell.params)
-    if adapted:
-        ckpt.check_base(meta, lora.base_meta(saved["path"], base))
-        trained = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trained
-        )
-    params = ckpt.restore_part(checkpoint, step, {"params": {"model": trained}})
-    info = {"model": saved["path"], "workdir": checkpoint, "step": step}
-    policy = lora.combine(base, params["params"]["model"])
-    return dataclasses.replace(shell, params=policy), f"step{step}", info
+
+    def restore(step: int) -> tuple[models.Model, str]:
+        meta = ckpt.read_meta(checkpoint, step)[1]
+        saved = meta["config"]["model"] | {"dtype": m.dtype}
+        adapted = lora_rank(saved) > 0
+        shell = models.from_config(saved, mesh, seed=config.seed, abstract=not adapted)
+        base, trained = lora.split(shell.params) if adapted else (None, shell.params)
+        if adapted:
+            ckpt.check_base(meta, lora.base_meta(saved["path"], base))
+            trained = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trained
+            )
+        params = ckpt.restore_part(checkpoint, step, {"params": {"model": trained}})
+        policy = lora.combine(base, params["params"]["model"])
+        return dataclasses.replace(shell, params=policy), saved["path"]
+
+    step, (model, path) = ckpt.read_newest(checkpoint, restore, step)
+    return model, f"step{step}", {"model": path, "workdir": checkpoint, "step": step}
 
 
 def _label(path: str) -> str:

@@ -14,6 +14,17 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+def truncate_half(path: Path) -> None:
+    """Cut a file to half its bytes (what a half-finished copy from a bucket leaves)."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def largest_array_file(checkpoints: Path, step: int) -> Path:
+    """The largest file of the arrays of checkpoint `step` in `checkpoints` (OCDBT data)."""
+    files = [p for p in (checkpoints / str(step) / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
 def plan_tiny_config(**changes):
     """configs/tiny.py as the plan tests compile it: for a v5e 2×2 (4 chips), one verifier
     worker, then `changes`."""

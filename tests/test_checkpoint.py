@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import load_config_file, run_processes
+from helpers import largest_array_file, load_config_file, run_processes, truncate_half
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -161,17 +161,6 @@ def test_leftover_tmp_dir_is_ignored(tmp_path):
     assert sorted(os.listdir(root)) == ["2", "4"]
 
 
-def _truncate(path) -> None:
-    """Cut a file to half its bytes (what a half-finished copy from a bucket leaves)."""
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _array_file(root, step: int):
-    """The largest file of the arrays of checkpoint `step` (OCDBT data)."""
-    files = [p for p in (root / str(step) / "state").rglob("*") if p.is_file()]
-    return max(files, key=lambda p: p.stat().st_size)
-
-
 @pytest.mark.parametrize("broken", ["meta/metadata", "array file"])
 def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path, broken, caplog):
     """A latest checkpoint with a truncated file is skipped with one warning naming it and
@@ -184,8 +173,10 @@ def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path, broken
             ckpt.save(step, {"w": state["w"] * step}, {"step": step})
     root = tmp_path / "checkpoints"
     for step in (2, 3):
-        _truncate(
-            root / str(step) / "meta" / "metadata" if broken[0] == "m" else _array_file(root, step)
+        truncate_half(
+            root / str(step) / "meta" / "metadata"
+            if broken[0] == "m"
+            else largest_array_file(root, step)
         )
     abstract = jax.eval_shape(lambda: state)
     with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt:
@@ -202,7 +193,7 @@ def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path, broken
     assert all(cause in w for w in warnings), warnings
     if broken[0] == "m":
         assert ck.read_meta(tmp_path) == (1, {"step": 1})
-    _truncate(root / "1" / "meta" / "metadata")
+    truncate_half(root / "1" / "meta" / "metadata")
     unreadable = rf"^no checkpoint in {root} can be read: step 3 "
     with ck.Checkpointer(tmp_path, keep=3, every=1) as ckpt, pytest.raises(PathError) as e:
         ckpt.restore(abstract)

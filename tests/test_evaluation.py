@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import load_config_file
+from helpers import largest_array_file, load_config_file, truncate_half
 
 from daro_jax import checkpoint, data, evaluation, models, rewards
 from daro_jax.train import loop
@@ -184,7 +184,8 @@ def test_evaluate_command_on_a_tiny_model(tiny_hf_dirs, tmp_path):
 
 def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
     """A training workdir: the model params of the latest checkpoint are restored exactly
-    (not the optimizer state, not the base weights); PeriodicEval writes eval_step<N>."""
+    (not the optimizer state, not the base weights), past a newer one whose arrays cannot
+    be read; PeriodicEval writes eval_step<N>."""
     bench = tmp_path / "bench"
     bench.mkdir()
     write_jsonl(bench / "aime24.jsonl", FIVE[:3])
@@ -198,6 +199,8 @@ def test_workdir_checkpoint_and_periodic_eval(tiny_hf_dirs, tmp_path):
     }
     with checkpoint.Checkpointer(workdir, keep=2, every=0) as ckpt:
         ckpt.save(4, state, {"step": 4, "config": json.loads(config.to_json())}, force=True)
+        ckpt.save(6, t.state, {"step": 6, "config": json.loads(config.to_json())}, force=True)
+    truncate_half(largest_array_file(Path(workdir, "checkpoints"), 6))
     model, label, info = evaluation.load_policy(config, workdir, t.mesh)
     assert label == "step4" and info["step"] == 4
     want = jax.device_get(state["params"]["model"])

@@ -32,7 +32,7 @@ from daro_jax.checkpoint.preemption import (
     install_sigterm_handler,
     preemption_requested,
 )
-from daro_jax.checkpoint.readonly import has_checkpoints, read_meta, restore_part
+from daro_jax.checkpoint.readonly import has_checkpoints, read_meta, read_newest, restore_part
 
 __all__ = [
     "COMPAT_DEFAULTS",
@@ -49,5 +49,6 @@ __all__ = [
     "install_sigterm_handler",
     "preemption_requested",
     "read_meta",
+    "read_newest",
     "restore_part",
 ]

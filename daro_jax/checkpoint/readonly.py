@@ -62,20 +62,29 @@ def _first_line(error: Exception, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def read_meta(workdir: str | epath.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """(step, meta) of the workdir's checkpoint `step` (default: the latest complete one
-    whose meta can be read, `newest_readable`)."""
+def read_newest(
+    workdir: str | epath.PathLike, read: Callable[[int], Any], step: int | None = None
+) -> tuple[int, Any]:
+    """(step, read(step)) of the workdir's checkpoint `step`, by default of the newest
+    complete one that `read` can read (`newest_readable`)."""
     root = epath.Path(workdir) / "checkpoints"
     steps = sorted(ocp.utils.checkpoint_steps(root))
     if not steps:
         raise PathError(f"{root} holds no complete checkpoint.")
     if step is not None and step not in steps:
         raise PathError(f"no checkpoint of step {step} in {root}; steps: {steps}.")
+    return (step, read(step)) if step is not None else newest_readable(root, steps, read, set())
+
+
+def read_meta(workdir: str | epath.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of the workdir's checkpoint `step` (default: the newest whose meta can be
+    read, `read_newest`)."""
+    root = epath.Path(workdir) / "checkpoints"
 
     def read(step: int) -> dict:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "meta")
 
-    return (step, read(step)) if step is not None else newest_readable(root, steps, read, set())
+    return read_newest(workdir, read, step)
 
 
 def restore_part(workdir: str | epath.PathLike, step: int, part: Any) -> Any:
