@@ -13,6 +13,7 @@ of the update that the run logs and the plan estimates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 
@@ -113,17 +114,23 @@ def topology(accelerator: str) -> str:
 
 def tpu_devices(name: str) -> list:
     """The devices of libtpu's description of topology `name` ("v4" chips as one megacore
-    device each, as on a v4 VM)."""
-    from jax.experimental import topologies
-
-    family = name.split(":", 1)[0]
+    device each, as on a v4 VM). The same objects at every call: a mesh of them equals one
+    made before, so a program cached for that mesh (`sampler.make_sampler`) is placed on the
+    very devices its arguments are (two descriptions' devices are equal but incompatible)."""
     chip(name)
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(
             "the TPU plan compiles with libtpu, which is not installed: pip install -r "
             "requirements-test.txt (it pins jax[tpu])."
         )
-    extra = {"chip_config_name": "megacore"} if family == "v4" else {}
+    return _described_devices(name)
+
+
+@functools.cache
+def _described_devices(name: str) -> list:
+    from jax.experimental import topologies
+
+    extra = {"chip_config_name": "megacore"} if name.split(":", 1)[0] == "v4" else {}
     return topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices
 
 

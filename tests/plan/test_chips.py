@@ -72,3 +72,13 @@ def test_train_flops_per_token_match_the_compiled_backward(frozen):
 def test_mfu_is_model_flops_over_peak():
     """MFU: FLOPs per token × tokens over seconds × peak × devices."""
     assert chips.mfu(6e9, 1000, 2.0, 1e12, 4) == pytest.approx(6e12 / 8e12)
+
+
+def test_topology_devices_are_the_same_objects_at_every_call():
+    """Two plans in one process (the search's candidates, `scaled_plan`'s depths, the bench's
+    setups) meet the samplers `make_sampler` cached for an equal mesh: its devices must be
+    the very objects the next plan's arguments are placed on (libtpu's devices of two
+    descriptions are equal but incompatible: "Received incompatible devices for jitted
+    computation")."""
+    first, again = chips.tpu_devices("v5e:2x2"), chips.tpu_devices("v5e:2x2")
+    assert all(a is b for a, b in zip(first, again, strict=True)) and len(first) == 4
