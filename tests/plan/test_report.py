@@ -24,6 +24,68 @@ def test_tiny_step_compiles_for_the_topology(tiny):
     assert p.format().splitlines()[-1] == p.verdict()
 
 
+def test_scaled_plan_extrapolates_every_count_linearly(tiny, monkeypatch):
+    """`scaled_plan` of a 10-layer model from plans at 2 and 4 layers, where the 4-layer
+    plan counts twice the 2-layer one's (FLOPs, bytes, memory, parameters, decode floor;
+    the same loop trips): x(10) = x(2) + (x(4) − x(2)) · 4 = 5 · x(2) for every count, so
+    the step's time, a roofline of the counts, is 5× too and the MFU and the decode's share
+    of its roofline are the 2-layer plan's."""
+    import dataclasses
+
+    from daro_jax.plan import report
+
+    config, low = tiny
+    config = copy_with_layers(config, 10)
+    double = lambda n: 2 * n  # noqa: E731
+
+    def doubled(c):
+        parts = tuple(dataclasses.replace(p, per_trip=p.per_trip * 2) for p in c.parts)
+        memory = {k: double(v) for k, v in c.memory.items()}
+        return dataclasses.replace(
+            c, memory=memory, resident_elsewhere=double(c.resident_elsewhere), parts=parts
+        )
+
+    high = dataclasses.replace(
+        low,
+        resident={k: double(v) for k, v in low.resident.items()},
+        programs=tuple(doubled(c) for c in low.programs),
+        n_params=double(low.n_params),
+        frozen_params=double(low.frozen_params),
+        decode_floor=double(low.decode_floor),
+    )
+    depths = []
+
+    def make_plan(config, topology_name=None, title="", layers=0):
+        depths.append(layers)
+        return {2: low, 4: high}[layers]
+
+    monkeypatch.setattr(report, "make_plan", make_plan)
+    scaled = report.scaled_plan(config)
+    assert depths == [2, 4] and scaled.title.endswith("(scaled from 2 and 4 layers to 10)")
+    assert scaled.n_params == 5 * low.n_params and scaled.decode_floor == 5 * low.decode_floor
+    assert scaled.resident == {k: 5 * v for k, v in low.resident.items()}
+    for got, want in zip(scaled.programs, low.programs, strict=True):
+        assert got.memory == {k: 5 * v for k, v in want.memory.items()}
+        assert [p.trips for p in got.parts] == [p.trips for p in want.parts]
+        for p, q in zip(got.parts, want.parts, strict=True):
+            assert p.per_trip.bytes == pytest.approx(5 * q.per_trip.bytes)
+            assert p.per_trip.flops == pytest.approx(5 * q.per_trip.flops)
+    for name, seconds in low.step_seconds().items():
+        expected = seconds if name == "host" else 5 * seconds  # the host's is measured
+        assert scaled.step_seconds()[name] == pytest.approx(expected)
+    assert scaled.update_mfu() == pytest.approx(low.update_mfu())
+    assert scaled.decode_roofline_share() == pytest.approx(low.decode_roofline_share())
+
+
+def copy_with_layers(config, layers: int):
+    """A copy of `config` whose model has `layers` layers."""
+    import copy
+
+    out = copy.deepcopy(config)
+    out.model.arch_overrides.num_hidden_layers = layers
+    return out
+
+
 def test_step_time_and_mfu_are_roofline_estimates(tiny):
     _, p = tiny
     phases = p.step_seconds()
