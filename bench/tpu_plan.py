@@ -252,7 +252,10 @@ def write(results: dict, out: str) -> None:
         f"{', '.join(commits)} ({machine}; no TPU): every RL-step program compiled by libtpu "
         "for the recipe's TPU topology (daro_jax/plan/report.py). "
         "Times are rooflines of the compiled programs' counted FLOPs and bytes, not "
-        "measurements; the compile time is this machine's, shared with other jobs.",
+        "measurements; the compile time is this machine's, shared with other jobs. A row whose "
+        'compile time says "2 + 4 layers, scaled" was made with `--scaled`: compiled at 2 '
+        "and 4 layers and extrapolated to the model's depth (`daro_jax.plan.scaled_plan`; "
+        "bench/plan_scaling.py checks it against a whole compile).",
         "",
         *table,
         "",
