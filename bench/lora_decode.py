@@ -62,17 +62,16 @@ def sampler_costs(config, merged: bool) -> dict:
     from daro_jax.algo import presets
     from daro_jax.plan import chips, programs
     from daro_jax.sampling import sampler
-    from daro_jax.train import state as train_state
 
     name = chips.topology(config.tpu.accelerator)
     mesh = sharding.make_mesh(config.mesh.shape, chips.tpu_devices(name))
-    cfg = programs.model_config(config)
     spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
-    state = train_state.abstract_state(config, cfg, spec, mesh)
     sampler.make_sampler.cache_clear()
     with merged_decode() if merged else contextlib.nullcontext():
-        program = programs.step_programs(config, cfg, spec, mesh, state)[0]
-        compiled = programs.compile_program(program, programs.device_bytes(state))
+        built = programs.build(config, mesh, spec)
+        program = programs.step_programs(config, built, mesh)[0]
+        resident = programs.device_bytes(built.abstract) + programs.device_bytes(built.base)
+        compiled = programs.compile_program(program, resident)
     chip = chips.chip(name)
     loops = [part for part in compiled.parts if part.dynamic]
     outside = [part for part in compiled.parts if not part.dynamic]
