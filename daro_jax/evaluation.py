@@ -349,7 +349,7 @@ def load_policy(config, checkpoint: str | None, mesh, step: int | None = None):
         return model, _label(checkpoint), {"model": checkpoint}
 
     def restore(step: int) -> tuple[models.Model, str]:
-        meta = ckpt.read_meta(checkpoint, step)[1]
+        meta = ckpt.meta_at(checkpoint, step)
         saved = meta["config"]["model"] | {"dtype": m.dtype}
         adapted = lora_rank(saved) > 0
         shell = models.from_config(saved, mesh, seed=config.seed, abstract=not adapted)

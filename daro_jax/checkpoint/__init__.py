@@ -32,7 +32,13 @@ from daro_jax.checkpoint.preemption import (
     install_sigterm_handler,
     preemption_requested,
 )
-from daro_jax.checkpoint.readonly import has_checkpoints, read_meta, read_newest, restore_part
+from daro_jax.checkpoint.readonly import (
+    has_checkpoints,
+    meta_at,
+    read_meta,
+    read_newest,
+    restore_part,
+)
 
 __all__ = [
     "COMPAT_DEFAULTS",
@@ -47,6 +53,7 @@ __all__ = [
     "handling_sigterm",
     "has_checkpoints",
     "install_sigterm_handler",
+    "meta_at",
     "preemption_requested",
     "read_meta",
     "read_newest",

@@ -79,12 +79,13 @@ def read_newest(
 def read_meta(workdir: str | epath.PathLike, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of the workdir's checkpoint `step` (default: the newest whose meta can be
     read, `read_newest`)."""
-    root = epath.Path(workdir) / "checkpoints"
+    return read_newest(workdir, lambda step: meta_at(workdir, step), step)
 
-    def read(step: int) -> dict:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / str(step) / "meta")
 
-    return read_newest(workdir, read, step)
+def meta_at(workdir: str | epath.PathLike, step: int) -> dict:
+    """The meta of the workdir's checkpoint `step`, a step `read_newest` found (no listing)."""
+    path = epath.Path(workdir) / "checkpoints" / str(step) / "meta"
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
 
 
 def restore_part(workdir: str | epath.PathLike, step: int, part: Any) -> Any:
