@@ -90,6 +90,32 @@ def test_decode_bytes_grow_with_the_slot_stage():
         assert long.per_trip.flops > short.per_trip.flops
 
 
+def test_decode_step_gathers_logits_not_the_output_matrix():
+    """Vocab split over tensor = 4 on a v5e-8 (the LoRA recipes' mesh): the decode loop's
+    ICI traffic a step stays below the output matrix' bytes — each chip's logits come from its
+    part of the matrix and the rows' logits are gathered, where libtpu for v5e gathered the
+    whole matrix at every step (1 GiB for the 7B; bench/RESULTS.md)."""
+    from daro_jax import sharding
+    from daro_jax.algo import presets
+    from daro_jax.plan import chips, programs, report
+
+    config = plan_tiny_config(
+        **{
+            "tpu.accelerator": "v5e-8",
+            "mesh.shape": (1, 2, 4),
+            "model.arch_overrides.hidden_size": 256,
+            "model.arch_overrides.num_key_value_heads": 4,
+        }
+    )
+    mesh = sharding.make_mesh(config.mesh.shape, chips.tpu_devices(report.topology(config)))
+    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
+    built = programs.build(config, mesh, spec)
+    sampler = programs.step_programs(config, built, mesh)[0]
+    loops = [part for part in programs.compile_program(sampler, 0).parts if part.dynamic]
+    matrix = built.cfg.vocab_size * built.cfg.hidden_size * 2  # bf16 [V, D]
+    assert loops and all(0 < part.per_trip.ici_bytes < matrix / 4 for part in loops)
+
+
 def test_paper_models_match_their_published_parameter_counts():
     for name, published in PAPER_RECIPES.items():
         cfg, _ = models.architecture(load_config_file(f"configs/{name}.py").model)
