@@ -37,12 +37,10 @@ LORA = (
     "LoRA (rank 32, every projection): the base frozen in bf16, only the adapters and the DARO "
     "weights in the optimizer; mesh fsdp 2 × tensor 4, since the sampler's decode copy of the "
     "weights is whole along embed on every chip; the prompts per step are cut until the "
-    "sampler's KV cache fits (8B: 8 on v5e, 16 on v6e; 7B: 16 and 32). **On v5e-8 the decode "
-    "is broken as libtpu compiles it**: the 7B's decode step at 2 layers counts 154 GiB of "
-    "HBM and 43 GiB of ICI traffic per chip at 32 prompts (v6e-8: 3.0 and 1.0 GiB at 16 "
-    "prompts; 2026-12-07), so the v5e-8 rows' step is hours, not seconds; not yet "
-    "understood. The 8B v5e-8 row was not made (its 2-layer sampler shows the same, "
-    "bench/lora_decode.py)."
+    "sampler's KV cache fits (8B: 8 on v5e, 16 on v6e; 7B: 16 and 32). The decode step's "
+    "logits stay vocab-split until the rows' logits are gathered (4f60c2f): before, libtpu "
+    "for v5e gathered the whole output matrix at every decode step (the 7B at 2 layers: 154 "
+    "GiB of HBM and 43 GiB of ICI a step; bench/RESULTS.md)."
 )
 SETUPS = (  # label, recipe, overrides, why the overrides
     ("Qwen2.5-Math-1.5B", "qwen2_5_math_1_5b", {}, ""),
