@@ -68,12 +68,7 @@ def step(dparams, cfg: ModelConfig, cache: dict, tokens, positions, slot, read: 
     hidden, own = model.apply(
         variables, tokens[:, None], positions[:, None], masks, cache["shared"], cache["own"], slot
     )
-    # Each device's logits of its vocab part, as its part of the output matrix gives them;
-    # the sampler gathers the rows' whole logits ([R, V] float32) afterwards. Unpinned, libtpu
-    # for v5e gathered the whole output matrix (1 GiB for 7B) at every decode step instead.
-    logits = constrain(
-        model.apply(variables, hidden[:, 0], method=decoder.Decoder.logits), ("batch", "vocab")
-    )
+    logits = model.apply(variables, hidden[:, 0], method=decoder.Decoder.logits)
     return logits, _constrain(cache | {"own": own})
 
 

@@ -185,13 +185,17 @@ class Sampler:
     def _select(self, logits, rng, step, ids, rows):
         """Tokens of one step for the rows `ids` of all `rows`, with their logprobs and full
         logprobs (`selection.select_both`): each row's whole logits on one device and the
-        row's uniform of `uniform(fold_in(rng, step), (rows,))`."""
+        row's uniform of `uniform(fold_in(rng, step), (rows,))`. The logits are first pinned
+        split over "vocab" as the split output matrix gives them, so that it is the rows'
+        [R, V] logits that are gathered: unpinned, libtpu for v5e gathered the whole output
+        matrix (1 GiB for the 7B) at every decode step instead (bench/RESULTS.md)."""
         uniforms = None
         if self.temperature != 0:
             uniforms = jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32)
             uniforms = uniforms[ids]
+        split = sharding.constrain(logits, ("batch", "vocab"))
         return select_both(
-            sharding.constrain(logits, ("batch", None)),
+            sharding.constrain(split, ("batch", None)),
             uniforms,
             temperature=self.temperature,
             top_p=self.top_p,
