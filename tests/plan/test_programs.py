@@ -69,21 +69,26 @@ def test_loop_trip_counts_and_model_flops(tiny):
     assert 1.0 <= update.total().flops * p.chips / trained < 1.5
 
 
-def test_decode_bytes_grow_with_the_slot_stage():
-    """N = 256 decoded in two slot stages (`Sampler.slot_stages`: 128, then 256 own slots),
-    compiled by libtpu: in each row stage (16 rows, then 8), the loop that reads 256 own
-    slots a step moves more bytes and FLOPs a step than the one that reads 128."""
+def _decode_loops(config):
+    """(the step's programs built for `config`'s topology, the data-dependent loops of its
+    sampler as libtpu compiles it)."""
     from daro_jax import sharding
     from daro_jax.algo import presets
     from daro_jax.plan import chips, programs, report
 
-    config = plan_tiny_config(**{"sampler.max_new_tokens": 256})
     mesh = sharding.make_mesh(config.mesh.shape, chips.tpu_devices(report.topology(config)))
-    spec = presets.resolve(config.algo, max_response_len=256)
+    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
     built = programs.build(config, mesh, spec)
-    assert built.sample.slot_stages() == (128, 256)
     sampler = programs.step_programs(config, built, mesh)[0]
-    loops = [part for part in programs.compile_program(sampler, 0).parts if part.dynamic]
+    return built, [part for part in programs.compile_program(sampler, 0).parts if part.dynamic]
+
+
+def test_decode_bytes_grow_with_the_slot_stage():
+    """N = 256 decoded in two slot stages (`Sampler.slot_stages`: 128, then 256 own slots),
+    compiled by libtpu: in each row stage (16 rows, then 8), the loop that reads 256 own
+    slots a step moves more bytes and FLOPs a step than the one that reads 128."""
+    built, loops = _decode_loops(plan_tiny_config(**{"sampler.max_new_tokens": 256}))
+    assert built.sample.slot_stages() == (128, 256)
     assert [part.trips for part in loops] == [128, 127, 0, 0]  # no row stops early
     for short, long in (loops[:2], loops[2:]):
         assert long.per_trip.bytes > short.per_trip.bytes
@@ -95,10 +100,6 @@ def test_decode_step_gathers_logits_not_the_output_matrix():
     ICI traffic a step stays below the output matrix' bytes — each chip's logits come from its
     part of the matrix and the rows' logits are gathered, where libtpu for v5e gathered the
     whole matrix at every step (1 GiB for the 7B; bench/RESULTS.md)."""
-    from daro_jax import sharding
-    from daro_jax.algo import presets
-    from daro_jax.plan import chips, programs, report
-
     config = plan_tiny_config(
         **{
             "tpu.accelerator": "v5e-8",
@@ -107,11 +108,7 @@ def test_decode_step_gathers_logits_not_the_output_matrix():
             "model.arch_overrides.num_key_value_heads": 4,
         }
     )
-    mesh = sharding.make_mesh(config.mesh.shape, chips.tpu_devices(report.topology(config)))
-    spec = presets.resolve(config.algo, max_response_len=config.sampler.max_new_tokens)
-    built = programs.build(config, mesh, spec)
-    sampler = programs.step_programs(config, built, mesh)[0]
-    loops = [part for part in programs.compile_program(sampler, 0).parts if part.dynamic]
+    built, loops = _decode_loops(config)
     matrix = built.cfg.vocab_size * built.cfg.hidden_size * 2  # bf16 [V, D]
     assert loops and all(0 < part.per_trip.ici_bytes < matrix / 4 for part in loops)
 
