@@ -8,9 +8,13 @@ import tempfile
 # buffers, unoptimised machine code) is a third of the suite's time, measured on 2 cores
 # (tests/train/test_update.py 81 → 54 s, test_sampler + test_models 278 → 202 s, all passing),
 # and none of what the tests check: the programs here are tiny and run for milliseconds.
+# Fusions emitted by XLA's classic elemental emitter instead of its MLIR fusion emitters:
+# the same fusions, half the compile time (one build and two steps of configs/tiny.py:
+# 28 compiles in 9.1 → 4.7 s, measured on 2 cores).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    + " --xla_cpu_use_fusion_emitters=false"
 ).strip()
 # CPU only: libtpu (requirements-test.txt) serves the plan's TPU compiles, not a backend.
 os.environ["JAX_PLATFORMS"] = "cpu"
