@@ -31,13 +31,14 @@ class HostCosts:
 
 
 # `nice -n 5 python -m bench.host_time` (configs/qwen2_5_math_1_5b.py: 1,024 completions of
-# 3,072 tokens, 2 verifier workers), best of 2 rounds; bench/RESULTS.md has the run.
+# 3,072 tokens, 2 verifier workers), best of 2 rounds, nothing else running; bench/RESULTS.md
+# has the run (the figures of 2026-12-07, taken at load 20.6, were 21x these).
 MEASURED = HostCosts(
-    decode=34.054e-3,
-    score=44.308e-3,
-    pack=1.119e-3,
+    decode=1.226e-3,
+    score=2.527e-3,
+    pack=0.096e-3,
     tokens=3072,
-    where="2026-12-07, x86_64, 2 CPU cores shared (load 20.6), bench/host_time.py",
+    where="2026-12-08, x86_64, 2 CPU cores, quiet (load 1.8), bench/host_time.py",
 )
 
 
