@@ -108,7 +108,8 @@ host column is measured, not estimated: one host's share of decoding, scoring an
 the step's completions on this project's 2-core CPU machine (daro_jax/plan/host.py,
 bench/host_time.py), which a TPU host's many cores would cut. tokens/s/chip counts the
 step's prompt and completion tokens, B·(P + K·N), over the step (host included) and the
-chips."""
+chips. † A row compiled before the host's current figure: its host share (and so its step
+and tokens/s/chip) is from the figure its report names."""
 
 
 def load_recipe(name: str, overrides: dict):
@@ -218,11 +219,16 @@ def keep(label: str, result: dict, fresh: bool) -> dict:
 
 def padded(result: dict) -> list[str]:
     """A setup's table row; a row kept from a run before the host column ("–" there, with
-    its commit after the setup's name)."""
+    its commit after the setup's name); a host figure other than `plan.host`'s current one
+    marked † (its report's host line says which)."""
+    from daro_jax.plan import host
+
     row_ = list(result["row"])
     if len(row_) == len(COLUMNS) - 1:
         row_[0] += f" (at {result['commit']})"
         row_.insert(COLUMNS.index("host (CPU, measured)"), "–")
+    elif host.where() not in result["report"]:
+        row_[COLUMNS.index("host (CPU, measured)")] += " †"
     return row_
 
 
