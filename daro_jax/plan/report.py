@@ -3,10 +3,11 @@
     python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=v5p:2x4x4]
         [--json=FILE] [--search] [--scaled] [--verbose]
 
-`--search` compiles the candidate meshes, remat and micro-batch sizes instead and prints
-them ranked, the best last (`daro_jax.plan.search`). `--scaled` compiles the model at
-SCALE_LAYERS = (a, b) layers and extrapolates every count to its L layers (`scaled_plan`):
-a compile of all L layers needs more memory and time than a small machine has.
+(The command: daro_jax/plan/__main__.py.) `--search` compiles the candidate meshes, remat
+and micro-batch sizes instead and prints them ranked, the best last (`daro_jax.plan.search`).
+`--scaled` compiles the model at SCALE_LAYERS = (a, b) layers and extrapolates every count
+to its L layers (`scaled_plan`): a compile of all L layers needs more memory and time than a
+small machine has.
 
 No TPU is needed: libtpu (jax[tpu]) describes the chips of `config.tpu.accelerator`
 (`topology`; `--topology` or `config.plan.topology` overrides it) and compiles for them.
@@ -39,9 +40,7 @@ estimated: the host's share (decoding, scoring and packing one host's completion
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -390,70 +389,3 @@ def scaled_plan(config, topology_name: str | None = None, title: str = "") -> Pl
         frozen_params=round(lin(a.frozen_params, b.frozen_params)),
         decode_floor=round(lin(a.decode_floor, b.decode_floor)),
     )
-
-
-def main() -> None:
-    """`python -m daro_jax.plan --config=configs/X.py [--config.a.b=v] [--topology=NAME]
-    [--json=FILE] [--search] [--verbose]`: print the plan (exit status 1 when it does not
-    fit; with --verbose, first each program's HBM bytes by op), or the mesh search's table
-    (exit status 1 when no candidate fits). Flags are defined
-    here, not at import, so that importing this module next to daro_jax.main does not
-    define --config twice. A local model.path is made absolute first (`cli`); the process
-    only plans (`compile_only`)."""
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from daro_jax import cli
-
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Recipe file with get_config().", lock_config=True
-    )
-    topology_flag = flags.DEFINE_string(
-        "topology", None, "libtpu topology, e.g. v5p:2x4x4 (default: config.tpu.accelerator's)."
-    )
-    json_flag = flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
-    verbose_flag = flags.DEFINE_bool(
-        "verbose", False, "Also print each program's largest HBM byte counts by op."
-    )
-    search_flag = flags.DEFINE_bool(
-        "search", False, "Compile the candidate meshes and print them ranked (plan/search.py)."
-    )
-    scaled_flag = flags.DEFINE_bool(
-        "scaled",
-        False,
-        f"Compile {SCALE_LAYERS[0]} and {SCALE_LAYERS[1]} layers and extrapolate to the "
-        "model's depth (less memory and time than a whole compile).",
-    )
-    flagged = (config_flag, topology_flag, json_flag, search_flag, scaled_flag, verbose_flag)
-    for flag in flagged:  # --help lists the main module's flags
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag.name])
-
-    def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-        if config_flag.value is None:
-            raise app.UsageError("--config=configs/<recipe>.py is required.")
-        config = cli.with_local_paths(config_flag.value)
-        compile_only(config.tpu.accelerator)
-        title = flags.FLAGS["config"].config_filename
-        if search_flag.value:
-            from daro_jax.plan import search
-
-            try:
-                ranked = search.search(config, topology_flag.value)
-            except ValueError as e:
-                print(e)
-                return 1
-            print(search.format_table(ranked, topology(config, topology_flag.value)))
-            return 0
-        make = scaled_plan if scaled_flag.value else make_plan
-        result = make(config, topology_flag.value, title=title)
-        if verbose_flag.value:
-            print(result.breakdown())
-        print(result.format())
-        if json_flag.value:
-            with open(json_flag.value, "w") as f:
-                json.dump(result.to_json(), f, indent=1)
-        return 0 if result.fits else 1
-
-    cli.run(run)
