@@ -73,6 +73,7 @@ SETUPS = (  # label, recipe, overrides, why the overrides
         LORA,
     ),
 )
+LABELS = tuple(label for label, *_ in SETUPS)
 PHASES = ("prefill", "decode", "logprob pass", "update", "host")
 # Issue 24's first table (bench/tpu_plan.md at 499a4d2): update MFU, decode vs its HBM
 # roofline (then counting every cache slot), tokens/s/chip and the step, all without host time.
@@ -167,6 +168,9 @@ def main() -> None:
         "--scaled", action="store_true", help="compile 2 and 4 layers and extrapolate"
     )
     args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - set(LABELS))
+    if unknown:
+        parser.error(f"--only: no setup named {unknown}; the setups: {list(LABELS)}")
     from daro_jax import plan
 
     plan.compile_only("v5p-8")
@@ -234,7 +238,7 @@ def padded(result: dict) -> list[str]:
 
 def write(results: dict, out: str) -> None:
     """bench/tpu_plan.md from the setups' results, in the order of SETUPS."""
-    done = [label for label, *_ in SETUPS if label in results]
+    done = [label for label in LABELS if label in results]
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(padded(results[label])) + " |" for label in done]
     change = [
